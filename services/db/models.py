@@ -1,0 +1,347 @@
+"""The leaderboard database: SQLAlchemy 2.0 typed models.
+
+Every schema change goes through an Alembic migration in ``migrations/versions`` (linear chain,
+readable revision ids ``0001_initial``, ``0002_...``). Units: bytes, seconds; timestamps in UTC.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from services.db.base import Base, BigIntPK, utcnow
+from services.db.enums import Role, ShardState, SubmissionState, enum_column_type
+
+# --------------------------------------------------------------------------------------------
+# people
+# --------------------------------------------------------------------------------------------
+
+
+class Team(Base):
+    __tablename__ = "teams"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(sa.String(200), unique=True)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    #: bumped by every intake; the UPDATE is the row lock that serialises quota checks (see
+    #: services/api/intake.py) on PostgreSQL (row lock) and SQLite (database write lock) alike.
+    intake_counter: Mapped[int] = mapped_column(default=0, server_default="0")
+
+    users: Mapped[list[User]] = relationship(back_populates="team")
+    algorithms: Mapped[list[Algorithm]] = relationship(back_populates="team")
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(sa.String(200), unique=True)
+    role: Mapped[Role] = mapped_column(enum_column_type(Role))
+    team_id: Mapped[int | None] = mapped_column(sa.ForeignKey("teams.id", ondelete="RESTRICT"), index=True)
+    is_active: Mapped[bool] = mapped_column(default=True, server_default=sa.true())
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+    team: Mapped[Team | None] = relationship(back_populates="users")
+    tokens: Mapped[list[ApiToken]] = relationship(back_populates="user")
+
+
+class ApiToken(Base):
+    """A bearer token. Only its sha256 is stored; the plain token is shown once at creation."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(sa.ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    token_sha256: Mapped[str] = mapped_column(sa.String(64), unique=True)
+    #: first characters of the plain token, to tell tokens apart in listings
+    prefix: Mapped[str] = mapped_column(sa.String(16))
+    label: Mapped[str | None] = mapped_column(sa.String(200))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    last_used_at: Mapped[dt.datetime | None]
+    revoked_at: Mapped[dt.datetime | None]
+
+    user: Mapped[User] = relationship(back_populates="tokens")
+
+
+# --------------------------------------------------------------------------------------------
+# test sets
+# --------------------------------------------------------------------------------------------
+
+
+class TestSet(Base):
+    __tablename__ = "testsets"
+    __test__ = False  # not a pytest class
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(sa.String(200), unique=True)
+    description: Mapped[str | None] = mapped_column(sa.Text)
+    protocol_name: Mapped[str] = mapped_column(sa.String(100))
+    protocol_version: Mapped[str] = mapped_column(sa.String(50))
+    #: "name@version", the key every Score row names
+    protocol_key: Mapped[str] = mapped_column(sa.String(160))
+    protocol_json: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    manifest_sha256: Mapped[str] = mapped_column(sa.String(64))
+    manifest_path: Mapped[str | None] = mapped_column(sa.Text)
+    #: folder the manifest's relative image/label paths are resolved against
+    root_path: Mapped[str] = mapped_column(sa.Text)
+    # limits of every container run on this test set
+    time_per_case_s: Mapped[float]
+    memory_bytes: Mapped[int] = mapped_column(sa.BigInteger)
+    gpus: Mapped[int]
+    shm_bytes: Mapped[int] = mapped_column(sa.BigInteger)
+    pids_limit: Mapped[int]
+    shard_size: Mapped[int]
+    # quota: at most quota_submissions counting submissions per team per quota_period_days
+    quota_submissions: Mapped[int]
+    quota_period_days: Mapped[int]
+    #: accepting submissions
+    is_open: Mapped[bool] = mapped_column(default=True, server_default=sa.true())
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+    cases: Mapped[list[Case]] = relationship(back_populates="testset", order_by="Case.id")
+
+
+class Case(Base):
+    """One CT of a test set. Metadata are typed columns (aggregation by subgroup), the rest in ``extra``."""
+
+    __tablename__ = "cases"
+    __table_args__ = (
+        sa.UniqueConstraint("testset_id", "case_id"),
+        sa.Index("ix_cases_testset_hospital", "testset_id", "hospital"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    testset_id: Mapped[int] = mapped_column(sa.ForeignKey("testsets.id", ondelete="CASCADE"))
+    case_id: Mapped[str] = mapped_column(sa.String(200))
+    hospital: Mapped[str | None] = mapped_column(sa.String(200))
+    age: Mapped[int | None]
+    sex: Mapped[str | None] = mapped_column(sa.String(20))
+    race: Mapped[str | None] = mapped_column(sa.String(100))
+    manufacturer: Mapped[str | None] = mapped_column(sa.String(200))
+    scanner: Mapped[str | None] = mapped_column(sa.String(200))
+    contrast_phase: Mapped[str | None] = mapped_column(sa.String(100))
+    diagnosis: Mapped[str | None] = mapped_column(sa.String(200))
+    extra: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    image_path: Mapped[str] = mapped_column(sa.Text)
+    labels_path: Mapped[str] = mapped_column(sa.Text)
+    image_sha256: Mapped[str | None] = mapped_column(sa.String(64))
+    labels_sha256: Mapped[str | None] = mapped_column(sa.String(64))
+    #: part of the public sample: validation runs on these, inventors see their logs and scores
+    public_sample: Mapped[bool] = mapped_column(default=False, server_default=sa.false())
+
+    testset: Mapped[TestSet] = relationship(back_populates="cases")
+
+
+# --------------------------------------------------------------------------------------------
+# algorithms and submissions
+# --------------------------------------------------------------------------------------------
+
+
+class Algorithm(Base):
+    __tablename__ = "algorithms"
+    __table_args__ = (sa.UniqueConstraint("team_id", "name"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    team_id: Mapped[int] = mapped_column(sa.ForeignKey("teams.id", ondelete="RESTRICT"), index=True)
+    name: Mapped[str] = mapped_column(sa.String(200))
+    description: Mapped[str | None] = mapped_column(sa.Text)
+    paper_url: Mapped[str | None] = mapped_column(sa.Text)
+    code_url: Mapped[str | None] = mapped_column(sa.Text)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+    team: Mapped[Team] = relationship(back_populates="algorithms")
+    submissions: Mapped[list[Submission]] = relationship(back_populates="algorithm")
+
+
+class Submission(Base):
+    """One image of one algorithm on one test set. State changes go through services.db.states."""
+
+    __tablename__ = "submissions"
+    __table_args__ = (
+        sa.Index("ix_submissions_team_received", "team_id", "testset_id", "received_at"),
+        sa.Index("ix_submissions_testset_state", "testset_id", "state"),
+        sa.Index("ix_submissions_algorithm_sha", "algorithm_id", "image_sha256"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    algorithm_id: Mapped[int] = mapped_column(sa.ForeignKey("algorithms.id", ondelete="RESTRICT"))
+    testset_id: Mapped[int] = mapped_column(sa.ForeignKey("testsets.id", ondelete="RESTRICT"))
+    team_id: Mapped[int] = mapped_column(sa.ForeignKey("teams.id", ondelete="RESTRICT"))
+    submitted_by_id: Mapped[int | None] = mapped_column(sa.ForeignKey("users.id", ondelete="SET NULL"))
+    state: Mapped[SubmissionState] = mapped_column(
+        enum_column_type(SubmissionState), default=SubmissionState.received
+    )
+    # one timestamp per state (the latest entry into it)
+    received_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    validating_at: Mapped[dt.datetime | None]
+    queued_at: Mapped[dt.datetime | None]
+    running_at: Mapped[dt.datetime | None]
+    evaluating_at: Mapped[dt.datetime | None]
+    scored_at: Mapped[dt.datetime | None]
+    published_at: Mapped[dt.datetime | None]
+    failed_at: Mapped[dt.datetime | None]
+    cancelled_at: Mapped[dt.datetime | None]
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    #: why it failed / was cancelled, in words a person can act on
+    failure_reason: Mapped[str | None] = mapped_column(sa.Text)
+    #: an image reference (registry) -- or None when the image was uploaded as a tarball
+    image_ref: Mapped[str | None] = mapped_column(sa.Text)
+    #: the uploaded ``docker save`` tarball, relative to settings.storage_dir
+    image_path: Mapped[str | None] = mapped_column(sa.Text)
+    #: sha256 (hex) of the uploaded tarball
+    image_sha256: Mapped[str | None] = mapped_column(sa.String(64))
+    #: docker image id ("sha256:..."), recorded by validation
+    image_digest: Mapped[str | None] = mapped_column(sa.String(80))
+    image_size_bytes: Mapped[int | None] = mapped_column(sa.BigInteger)
+    #: counts against the team's quota (False once validation fails or for imported baselines)
+    counts_against_quota: Mapped[bool] = mapped_column(default=True, server_default=sa.true())
+    #: logs of the public-sample validation run (inventors may read them)
+    validation_log: Mapped[str | None] = mapped_column(sa.Text)
+    #: results imported from elsewhere (e.g. the published Touchstone numbers), never run here
+    is_baseline: Mapped[bool] = mapped_column(default=False, server_default=sa.false())
+    #: how many times an organizer asked to run it again
+    rerun_count: Mapped[int] = mapped_column(default=0, server_default="0")
+
+    algorithm: Mapped[Algorithm] = relationship(back_populates="submissions")
+    testset: Mapped[TestSet] = relationship()
+    team: Mapped[Team] = relationship()
+    submitted_by: Mapped[User | None] = relationship()
+    shards: Mapped[list[Shard]] = relationship(back_populates="submission", order_by="Shard.index")
+
+
+class Shard(Base):
+    """One container run over a slice of the test set's cases."""
+
+    __tablename__ = "shards"
+    __table_args__ = (sa.UniqueConstraint("submission_id", "index"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    submission_id: Mapped[int] = mapped_column(sa.ForeignKey("submissions.id", ondelete="CASCADE"))
+    index: Mapped[int]
+    #: the manifest case ids (strings) of this shard
+    case_ids: Mapped[list[str]] = mapped_column(default=list)
+    state: Mapped[ShardState] = mapped_column(enum_column_type(ShardState), default=ShardState.pending)
+    attempts: Mapped[int] = mapped_column(default=0, server_default="0")
+    worker_hostname: Mapped[str | None] = mapped_column(sa.String(255))
+    container_id: Mapped[str | None] = mapped_column(sa.String(128))
+    started_at: Mapped[dt.datetime | None]
+    finished_at: Mapped[dt.datetime | None]
+    exit_code: Mapped[int | None]
+    peak_memory_bytes: Mapped[int | None] = mapped_column(sa.BigInteger)
+    gpu_memory_peak_bytes: Mapped[int | None] = mapped_column(sa.BigInteger)
+    #: integral of GPU memory over time (byte-seconds)
+    gpu_memory_auc: Mapped[float | None]
+    failure_reason: Mapped[str | None] = mapped_column(sa.Text)
+    log_tail: Mapped[str | None] = mapped_column(sa.Text)
+
+    submission: Mapped[Submission] = relationship(back_populates="shards")
+
+
+class CaseRun(Base):
+    """Inference of one case in one submission (wall time and outcome)."""
+
+    __tablename__ = "case_runs"
+    __table_args__ = (sa.UniqueConstraint("submission_id", "case_id"),)
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    submission_id: Mapped[int] = mapped_column(sa.ForeignKey("submissions.id", ondelete="CASCADE"))
+    case_id: Mapped[int] = mapped_column(sa.ForeignKey("cases.id", ondelete="CASCADE"), index=True)
+    shard_id: Mapped[int | None] = mapped_column(sa.ForeignKey("shards.id", ondelete="SET NULL"))
+    wall_seconds: Mapped[float | None]
+    #: ok | timeout | missing_output | error
+    status: Mapped[str] = mapped_column(sa.String(32))
+    detail: Mapped[str | None] = mapped_column(sa.Text)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class Score(Base):
+    """One case x organ x protocol of one submission. The unique key makes scoring idempotent."""
+
+    __tablename__ = "scores"
+    __table_args__ = (
+        sa.UniqueConstraint("submission_id", "case_id", "organ", "protocol_key"),
+        # aggregation: per submission (hence per test set) x protocol x organ
+        sa.Index("ix_scores_submission_protocol_organ", "submission_id", "protocol_key", "organ"),
+        sa.Index("ix_scores_case", "case_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    submission_id: Mapped[int] = mapped_column(sa.ForeignKey("submissions.id", ondelete="CASCADE"))
+    case_id: Mapped[int] = mapped_column(sa.ForeignKey("cases.id", ondelete="CASCADE"))
+    organ: Mapped[str] = mapped_column(sa.String(50))
+    protocol_key: Mapped[str] = mapped_column(sa.String(160))
+    dsc: Mapped[float | None]
+    nsd: Mapped[float | None]
+    #: mm
+    hd95: Mapped[float | None]
+    #: mm
+    assd: Mapped[float | None]
+    #: ok | missing_prediction | invalid_prediction | empty_reference | ...
+    status: Mapped[str] = mapped_column(sa.String(32), default="ok")
+    detail: Mapped[str | None] = mapped_column(sa.Text)
+
+
+class Aggregate(Base):
+    """A summary statistic of one submission's scores, computed once after scoring.
+
+    ``organ`` is an organ name or ``"average"``; ``scope`` is ``overall``, ``hospital``, ``subgroup``...
+    and ``group_value`` names the group (``""`` for overall).
+    """
+
+    __tablename__ = "aggregates"
+    __table_args__ = (
+        sa.UniqueConstraint("submission_id", "protocol_key", "organ", "metric", "scope", "group_value"),
+        sa.Index("ix_aggregates_board", "protocol_key", "scope", "metric", "organ"),
+    )
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    submission_id: Mapped[int] = mapped_column(sa.ForeignKey("submissions.id", ondelete="CASCADE"))
+    protocol_key: Mapped[str] = mapped_column(sa.String(160))
+    organ: Mapped[str] = mapped_column(sa.String(50))
+    metric: Mapped[str] = mapped_column(sa.String(20))
+    scope: Mapped[str] = mapped_column(sa.String(50), default="overall")
+    group_value: Mapped[str] = mapped_column(sa.String(200), default="")
+    n: Mapped[int]
+    mean: Mapped[float | None]
+    median: Mapped[float | None]
+    std: Mapped[float | None]
+    ci_low: Mapped[float | None]
+    ci_high: Mapped[float | None]
+    n_failed: Mapped[int] = mapped_column(default=0)
+    computed_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class AuditLog(Base):
+    """Who did what to what (organizer actions, intake decisions)."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    actor_id: Mapped[int | None] = mapped_column(sa.ForeignKey("users.id", ondelete="SET NULL"), index=True)
+    action: Mapped[str] = mapped_column(sa.String(100))
+    target: Mapped[str | None] = mapped_column(sa.String(200))
+    details: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    at: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)
+
+
+__all__ = [
+    "Aggregate",
+    "Algorithm",
+    "ApiToken",
+    "AuditLog",
+    "Base",
+    "Case",
+    "CaseRun",
+    "Role",
+    "Score",
+    "Shard",
+    "ShardState",
+    "Submission",
+    "SubmissionState",
+    "Team",
+    "TestSet",
+    "User",
+]
