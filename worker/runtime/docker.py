@@ -1,0 +1,314 @@
+"""The Docker implementation of :class:`worker.runtime.base.ContainerRuntime` (docker SDK).
+
+Run life cycle (:meth:`DockerRuntime.run`): create the container with exactly
+:func:`worker.sandbox.container_kwargs`, start it, sample memory / GPU / outputs every 0.1 s,
+wait up to the time limit, kill on timeout (or when /output grows past its cap), read the exit
+code, the OOM flag and a capped log tail, and always remove the container. A kill by somebody
+else (:meth:`cancel`, possibly from another process) is recognised from the engine's ``kill``
+event, so a cancelled run is reported as cancelled and not as "exited with code 137".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import docker
+import docker.errors
+import requests.exceptions
+
+from worker import sandbox
+from worker.monitoring import CgroupMemoryMonitor, GpuMemoryMonitor, OutputWatcher, PeriodicSampler
+from worker.runtime.base import (
+    LABEL_MANAGED,
+    LABEL_SHARD,
+    LABEL_SUBMISSION,
+    REQUIRED_ARCHITECTURE,
+    REQUIRED_OS,
+    ContainerRuntime,
+    FailureReason,
+    ImageInfo,
+    ImageRejected,
+    RunResult,
+    RunSpec,
+)
+
+#: how long to wait for a killed container to be reported as exited
+KILL_GRACE_S = 30.0
+
+
+def _manifest_of(tarball: Path) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """Read ``manifest.json`` and the config of its first image from a ``docker save`` tarball.
+
+    The tarball is opened seekable, so only member headers are read, not the layers: cheap for a
+    multi-GB file. Raises ImageRejected when it is not such a tarball.
+    """
+    try:
+        with tarfile.open(tarball, mode="r:") as archive:
+            members = {m.name.lstrip("./"): m for m in archive.getmembers()}
+            manifest_member = members.get("manifest.json")
+            if manifest_member is None or not manifest_member.isfile():
+                raise ImageRejected(FailureReason.image_load_failed("the tar file has no manifest.json, so it is not a `docker save` archive"))
+            if manifest_member.size > 1 << 20:
+                raise ImageRejected(FailureReason.image_load_failed("its manifest.json is implausibly large"))
+            manifest = json.load(archive.extractfile(manifest_member))  # type: ignore[arg-type]
+            if not isinstance(manifest, list):
+                raise ImageRejected(FailureReason.image_load_failed("its manifest.json is not a list of images"))
+            config = None
+            if len(manifest) == 1 and isinstance(manifest[0], dict):
+                config_member = members.get(str(manifest[0].get("Config", "")).lstrip("./"))
+                if config_member is not None and config_member.isfile() and config_member.size < 4 << 20:
+                    config = json.load(archive.extractfile(config_member))  # type: ignore[arg-type]
+            return manifest, config
+    except ImageRejected:
+        raise
+    except FileNotFoundError:
+        raise ImageRejected(FailureReason.image_load_failed(f"the file {tarball} does not exist")) from None
+    except (tarfile.TarError, OSError, ValueError, UnicodeDecodeError) as exc:
+        raise ImageRejected(FailureReason.image_load_failed(f"it is not a readable tar archive ({exc})")) from None
+
+
+class _LogTail:
+    """The last ``limit`` bytes of a byte stream."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.buffer = bytearray()
+        self.truncated = False
+
+    def feed(self, chunks: Iterator[bytes]) -> str:
+        for chunk in chunks:
+            self.buffer += chunk
+            if len(self.buffer) > self.limit:
+                del self.buffer[: len(self.buffer) - self.limit]
+                self.truncated = True
+        text = self.buffer.decode("utf-8", errors="replace")
+        return ("[... log truncated ...]\n" + text) if self.truncated else text
+
+
+class DockerRuntime(ContainerRuntime):
+    """Runs submissions on the local Docker engine."""
+
+    def __init__(self, client: docker.DockerClient | None = None, nvml: Any | None = None):
+        self.client = client or docker.from_env(timeout=600)
+        self._nvml = nvml  # None: the real pynvml where installed
+
+    # -- images ----------------------------------------------------------------------------------
+    def load_image(self, tarball: Path) -> ImageInfo:
+        tarball = Path(tarball)
+        manifest, config = _manifest_of(tarball)
+        if len(manifest) != 1:
+            raise ImageRejected(FailureReason.image_load_failed(f"the archive holds {len(manifest)} images; save exactly one"))
+        if config is not None:
+            architecture, os_name = config.get("architecture", ""), config.get("os", "")
+            if (architecture, os_name) != (REQUIRED_ARCHITECTURE, REQUIRED_OS):
+                raise ImageRejected(FailureReason.wrong_architecture(architecture or "unknown", os_name or "unknown"))
+        tags = [t for t in (manifest[0].get("RepoTags") or []) if isinstance(t, str)]
+        # Tags in the archive would move tags of images already on this engine: refuse a tag that
+        # names a different local image, and drop the archive's new tags after loading, so
+        # submissions are only ever known by image id.
+        preexisting: dict[str, str] = {}
+        for tag in tags:
+            try:
+                preexisting[tag] = self.client.images.get(tag).id
+            except docker.errors.ImageNotFound:
+                pass
+            except docker.errors.APIError:
+                raise ImageRejected(FailureReason.image_load_failed(f"its tag {tag!r} is not a valid image name")) from None
+        loaded_ids: list[str] = []
+        try:
+            with tarball.open("rb") as stream:  # requests streams a file object; never read into memory
+                for message in self.client.api.load_image(stream):
+                    if "errorDetail" in message or "error" in message:
+                        detail = message.get("errorDetail", {}).get("message") or message.get("error")
+                        raise ImageRejected(FailureReason.image_load_failed(f"the engine said: {detail}"))
+                    text = message.get("stream", "")
+                    for prefix in ("Loaded image ID: ", "Loaded image: "):
+                        if text.startswith(prefix):
+                            loaded_ids.append(text[len(prefix):].strip())
+        except docker.errors.APIError as exc:
+            raise ImageRejected(FailureReason.image_load_failed(f"the engine said: {exc.explanation or exc}")) from None
+        if not loaded_ids:
+            raise ImageRejected(FailureReason.image_load_failed("the engine reported no image in it"))
+        info = self.inspect_image(loaded_ids[0])
+        for tag in tags:
+            if tag in preexisting and preexisting[tag] != info.image_id:
+                # The load moved a tag from another image: put nothing back silently, say so.
+                self._untag(tag)
+                raise ImageRejected(FailureReason.image_load_failed(
+                    f"its tag {tag!r} names another image on this worker; save the image under a unique tag"))
+            if tag not in preexisting:
+                self._untag(tag)
+        if info.architecture != REQUIRED_ARCHITECTURE or info.os != REQUIRED_OS:
+            self.remove_image(info.image_id)
+            raise ImageRejected(FailureReason.wrong_architecture(info.architecture, info.os))
+        return self.inspect_image(info.image_id)
+
+    def _untag(self, tag: str) -> None:
+        try:
+            self.client.api.remove_image(tag, noprune=True)
+        except docker.errors.APIError:
+            pass
+
+    def inspect_image(self, image: str) -> ImageInfo:
+        try:
+            attrs = self.client.api.inspect_image(image)
+        except docker.errors.ImageNotFound:
+            raise ImageRejected(FailureReason.image_load_failed(f"no image {image!r} on this worker")) from None
+        config = attrs.get("Config") or {}
+        return ImageInfo(
+            image_id=attrs["Id"],
+            tags=tuple(attrs.get("RepoTags") or ()),
+            architecture=attrs.get("Architecture", ""),
+            os=attrs.get("Os", ""),
+            size_bytes=int(attrs.get("Size") or 0),
+            user=config.get("User") or "",
+            volumes=tuple(sorted((config.get("Volumes") or {}).keys())),
+        )
+
+    def remove_image(self, image: str) -> None:
+        try:
+            self.client.api.remove_image(image, force=True)
+        except docker.errors.ImageNotFound:
+            pass
+
+    # -- cancellation ----------------------------------------------------------------------------
+    def kill(self, container: str) -> None:
+        try:
+            self.client.api.kill(container)
+        except docker.errors.NotFound:
+            pass
+        except docker.errors.APIError as exc:
+            if exc.response is None or exc.response.status_code != 409:  # 409: not running
+                raise
+
+    def cancel(self, submission_id: str, shard_id: str | None = None) -> int:
+        if not submission_id:
+            raise ValueError("cancel needs a submission id")
+        labels = [f"{LABEL_MANAGED}=1", f"{LABEL_SUBMISSION}={submission_id}"]
+        if shard_id is not None:
+            labels.append(f"{LABEL_SHARD}={shard_id}")
+        containers = self.client.api.containers(filters={"label": labels, "status": "running"})
+        for container in containers:
+            self.kill(container["Id"])
+        return len(containers)
+
+    # -- running ---------------------------------------------------------------------------------
+    def run(self, spec: RunSpec) -> RunResult:
+        kwargs = sandbox.container_kwargs(spec)
+        name = kwargs["name"]
+        try:
+            container = self.client.containers.create(**kwargs)
+        except docker.errors.ImageNotFound:
+            raise ImageRejected(FailureReason.image_load_failed(f"no image {spec.image!r} on this worker")) from None
+        try:
+            return self._run_created(container, spec, name)
+        finally:
+            try:
+                container.remove(force=True)
+            except docker.errors.NotFound:
+                pass
+
+    def _run_created(self, container: Any, spec: RunSpec, name: str) -> RunResult:
+        limits = spec.limits
+        gpu = GpuMemoryMonitor(spec.gpu_device_ids, nvml=self._nvml)
+        gpu_active = gpu.start()
+        started_wall = time.time()
+        container.start()
+        start = time.monotonic()
+        memory = CgroupMemoryMonitor(container.id)
+        watcher = OutputWatcher(spec.output_dir, spec.case_ids, start)
+        monitors: list[Any] = [memory, watcher] + ([gpu] if gpu_active else [])
+        sampler = PeriodicSampler(monitors).start()
+
+        too_large = threading.Event()
+
+        def guard_output_size() -> None:
+            # a second, slower loop so the size check never delays the 0.1 s samples
+            while not finished.wait(0.25):
+                if watcher.total_bytes > limits.output_bytes:
+                    too_large.set()
+                    self.kill(container.id)
+                    return
+
+        finished = threading.Event()
+        guard = threading.Thread(target=guard_output_size, daemon=True)
+        guard.start()
+        timed_out = False
+        try:
+            try:
+                container.wait(timeout=spec.time_limit_s)
+            except (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError):
+                timed_out = True
+                self.kill(container.id)
+                container.wait(timeout=KILL_GRACE_S)
+        finally:
+            finished.set()
+            duration = time.monotonic() - start
+            sampler.stop()
+            gpu_stats = gpu.stop() if gpu_active else None
+        guard.join(timeout=1)
+        container.reload()
+        state = container.attrs.get("State", {})
+        exit_code = state.get("ExitCode")
+        oom_killed = bool(state.get("OOMKilled")) or memory.oom_kills > 0
+        killed_by_us = timed_out or too_large.is_set()
+        # SIGKILL from outside (exit 137, no OOM): a cancel, possibly from another process?
+        cancelled = (not killed_by_us and not oom_killed and exit_code == 137
+                     and self._was_killed(container.id, started_wall))
+        log_tail = _LogTail(limits.log_bytes).feed(container.logs(stream=True, follow=False))
+
+        failure: FailureReason | None
+        if cancelled:
+            failure = FailureReason.cancelled()
+        elif timed_out:
+            failure = FailureReason.time_limit(spec.time_limit_s, len(spec.case_ids) or None)
+        elif too_large.is_set():
+            failure = FailureReason.output_too_large(limits.output_bytes)
+        elif oom_killed and exit_code != 0:
+            failure = FailureReason.out_of_memory(limits.memory_bytes)
+        elif exit_code != 0:
+            failure = FailureReason.nonzero_exit(exit_code)
+        elif not _has_any_entry(spec.output_dir):
+            failure = FailureReason.no_output()
+        else:
+            failure = None
+        return RunResult(
+            container_name=name,
+            exit_code=exit_code,
+            timed_out=timed_out,
+            oom_killed=oom_killed,
+            cancelled=cancelled,
+            output_too_large=too_large.is_set(),
+            duration_s=duration,
+            peak_memory_bytes=memory.peak_bytes,
+            gpu=gpu_stats,
+            log_tail=log_tail,
+            output_seen_s=dict(watcher.seen_s),
+            failure=failure,
+        )
+
+    def _was_killed(self, container_id: str, since: float) -> bool:
+        """Whether anybody sent the container a kill (the engine's event log)."""
+        try:
+            events = self.client.api.events(
+                since=f"{since - 1:.6f}", until=f"{time.time():.6f}",
+                filters={"container": container_id, "event": "kill"}, decode=True,
+            )
+            return any(True for _ in events)
+        except docker.errors.APIError:
+            return False
+
+
+def _has_any_entry(directory: Path) -> bool:
+    try:
+        with os.scandir(directory) as entries:
+            return any(True for _ in entries)
+    except OSError:
+        return False
