@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Builds the images of docker-compose.yml on a machine without a container registry:
+#   touchstone/stack-base:bookworm  Debian rootfs (mmdebstrap, the host's apt sources) with python3,
+#                                   postgresql and redis-server
+#   touchstone/app:latest           ./Dockerfile FROM stack-base, Python deps from a host wheelhouse
+#   touchstone/postgres:local       docker/postgres FROM stack-base
+#   touchstone/redis:local          docker/redis FROM stack-base
+# and prints the environment to use them:  eval "$(scripts/build-stack-images.sh)".
+# With a registry, just `docker build --build-arg BASE_IMAGE=python:3.11-slim-bookworm -t touchstone/app .`
+set -euo pipefail
+cd "$(dirname "$0")/.."
+log() { printf '[stack-images] %s\n' "$*" >&2; }
+STACK_BASE="${STACK_BASE:-touchstone/stack-base:bookworm}"
+if ! docker image inspect "$STACK_BASE" >/dev/null 2>&1; then
+  tmp="$(mktemp -d)"; trap 'rm -rf "$tmp"' EXIT
+  log "building $STACK_BASE with mmdebstrap"
+  mmdebstrap --quiet --variant=apt \
+    --include=python3,python3-venv,ca-certificates,postgresql,redis-server \
+    bookworm "$tmp/rootfs.tar"
+  docker import "$tmp/rootfs.tar" "$STACK_BASE" >/dev/null
+fi
+PY=".venv/bin/python"; [ -x "$PY" ] || PY=python3
+if [ ! -f build/wheelhouse/.complete ] || [ pyproject.toml -nt build/wheelhouse/.complete ]; then
+  log "building the wheelhouse (build/wheelhouse)"
+  rm -rf build/wheelhouse; mkdir -p build/wheelhouse
+  "$PY" -m pip wheel -q --wheel-dir build/wheelhouse '.[prod]' >&2
+  touch build/wheelhouse/.complete
+fi
+log "building touchstone/app:latest"
+docker build -q --build-arg BASE_IMAGE="$STACK_BASE" -t touchstone/app:latest . >&2
+log "building touchstone/postgres:local and touchstone/redis:local"
+docker build -q --build-arg BASE_IMAGE="$STACK_BASE" -t touchstone/postgres:local docker/postgres >&2
+docker build -q --build-arg BASE_IMAGE="$STACK_BASE" -t touchstone/redis:local docker/redis >&2
+echo "export APP_IMAGE=touchstone/app:latest POSTGRES_IMAGE=touchstone/postgres:local REDIS_IMAGE=touchstone/redis:local"
