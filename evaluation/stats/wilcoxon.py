@@ -1,0 +1,321 @@
+"""Paired one-sided Wilcoxon signed-rank tests between every ordered pair of algorithms.
+
+For algorithms ``A`` and ``B`` on their common scored cases, with oriented scores ``s`` (larger is
+better, see :mod:`evaluation.stats.scores`), the paired differences are ``d_j = s_Aj - s_Bj``.
+Zero differences are handled by ``zero_method`` (default ``"wilcox"``: dropped, as R does). With
+the ``n`` remaining differences ranked by ``|d|`` (average ranks for ties)::
+
+    V     = sum of the ranks of the positive d            (R's V, scipy's r_plus)
+    mu    = n (n + 1) / 4
+    sigma = sqrt( n (n + 1) (2n + 1) / 24  -  sum_t (t^3 - t) / 48 )   (t: tie-group sizes)
+    p(A better than B) = 1 - Phi((V - mu - c) / sigma)     (alternative "greater")
+    p(B better than A) =     Phi((V - mu + c) / sigma)     (alternative "less")
+
+with the continuity correction ``c = 0.5`` when ``correction`` (else 0). Both one-sided p-values
+come from the same ``V``, so each unordered pair is ranked once. The default options reproduce R's
+``wilcox.test(a, b, paired=TRUE, exact=FALSE, correct=TRUE)`` and equal
+``scipy.stats.wilcoxon(a - b, zero_method="wilcox", correction=True, method="asymptotic")``.
+``zero_method="pratt"`` / ``"zsplit"`` follow scipy (Cureton's adjustment / half the zero ranks
+to each side).
+
+Pairs with no non-zero difference (no common case, or all equal) have no test: their p-values are
+``NaN`` and they are left out of the multiple-testing family (reported as ``n_nonzero = 0``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+from scipy import special
+from statsmodels.stats.multitest import multipletests
+
+from evaluation.stats.scores import ScoreMatrix
+
+ZeroMethod = Literal["wilcox", "pratt", "zsplit"]
+
+#: statsmodels ``multipletests`` methods accepted as ``correction`` (plus ``"none"``)
+CORRECTIONS = (
+    "none",
+    "holm",
+    "bonferroni",
+    "sidak",
+    "holm-sidak",
+    "simes-hochberg",
+    "hommel",
+    "fdr_bh",
+    "fdr_by",
+    "fdr_tsbh",
+    "fdr_tsbky",
+)
+
+
+@dataclass(frozen=True)
+class WilcoxonOptions:
+    """Options of the signed-rank test (normal approximation, tie-corrected variance, always).
+
+    Attributes:
+      zero_method: ``"wilcox"`` drops zero differences (R, default); ``"pratt"`` ranks them
+        and drops them afterwards; ``"zsplit"`` gives half their ranks to each side.
+      correction: continuity correction of 0.5 towards the null (R's ``correct=TRUE``).
+    """
+
+    zero_method: ZeroMethod = "wilcox"
+    correction: bool = True
+
+    def __post_init__(self) -> None:
+        if self.zero_method not in ("wilcox", "pratt", "zsplit"):
+            raise ValueError(
+                f"zero_method must be 'wilcox', 'pratt' or 'zsplit', got {self.zero_method!r}"
+            )
+
+    @classmethod
+    def r_compatible(cls) -> WilcoxonOptions:
+        """R's ``wilcox.test(paired=TRUE, exact=FALSE, correct=TRUE)`` (the default)."""
+        return cls(zero_method="wilcox", correction=True)
+
+
+def average_ranks(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Average ranks along the last axis, ``NaN`` entries ignored, and each entry's tie size.
+
+    Returns ``(ranks, tie_size)`` of ``a``'s shape: ranks 1..m among the non-NaN entries of the
+    row (ties get the mean of their ranks, as ``scipy.stats.rankdata(method="average")``); NaN
+    entries get rank NaN and tie size 0. One stable sort per row; no Python loop over rows.
+    """
+    a = np.asarray(a, dtype=np.float64)
+    shape = a.shape
+    a2 = a.reshape(-1, shape[-1]) if a.ndim != 2 else a
+    rows, n = a2.shape
+    if n == 0:
+        return np.full(shape, np.nan), np.zeros(shape)
+    order = np.argsort(a2, axis=1, kind="stable")  # NaN sort last
+    s = np.take_along_axis(a2, order, axis=1)
+    valid = ~np.isnan(s)
+    starts = np.ones((rows, n), dtype=bool)
+    starts[:, 1:] = s[:, 1:] != s[:, :-1]  # NaN != NaN: every NaN its own group
+    ends = np.ones((rows, n), dtype=bool)
+    ends[:, :-1] = starts[:, 1:]
+    pos = np.arange(n)
+    first = np.maximum.accumulate(np.where(starts, pos, 0), axis=1)
+    last = np.minimum.accumulate(np.where(ends, pos, n - 1)[:, ::-1], axis=1)[:, ::-1]
+    rank_sorted = np.where(valid, (first + last) / 2.0 + 1.0, np.nan)
+    tie_sorted = np.where(valid, last - first + 1, 0).astype(np.float64)
+    ranks = np.empty_like(rank_sorted)
+    ties = np.empty_like(tie_sorted)
+    np.put_along_axis(ranks, order, rank_sorted, axis=1)
+    np.put_along_axis(ties, order, tie_sorted, axis=1)
+    return ranks.reshape(shape), ties.reshape(shape)
+
+
+@dataclass(frozen=True)
+class SignedRankResult:
+    """Vectorised signed-rank results, one entry per row of the difference matrix.
+
+    ``statistic`` is V (sum of positive ranks), ``statistic_less`` the sum of negative ranks (the
+    V of ``-d``; both include half the zero ranks under ``"zsplit"``), ``n_nonzero`` the number of non-zero differences,
+    ``z`` the uncorrected ``(V - mu) / sigma``, ``p_greater``/``p_less`` the one-sided p-values
+    for "differences tend to be positive/negative" (NaN where ``sigma == 0``).
+    """
+
+    statistic: np.ndarray
+    statistic_less: np.ndarray
+    n_nonzero: np.ndarray
+    n_zero: np.ndarray
+    z: np.ndarray
+    p_greater: np.ndarray
+    p_less: np.ndarray
+
+
+def signed_rank_test(d: np.ndarray, options: WilcoxonOptions = WilcoxonOptions()) -> SignedRankResult:
+    """Wilcoxon signed-rank test along the last axis of paired differences ``d`` (NaN = no pair).
+
+    ``d`` may be 1-D (one test) or 2-D (one test per row). See the module docstring for the maths.
+    """
+    d = np.atleast_2d(np.asarray(d, dtype=np.float64))
+    zeros = d == 0
+    n_zero = zeros.sum(axis=1).astype(np.float64)
+    ranked = np.where(zeros, np.nan, d) if options.zero_method == "wilcox" else d
+    ranks, ties = average_ranks(np.abs(ranked))
+    valid = ~np.isnan(ranked)
+    count = valid.sum(axis=1).astype(np.float64)
+    r_plus = np.where(valid & (ranked > 0), ranks, 0.0).sum(axis=1)
+    r_minus = np.where(valid & (ranked < 0), ranks, 0.0).sum(axis=1)
+    mean = count * (count + 1.0) * 0.25
+    var24 = count * (count + 1.0) * (2.0 * count + 1.0)
+    tie_terms = ties**3 - ties
+    if options.zero_method == "zsplit":
+        half_zero_ranks = np.where(zeros, ranks, 0.0).sum(axis=1) / 2.0
+        r_plus = r_plus + half_zero_ranks
+        r_minus = r_minus + half_zero_ranks
+    if options.zero_method == "pratt":
+        mean = mean - n_zero * (n_zero + 1.0) * 0.25
+        var24 = var24 - n_zero * (n_zero + 1.0) * (2.0 * n_zero + 1.0)
+        tie_terms = np.where(zeros, 0.0, tie_terms)  # the zeros' tie group is not corrected
+    # sum over groups of (t^3 - t) == sum over members of (t^2 - 1)
+    tie_sum = np.where(valid & (ties > 0), tie_terms / np.maximum(ties, 1.0), 0.0).sum(axis=1)
+    var24 = var24 - tie_sum / 2.0
+    se = np.sqrt(np.maximum(var24, 0.0) / 24.0)
+    has_test = se > 0
+    safe_se = np.where(has_test, se, 1.0)
+    z = np.where(has_test, (r_plus - mean) / safe_se, np.nan)
+    c = 0.5 if options.correction else 0.0
+    p_greater = np.where(has_test, special.ndtr(-((r_plus - mean - c) / safe_se)), np.nan)
+    p_less = np.where(has_test, special.ndtr((r_plus - mean + c) / safe_se), np.nan)
+    n_nonzero = (count - (n_zero if options.zero_method != "wilcox" else 0.0)).astype(np.int64)
+    return SignedRankResult(
+        statistic=r_plus,
+        statistic_less=r_minus,
+        n_nonzero=n_nonzero,
+        n_zero=n_zero.astype(np.int64),
+        z=z,
+        p_greater=p_greater,
+        p_less=p_less,
+    )
+
+
+def adjust_pvalues(p: np.ndarray, method: str = "holm") -> np.ndarray:
+    """Multiple-testing adjustment of the finite p-values in ``p`` (NaN stay NaN, not counted).
+
+    ``method`` is a :func:`statsmodels.stats.multitest.multipletests` method or ``"none"``.
+    """
+    if method not in CORRECTIONS:
+        raise ValueError(f"unknown correction {method!r}; choose one of {list(CORRECTIONS)}")
+    p = np.asarray(p, dtype=np.float64)
+    out = np.full(p.shape, np.nan)
+    finite = np.isfinite(p)
+    if not finite.any():
+        return out
+    if method == "none":
+        out[finite] = p[finite]
+    else:
+        out[finite] = multipletests(p[finite], method=method)[1]
+    return out
+
+
+#: columns of :func:`pairwise_wilcoxon`'s table
+PAIRWISE_COLUMNS = (
+    "organ",
+    "metric",
+    "algorithm",
+    "opponent",
+    "n_common",
+    "n_nonzero",
+    "statistic",
+    "z",
+    "p_value",
+    "p_adjusted",
+    "significant",
+    "mean_difference",
+    "median_difference",
+    "sd_difference",
+)
+
+
+def pairwise_wilcoxon(
+    scores: ScoreMatrix,
+    *,
+    options: WilcoxonOptions = WilcoxonOptions(),
+    correction: str = "holm",
+    alpha: float = 0.05,
+    chunk_pairs: int = 64,
+) -> pd.DataFrame:
+    """One-sided paired Wilcoxon tests "algorithm better than opponent" for all K(K-1) pairs.
+
+    Each unordered pair is tested once on its common scored cases; its V gives both one-sided
+    p-values. ``correction`` adjusts over the ordered pairs with a finite p-value.
+
+    Returns a DataFrame with columns :data:`PAIRWISE_COLUMNS`, one row per ordered pair:
+      n_common: cases both algorithms scored; n_nonzero: non-zero differences used by the test;
+      statistic: V of ``d = s_algorithm - s_opponent`` (oriented scores); z: ``(V - mu)/sigma``
+      uncorrected; p_value: one-sided p of "algorithm better"; p_adjusted: after ``correction``;
+      significant: ``p_adjusted < alpha``; mean/median/sd_difference: of the raw metric values
+      ``x_algorithm - x_opponent`` on the common cases (metric units; sd with ddof=1).
+    """
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    if correction not in CORRECTIONS:
+        raise ValueError(f"unknown correction {correction!r}; choose one of {list(CORRECTIONS)}")
+    k = scores.n_algorithms
+    oriented = scores.oriented()
+    raw = scores.values
+    ii, jj = np.triu_indices(k, 1)
+    n_pairs = ii.size
+    stat = np.full(n_pairs, np.nan)
+    stat_rev = np.full(n_pairs, np.nan)
+    z = np.full(n_pairs, np.nan)
+    p_gt = np.full(n_pairs, np.nan)
+    p_lt = np.full(n_pairs, np.nan)
+    n_common = np.zeros(n_pairs, dtype=np.int64)
+    n_nonzero = np.zeros(n_pairs, dtype=np.int64)
+    mean_d = np.full(n_pairs, np.nan)
+    median_d = np.full(n_pairs, np.nan)
+    sd_d = np.full(n_pairs, np.nan)
+    for start in range(0, n_pairs, chunk_pairs):
+        sl = slice(start, start + chunk_pairs)
+        a, b = oriented[ii[sl]], oriented[jj[sl]]
+        # equal scores (also both +-inf) are a zero difference, never inf - inf = NaN
+        d = np.where(a == b, 0.0, a - b)
+        res = signed_rank_test(d, options)
+        stat[sl], stat_rev[sl] = res.statistic, res.statistic_less
+        z[sl], p_gt[sl], p_lt[sl] = res.z, res.p_greater, res.p_less
+        n_nonzero[sl] = res.n_nonzero
+        raw_d = raw[ii[sl]] - raw[jj[sl]]
+        raw_d = np.where(raw[ii[sl]] == raw[jj[sl]], 0.0, raw_d)
+        common = ~np.isnan(raw_d)
+        n_common[sl] = common.sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"), _quiet():
+            mean_d[sl] = np.nanmean(raw_d, axis=1)
+            median_d[sl] = np.nanmedian(raw_d, axis=1)
+            sd_d[sl] = np.nanstd(raw_d, axis=1, ddof=1)
+    no_test = ~np.isfinite(p_gt)
+    stat[no_test] = np.nan  # no test: no statistic either
+    stat_rev[no_test] = np.nan
+    # ordered pairs: (i better than j) then (j better than i); j's V is i's sum of negative ranks
+    algo = np.array(scores.algorithms, dtype=object)
+    frame = pd.DataFrame(
+        {
+            "organ": scores.organ,
+            "metric": scores.metric,
+            "algorithm": np.concatenate([algo[ii], algo[jj]]),
+            "opponent": np.concatenate([algo[jj], algo[ii]]),
+            "n_common": np.concatenate([n_common, n_common]),
+            "n_nonzero": np.concatenate([n_nonzero, n_nonzero]),
+            "statistic": np.concatenate([stat, stat_rev]),
+            "z": np.concatenate([z, -z]),
+            "p_value": np.concatenate([p_gt, p_lt]),
+            "mean_difference": np.concatenate([mean_d, -mean_d]),
+            "median_difference": np.concatenate([median_d, -median_d]),
+            "sd_difference": np.concatenate([sd_d, sd_d]),
+        }
+    )
+    frame["p_adjusted"] = adjust_pvalues(frame["p_value"].to_numpy(), correction)
+    frame["significant"] = frame["p_adjusted"].to_numpy() < alpha
+    order = {a: i for i, a in enumerate(scores.algorithms)}
+    frame = frame.sort_values(
+        ["algorithm", "opponent"], key=lambda s: s.map(order), kind="stable"
+    ).reset_index(drop=True)
+    return frame[list(PAIRWISE_COLUMNS)]
+
+
+class _quiet:
+    """Silence numpy's RuntimeWarnings for all-NaN rows (their NaN result is intended)."""
+
+    def __enter__(self):
+        import warnings
+
+        self._ctx = warnings.catch_warnings()
+        self._ctx.__enter__()
+        warnings.simplefilter("ignore", RuntimeWarning)
+
+    def __exit__(self, *exc):
+        return self._ctx.__exit__(*exc)
+
+
+def pvalue_matrix(pairwise: pd.DataFrame, column: str = "p_adjusted") -> pd.DataFrame:
+    """K×K matrix view of a :func:`pairwise_wilcoxon` table: row = algorithm, column = opponent
+    (entry: p of "row better than column"); diagonal NaN."""
+    algorithms = list(dict.fromkeys(pairwise["algorithm"]))
+    m = pairwise.pivot(index="algorithm", columns="opponent", values=column)
+    return m.reindex(index=algorithms, columns=algorithms)
