@@ -1,0 +1,233 @@
+"""Checking what a container wrote to /output. Every byte of it is untrusted.
+
+:func:`check_outputs` walks the output folder without following any link and answers, per case
+of the shard, ``ok`` / ``missing`` / ``invalid`` with a reason a person can act on. The rules:
+
+- only the case folders of the shard may exist at the top; anything else is listed in
+  ``OutputReport.unexpected`` and never read;
+- inside a case folder only ``combined_labels.nii.gz``, or ``segmentations/<organ>.nii.gz`` for
+  the organs of :mod:`evaluation.labels` (when both are written the label map wins, as in the
+  scorer's :func:`evaluation.io.detect_layout`); no other name, no deeper folder;
+- every entry must be a plain file or folder: no symbolic link, no hard link (link count > 1), no
+  device, FIFO or socket;
+- per-file and per-run size caps (compressed bytes on disk);
+- the contents are read with the evaluation engine's guarded reader
+  (:func:`evaluation.io.read_labels` under :class:`evaluation.io.ReadLimits`), the same code the
+  scorer uses: the decompression-bomb guard (the header's declared size is checked before any
+  data is decompressed, and never more than that is decompressed), NIfTI-1/2 parsing, the grid
+  equal to the input CT's (shape, spacing, direction, origin within
+  :class:`evaluation.io.GeometryTolerance`), values: a label map holds integers 0..9, a
+  per-organ mask 0 and 1 only, no NaN.
+
+The check is read-only and runs after the container has been removed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import nibabel as nib
+import numpy as np
+
+from evaluation.io import CaseError, Geometry, GeometryTolerance, ReadLimits, read_labels
+from evaluation.labels import COMBINED_LABELS_FILE, LABEL_IDS, ORGANS, SEGMENTATIONS_DIR
+from worker.runtime.base import FailureReason
+
+CaseStatus = Literal["ok", "missing", "invalid"]
+Layout = Literal["combined", "per_organ"]
+
+
+
+@dataclass(frozen=True)
+class OutputLimits:
+    max_file_bytes: int = 256 * 2**20  # compressed, per file
+    max_total_bytes: int = 2 * 2**30  # compressed, the whole output folder
+    max_entries: int = 10_000  # entries at the top of the output folder
+    max_voxels: int = ReadLimits.max_voxels  # declared by a header (the bomb guard)
+    max_decompressed_bytes: int = ReadLimits.max_decompressed_bytes
+    tolerance: GeometryTolerance = GeometryTolerance()
+
+    def read_limits(self) -> ReadLimits:
+        return ReadLimits(max_file_bytes=self.max_file_bytes, max_voxels=self.max_voxels,
+                          max_decompressed_bytes=self.max_decompressed_bytes, allow_symlinks=False)
+
+
+@dataclass(frozen=True)
+class CaseOutput:
+    case_id: str
+    status: CaseStatus
+    reason: str  # "" when ok
+    layout: Layout | None = None
+    files: tuple[str, ...] = ()  # paths relative to the output folder, for the scorer to read
+    organs: tuple[str, ...] = ()  # organs present in the per-organ layout (all 9 for combined)
+
+
+@dataclass(frozen=True)
+class OutputReport:
+    cases: dict[str, CaseOutput]
+    unexpected: tuple[str, ...] = ()
+    total_bytes: int = 0
+    problems: tuple[str, ...] = field(default=())  # run-level: too many entries, too large
+
+    @property
+    def ok_cases(self) -> list[str]:
+        return [c for c, out in self.cases.items() if out.status == "ok"]
+
+    def failure(self) -> FailureReason | None:
+        """The run-level failure: None when at least one case is usable, else why not."""
+        if self.problems:
+            return FailureReason.invalid_output("; ".join(self.problems))
+        if self.ok_cases:
+            return None
+        if all(out.status == "missing" for out in self.cases.values()) and not self.unexpected:
+            return FailureReason.no_output()
+        bad = [out for out in self.cases.values() if out.status == "invalid"]
+        if bad:
+            first = bad[0]
+            more = f" (and {len(bad) - 1} more case(s))" if len(bad) > 1 else ""
+            return FailureReason.invalid_output(f"case {first.case_id}: {first.reason}{more}")
+        return FailureReason.invalid_output(
+            "nothing was written in the case folders; found only " + ", ".join(self.unexpected[:5])
+        )
+
+
+class _Invalid(Exception):
+    pass
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    return "a file"
+
+
+def _plain_file(path: Path, rel: str, limits: OutputLimits) -> os.stat_result:
+    st = path.lstat()
+    if not stat.S_ISREG(st.st_mode):
+        raise _Invalid(f"{rel} is {_kind(st.st_mode)}, not a plain file")
+    if st.st_nlink > 1:
+        raise _Invalid(f"{rel} is a hard link ({st.st_nlink} names for one file); write a plain file")
+    if st.st_size > limits.max_file_bytes:
+        raise _Invalid(f"{rel} is {st.st_size} bytes, more than the {limits.max_file_bytes}-byte limit per file")
+    return st
+
+
+def _listing(directory: Path, limits: OutputLimits) -> list[os.DirEntry]:
+    """The entries of a folder, sorted by name; more than ``max_entries`` is refused unread."""
+    with os.scandir(directory) as iterator:
+        entries = list(itertools.islice(iterator, limits.max_entries + 1))
+    if len(entries) > limits.max_entries:
+        raise _Invalid(f"{directory.name} holds more than {limits.max_entries} entries")
+    return sorted(entries, key=lambda e: e.name)
+
+
+def _ct_geometry(ct: Path) -> Geometry:
+    """The input CT's grid from its header alone (the organizer's own file: trusted)."""
+    image = nib.load(str(ct))
+    return Geometry(tuple(int(n) for n in image.shape[:3]), np.asarray(image.affine, dtype=np.float64))
+
+
+def _check_case(case_dir: Path, case_id: str, ct: Path | None, limits: OutputLimits,
+                check_contents: bool) -> tuple[CaseOutput, int]:
+    rel_case = case_id
+    entries = _listing(case_dir, limits)
+    if not entries:
+        return CaseOutput(case_id, "missing", f"the folder /output/{case_id} is empty"), 0
+    total = 0
+    combined: Path | None = None
+    organ_files: dict[str, Path] = {}
+    for entry in entries:
+        rel = f"{rel_case}/{entry.name}"
+        st = entry.stat(follow_symlinks=False)
+        if entry.name == COMBINED_LABELS_FILE:
+            total += _plain_file(Path(entry.path), rel, limits).st_size
+            combined = Path(entry.path)
+        elif entry.name == SEGMENTATIONS_DIR:
+            if not stat.S_ISDIR(st.st_mode):
+                raise _Invalid(f"{rel} is {_kind(st.st_mode)}, not a folder")
+            for organ_entry in _listing(Path(entry.path), limits):
+                organ_rel = f"{rel}/{organ_entry.name}"
+                organ = organ_entry.name.removesuffix(".nii.gz")
+                if organ == organ_entry.name or organ not in ORGANS:
+                    raise _Invalid(f"unexpected file {organ_rel}; per-organ masks are named <organ>.nii.gz "
+                                   f"for organ in {', '.join(ORGANS)}")
+                total += _plain_file(Path(organ_entry.path), organ_rel, limits).st_size
+                organ_files[organ] = Path(organ_entry.path)
+        else:
+            raise _Invalid(f"unexpected {_kind(st.st_mode)} {rel}; only {COMBINED_LABELS_FILE} or "
+                           f"{SEGMENTATIONS_DIR}/<organ>.nii.gz belong in a case folder")
+    if combined is not None:
+        organ_files = {}  # as the scorer (evaluation.io.detect_layout): the label map wins
+    if combined is None and not organ_files:
+        return CaseOutput(case_id, "missing", f"/output/{case_id}/{SEGMENTATIONS_DIR} is empty"), total
+    files = [combined] if combined is not None else [organ_files[o] for o in ORGANS if o in organ_files]
+    rels = tuple(str(p.relative_to(case_dir.parent)) for p in files)
+    if check_contents and ct is not None:
+        # the guarded reader of the evaluation engine: decompression-bomb guard, NIfTI parsing,
+        # geometry against the CT, label values (0..9 for a label map, 0/1 for masks)
+        read_labels(case_dir, LABEL_IDS, limits=limits.read_limits(), untrusted=True,
+                    reference=_ct_geometry(ct), tolerance=limits.tolerance)
+    if combined is not None:
+        return CaseOutput(case_id, "ok", "", "combined", rels, ORGANS), total
+    return CaseOutput(case_id, "ok", "", "per_organ", rels, tuple(o for o in ORGANS if o in organ_files)), total
+
+
+def check_outputs(output_dir: Path, cts: Mapping[str, Path], limits: OutputLimits | None = None,
+                  check_contents: bool = True) -> OutputReport:
+    """Check the output folder of one run against the shard's cases (``case_id -> input CT path``).
+
+    ``check_contents=False`` checks names, kinds and sizes only (fast, for a first look).
+    """
+    limits = limits or OutputLimits()
+    output_dir = Path(output_dir)
+    unexpected: list[str] = []
+    problems: list[str] = []
+    case_dirs: dict[str, Path] = {}
+    try:
+        top = list(os.scandir(output_dir))
+    except OSError as exc:
+        return OutputReport({c: CaseOutput(c, "missing", f"no output folder ({exc})") for c in cts}, problems=())
+    if len(top) > limits.max_entries:
+        problems.append(f"{len(top)} entries at the top of /output, more than {limits.max_entries}")
+        top = top[: limits.max_entries]
+    for entry in sorted(top, key=lambda e: e.name):
+        st = entry.stat(follow_symlinks=False)
+        if entry.name in cts and stat.S_ISDIR(st.st_mode):
+            case_dirs[entry.name] = Path(entry.path)
+        else:
+            unexpected.append(f"{entry.name} ({_kind(st.st_mode)})")
+    cases: dict[str, CaseOutput] = {}
+    total = 0
+    for case_id, ct in cts.items():
+        if case_id not in case_dirs:
+            cases[case_id] = CaseOutput(case_id, "missing", f"no folder /output/{case_id}")
+            continue
+        try:
+            result, size = _check_case(case_dirs[case_id], case_id, ct, limits, check_contents)
+        except _Invalid as exc:
+            result, size = CaseOutput(case_id, "invalid", str(exc)), 0
+        except CaseError as exc:
+            message = str(exc).replace(str(case_dirs[case_id].parent), "/output")
+            result, size = CaseOutput(case_id, "invalid", message), 0
+        except OSError as exc:
+            result, size = CaseOutput(case_id, "invalid", f"cannot be read ({exc.strerror})"), 0
+        cases[case_id] = result
+        total += size
+    if total > limits.max_total_bytes:
+        problems.append(f"{total} bytes in total, more than the {limits.max_total_bytes}-byte limit per run")
+    return OutputReport(cases, tuple(unexpected), total, tuple(problems))
+
