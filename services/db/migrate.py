@@ -12,6 +12,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from sqlalchemy.engine import make_url
 
 import migrations
 from services.config import Settings, get_settings
@@ -26,7 +27,9 @@ def alembic_config(database_url: str | None = None, settings: Settings | None = 
     settings = settings or get_settings()
     url = database_url or str(settings.database_url)
     if url.startswith("sqlite"):
-        settings.ensure_dirs()
+        database = make_url(url).database
+        if database and database != ":memory:":
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
     config = Config(str(ALEMBIC_INI)) if ALEMBIC_INI.exists() else Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     # '%' is alembic's interpolation character; passwords may contain it

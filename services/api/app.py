@@ -1,0 +1,49 @@
+"""The FastAPI application: ``/api/v1`` (a router per resource), OpenAPI docs at ``/docs``.
+
+Run: ``touchstone serve`` or ``uvicorn services.api.app:create_app --factory``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import APIRouter, FastAPI
+from sqlalchemy.orm import sessionmaker
+
+from services.api.errors import install_error_handlers
+from services.api.routers import algorithms, results, submissions, testsets, users
+from services.config import Settings, get_settings
+from services.db.session import get_engine
+
+API_PREFIX = "/api/v1"
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    settings.ensure_dirs()
+    logging.basicConfig(level=settings.log_level)
+    app = FastAPI(
+        title="Touchstone",
+        version="0.1.0",
+        description=(
+            "Third-party benchmarking of 3D abdominal CT organ segmentation. Authenticate with "
+            "'Authorization: Bearer <token>'. Roles: organizer, inventor, analyst; the public reads "
+            "published aggregates."
+        ),
+        docs_url="/docs",
+        openapi_url=f"{API_PREFIX}/openapi.json",
+    )
+    app.state.settings = settings
+    app.state.sessionmaker = sessionmaker(bind=get_engine(settings), expire_on_commit=False)
+    install_error_handlers(app)
+
+    api = APIRouter(prefix=API_PREFIX)
+
+    @api.get("/health", tags=["health"])
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    for module in (users, testsets, algorithms, submissions, results):
+        api.include_router(module.router)
+    app.include_router(api)
+    return app

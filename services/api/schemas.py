@@ -1,0 +1,248 @@
+"""Request and response bodies of the API (pydantic v2)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl
+
+from services.db.enums import Role, ShardState, SubmissionState
+
+NAME = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._@+-]*$")
+
+
+class Out(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+# --- teams, users, tokens ------------------------------------------------------------------------
+class TeamCreate(BaseModel):
+    name: str = NAME
+
+
+class TeamOut(Out):
+    id: int
+    name: str
+    created_at: dt.datetime
+
+
+class UserCreate(BaseModel):
+    name: str = NAME
+    role: Role
+    team: str | None = Field(None, min_length=1, max_length=200, description="team name; created if new")
+
+
+class UserOut(Out):
+    id: int
+    name: str
+    role: Role
+    team: str | None = None
+    is_active: bool
+    created_at: dt.datetime
+
+
+class TokenCreate(BaseModel):
+    label: str | None = Field(None, max_length=200)
+
+
+class TokenOut(Out):
+    id: int
+    prefix: str
+    label: str | None
+    created_at: dt.datetime
+    last_used_at: dt.datetime | None
+    revoked_at: dt.datetime | None
+
+
+class TokenCreated(BaseModel):
+    """The plain token appears here once; only its hash is stored."""
+
+    token: str
+    token_info: TokenOut
+    user: UserOut
+
+
+# --- test sets ------------------------------------------------------------------------------------
+class TestSetImport(BaseModel):
+    __test__ = False
+    name: str = NAME
+    manifest_path: str = Field(min_length=1, description="path of the manifest CSV on the server")
+    protocol: str | None = Field(None, description="protocol name or name@version (default touchstone)")
+    description: str | None = None
+
+
+class TestSetUpdate(BaseModel):
+    __test__ = False
+    description: str | None = None
+    time_per_case_s: float | None = Field(None, gt=0, le=86400)
+    memory_bytes: int | None = Field(None, gt=0)
+    gpus: int | None = Field(None, ge=0, le=16)
+    shm_bytes: int | None = Field(None, gt=0)
+    pids_limit: int | None = Field(None, gt=0)
+    shard_size: int | None = Field(None, gt=0)
+    quota_submissions: int | None = Field(None, ge=0)
+    quota_period_days: int | None = Field(None, gt=0, le=3660)
+    is_open: bool | None = None
+
+
+class TestSetOut(Out):
+    __test__ = False
+    id: int
+    name: str
+    description: str | None
+    protocol_key: str
+    manifest_sha256: str
+    n_cases: int = 0
+    n_public_sample: int = 0
+    time_per_case_s: float
+    memory_bytes: int
+    gpus: int
+    shm_bytes: int
+    pids_limit: int
+    shard_size: int
+    quota_submissions: int
+    quota_period_days: int
+    is_open: bool
+    created_at: dt.datetime
+
+
+class CaseOut(Out):
+    case_id: str
+    hospital: str | None
+    age: int | None
+    sex: str | None
+    race: str | None
+    manufacturer: str | None
+    scanner: str | None
+    contrast_phase: str | None
+    diagnosis: str | None
+    extra: dict[str, Any]
+    public_sample: bool
+
+
+# --- algorithms -------------------------------------------------------------------------------------
+class AlgorithmCreate(BaseModel):
+    name: str = NAME
+    description: str | None = Field(None, max_length=10000)
+    paper_url: HttpUrl | None = None
+    code_url: HttpUrl | None = None
+    team: str | None = Field(None, description="organizers only: the owning team")
+
+
+class AlgorithmOut(Out):
+    id: int
+    name: str
+    team: str
+    description: str | None
+    paper_url: str | None
+    code_url: str | None
+    created_at: dt.datetime
+
+
+# --- submissions -----------------------------------------------------------------------------------
+class SubmissionOut(Out):
+    id: int
+    algorithm: str
+    team: str
+    testset: str
+    state: SubmissionState
+    failure_reason: str | None
+    image_ref: str | None
+    image_sha256: str | None
+    image_digest: str | None
+    image_size_bytes: int | None
+    counts_against_quota: bool
+    is_baseline: bool
+    rerun_count: int
+    received_at: dt.datetime
+    validating_at: dt.datetime | None
+    queued_at: dt.datetime | None
+    running_at: dt.datetime | None
+    evaluating_at: dt.datetime | None
+    scored_at: dt.datetime | None
+    published_at: dt.datetime | None
+    failed_at: dt.datetime | None
+    cancelled_at: dt.datetime | None
+
+
+class SubmissionLogs(BaseModel):
+    id: int
+    state: SubmissionState
+    failure_reason: str | None
+    validation_log: str | None
+
+
+class ShardOut(Out):
+    index: int
+    case_ids: list[str]
+    state: ShardState
+    attempts: int
+    worker_hostname: str | None
+    container_id: str | None
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+    exit_code: int | None
+    peak_memory_bytes: int | None
+    gpu_memory_peak_bytes: int | None
+    gpu_memory_auc: float | None
+    failure_reason: str | None
+    log_tail: str | None
+
+
+class ReasonIn(BaseModel):
+    reason: str | None = Field(None, max_length=2000)
+
+
+# --- results ---------------------------------------------------------------------------------------
+class ScoreOut(BaseModel):
+    case_id: str
+    hospital: str | None
+    organ: str
+    protocol_key: str
+    dsc: float | None
+    nsd: float | None
+    hd95: float | None
+    assd: float | None
+    status: str
+    detail: str | None
+
+
+class ScorePage(BaseModel):
+    submission_id: int
+    total: int
+    offset: int
+    limit: int
+    items: list[ScoreOut]
+
+
+class AggregateOut(Out):
+    protocol_key: str
+    organ: str
+    metric: str
+    scope: str
+    group_value: str
+    n: int
+    mean: float | None
+    median: float | None
+    std: float | None
+    ci_low: float | None
+    ci_high: float | None
+    n_failed: int
+
+
+class LeaderboardEntry(BaseModel):
+    rank: int
+    submission_id: int
+    algorithm: str
+    team: str
+    is_baseline: bool
+    average: float | None
+    organs: dict[str, float | None]
+
+
+class Leaderboard(BaseModel):
+    testset: str
+    protocol_key: str
+    metric: str
+    entries: list[LeaderboardEntry]
