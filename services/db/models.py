@@ -312,6 +312,11 @@ class Aggregate(Base):
     ci_high: Mapped[float | None]
     n_failed: Mapped[int] = mapped_column(default=0)
     computed_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    # added by 0002_leaderboard: ci_low/ci_high are the mean's percentile bootstrap interval; these
+    # the median's, and the test set's cases without a score
+    median_ci_low: Mapped[float | None]
+    median_ci_high: Mapped[float | None]
+    n_missing: Mapped[int] = mapped_column(default=0, server_default="0")
 
 
 class AuditLog(Base):
@@ -326,6 +331,9 @@ class AuditLog(Base):
     details: Mapped[dict[str, Any]] = mapped_column(default=dict)
     at: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)
 
+
+# the leaderboard statistics tables (services/leaderboard owns them) share this metadata
+from services.db.leaderboard_models import PairwiseTest, RankingEntry, RankStability, StatsRun  # noqa: E402
 
 __all__ = [
     "Aggregate",

@@ -1,0 +1,132 @@
+"""Tables of the leaderboard statistics (owned by ``services/leaderboard``; migration 0002_leaderboard).
+
+The per-submission summaries live in :class:`services.db.models.Aggregate`. The tables here hold the
+statistics that depend on *which* submissions are compared, so every row names its ``scope``:
+
+* ``all`` -- every scored or published submission of the test set (the organizers' view);
+* ``published`` -- only published submissions (imported baselines included): what the public,
+  analysts and inventors see.
+
+Every row is keyed by the test set and the protocol version (``protocol_key`` = "name@version")
+whose scores it summarises; a recomputation replaces the rows of one (test set, protocol, scope).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Mapped, mapped_column
+
+from services.db.base import Base, BigIntPK, PortableJSON, utcnow
+
+#: the two scopes of the comparative statistics
+SCOPES = ("published", "all")
+
+
+class StatsRun(Base):
+    """One recomputation of one (test set, protocol, scope, organ, metric): what went in, when.
+
+    ``details`` holds the settings (bootstrap resamples, seed, confidence, correction, alpha) and the
+    Kendall's tau summary of each bootstrapped ranking method.
+    """
+
+    __tablename__ = "stats_runs"
+    __table_args__ = (sa.UniqueConstraint("testset_id", "protocol_key", "scope", "organ", "metric"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    testset_id: Mapped[int] = mapped_column(sa.ForeignKey("testsets.id", ondelete="CASCADE"))
+    protocol_key: Mapped[str] = mapped_column(sa.String(160))
+    scope: Mapped[str] = mapped_column(sa.String(20))
+    organ: Mapped[str] = mapped_column(sa.String(50))
+    metric: Mapped[str] = mapped_column(sa.String(20))
+    n_submissions: Mapped[int]
+    n_cases: Mapped[int]
+    details: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    computed_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class RankingEntry(Base):
+    """Rank of one submission by one method (mean, median, rank-mean, test) within a scope."""
+
+    __tablename__ = "ranking_entries"
+    __table_args__ = (
+        sa.UniqueConstraint("testset_id", "protocol_key", "scope", "organ", "metric", "method", "submission_id"),
+        sa.Index("ix_ranking_entries_submission", "submission_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    testset_id: Mapped[int] = mapped_column(sa.ForeignKey("testsets.id", ondelete="CASCADE"))
+    protocol_key: Mapped[str] = mapped_column(sa.String(160))
+    scope: Mapped[str] = mapped_column(sa.String(20))
+    organ: Mapped[str] = mapped_column(sa.String(50))
+    metric: Mapped[str] = mapped_column(sa.String(20))
+    method: Mapped[str] = mapped_column(sa.String(20))
+    submission_id: Mapped[int] = mapped_column(sa.ForeignKey("submissions.id", ondelete="CASCADE"))
+    #: the ranked quantity: mean / median score, mean per-case rank, or share of significant wins
+    value: Mapped[float | None]
+    rank: Mapped[int]
+
+
+class PairwiseTest(Base):
+    """One-sided paired Wilcoxon signed-rank test "A better than B" on their common cases."""
+
+    __tablename__ = "pairwise_tests"
+    __table_args__ = (
+        sa.UniqueConstraint(
+            "testset_id", "protocol_key", "scope", "organ", "metric", "submission_a_id", "submission_b_id"
+        ),
+        sa.Index("ix_pairwise_tests_a", "submission_a_id"),
+        sa.Index("ix_pairwise_tests_b", "submission_b_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    testset_id: Mapped[int] = mapped_column(sa.ForeignKey("testsets.id", ondelete="CASCADE"))
+    protocol_key: Mapped[str] = mapped_column(sa.String(160))
+    scope: Mapped[str] = mapped_column(sa.String(20))
+    organ: Mapped[str] = mapped_column(sa.String(50))
+    metric: Mapped[str] = mapped_column(sa.String(20))
+    submission_a_id: Mapped[int] = mapped_column(sa.ForeignKey("submissions.id", ondelete="CASCADE"))
+    submission_b_id: Mapped[int] = mapped_column(sa.ForeignKey("submissions.id", ondelete="CASCADE"))
+    n_common: Mapped[int]
+    statistic: Mapped[float | None]
+    p_value: Mapped[float | None]
+    p_adjusted: Mapped[float | None]
+    significant: Mapped[bool]
+    #: mean of x_A - x_B over the common cases (metric units)
+    mean_difference: Mapped[float | None]
+    #: e.g. "wilcoxon-signed-rank, one-sided, normal approx. with continuity correction; holm"
+    method: Mapped[str] = mapped_column(sa.String(200))
+
+
+class RankStability(Base):
+    """Bootstrap rank distribution of one submission for one ranking method within a scope."""
+
+    __tablename__ = "rank_stability"
+    __table_args__ = (
+        sa.UniqueConstraint("testset_id", "protocol_key", "scope", "organ", "metric", "method", "submission_id"),
+        sa.Index("ix_rank_stability_submission", "submission_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    testset_id: Mapped[int] = mapped_column(sa.ForeignKey("testsets.id", ondelete="CASCADE"))
+    protocol_key: Mapped[str] = mapped_column(sa.String(160))
+    scope: Mapped[str] = mapped_column(sa.String(20))
+    organ: Mapped[str] = mapped_column(sa.String(50))
+    metric: Mapped[str] = mapped_column(sa.String(20))
+    method: Mapped[str] = mapped_column(sa.String(20))
+    submission_id: Mapped[int] = mapped_column(sa.ForeignKey("submissions.id", ondelete="CASCADE"))
+    full_rank: Mapped[int]
+    mean_rank: Mapped[float]
+    median_rank: Mapped[float]
+    rank_ci_low: Mapped[float]
+    rank_ci_high: Mapped[float]
+    #: share of bootstrap samples in which it ranks first
+    p_best: Mapped[float]
+    #: rank_counts[r - 1] = bootstrap samples in which it has rank r (r = 1..K)
+    rank_counts: Mapped[list[int]] = mapped_column(PortableJSON, default=list)
+    n_resamples: Mapped[int]
+
+
+__all__ = ["PairwiseTest", "RankStability", "RankingEntry", "SCOPES", "StatsRun"]
