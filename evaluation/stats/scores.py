@@ -242,6 +242,8 @@ def score_matrices_from_long(
         organs = [o for o in ORGANS if o in present] + sorted(present - set(ORGANS))
 
     failed_col = "failed" in frame.columns
+    if failed_col:  # bool flag; an empty cell means not failed
+        frame["failed_flag"] = [1.0 if (pd.notna(v) and bool(v)) else 0.0 for v in frame["failed"]]
     out: dict[tuple[str, str], ScoreMatrix] = {}
     for organ in organs:
         part = frame[frame["organ"] == organ]
@@ -253,12 +255,12 @@ def score_matrices_from_long(
             )
             failed = None
             if failed_col:
-                failed = (
-                    part.pivot(index="algorithm", columns="case_id", values="failed")
+                flags = (
+                    part.pivot(index="algorithm", columns="case_id", values="failed_flag")
                     .reindex(index=algorithms, columns=case_ids)
-                    .fillna(False)
-                    .to_numpy(dtype=bool)
+                    .to_numpy(dtype=np.float64)
                 )
+                failed = np.nan_to_num(flags, nan=0.0) > 0
             out[(organ, metric)] = ScoreMatrix(
                 organ=organ,
                 metric=metric,
