@@ -39,6 +39,8 @@ from worker.runtime.base import (
     RunSpec,
 )
 
+#: every loaded submission image is tagged <LOADED_REPOSITORY>:<hex digest>, and nothing else
+LOADED_REPOSITORY = "touchstone-loaded/image"
 #: how long to wait for a killed container to be reported as exited
 KILL_GRACE_S = 30.0
 
@@ -137,10 +139,14 @@ class DockerRuntime(ContainerRuntime):
         if not loaded_ids:
             raise ImageRejected(FailureReason.image_load_failed("the engine reported no image in it"))
         info = self.inspect_image(loaded_ids[0])
+        # our own tag first: an image whose last tag is removed is deleted by the engine
+        self.client.api.tag(info.image_id, LOADED_REPOSITORY, info.image_id.split(":")[-1])
         for tag in tags:
             if tag in preexisting and preexisting[tag] != info.image_id:
-                # The load moved a tag from another image: put nothing back silently, say so.
-                self._untag(tag)
+                # The load moved a tag away from another image: give the tag back, drop the upload.
+                repository, _, version = tag.rpartition(":")
+                self.client.api.tag(preexisting[tag], repository, version)
+                self.remove_image(info.image_id)
                 raise ImageRejected(FailureReason.image_load_failed(
                     f"its tag {tag!r} names another image on this worker; save the image under a unique tag"))
             if tag not in preexisting:
