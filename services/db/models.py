@@ -228,7 +228,11 @@ class Shard(Base):
     worker_hostname: Mapped[str | None] = mapped_column(sa.String(255))
     container_id: Mapped[str | None] = mapped_column(sa.String(128))
     started_at: Mapped[dt.datetime | None]
+    #: last sign of life of the worker running this shard (the reaper retries a stale one)
+    heartbeat_at: Mapped[dt.datetime | None]
     finished_at: Mapped[dt.datetime | None]
+    #: seconds the container of the latest attempt ran (container compute time)
+    run_seconds: Mapped[float | None]
     exit_code: Mapped[int | None]
     peak_memory_bytes: Mapped[int | None] = mapped_column(sa.BigInteger)
     gpu_memory_peak_bytes: Mapped[int | None] = mapped_column(sa.BigInteger)
@@ -254,6 +258,8 @@ class CaseRun(Base):
     #: ok | timeout | missing_output | error
     status: Mapped[str] = mapped_column(sa.String(32))
     detail: Mapped[str | None] = mapped_column(sa.Text)
+    #: seconds spent scoring this case (all organs)
+    scoring_seconds: Mapped[float | None]
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
 

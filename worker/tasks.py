@@ -1,0 +1,687 @@
+"""The Celery tasks: validate → validate_run → infer_shard (per shard) → score (per batch) → finalize,
+and the reaper. Every state change of a submission goes through :func:`services.db.states.transition`.
+
+========================  =====  ==============================================================
+task                      queue  does
+========================  =====  ==============================================================
+touchstone.validate       cpu    received → validating; load the image, record its digest, check
+                                 architecture (amd64) and size; enqueue validate_run
+touchstone.validate_run   gpu    run the image on the public sample under the full sandbox; check
+                                 the outputs; store the log (inventors see it); → queued, cut the
+                                 hidden cases into shards, enqueue infer_shard per shard
+touchstone.infer_shard    gpu    stage the shard's unscored cases, run the container, record
+                                 CaseRuns and the shard's resources; enqueue score batches
+touchstone.score          cpu    score a batch of cases (missing/invalid: the protocol's worst
+                                 score) with INSERT ... ON CONFLICT DO NOTHING; enqueue finalize
+                                 when the last case is scored
+touchstone.finalize       cpu    evaluating → scored; call the statistics entry point
+touchstone.reap           cpu    shards running without a heartbeat: retry (or fail the
+                                 submission after ``max_attempts``)
+========================  =====  ==============================================================
+
+Every task is idempotent: it locks its row, re-reads the state and does nothing when the work is
+done or no longer wanted, so a redelivered message (acks_late), a reaper retry and a duplicate
+all end in the same database.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+from services.config import get_settings
+from services.db.base import utcnow
+from services.db.enums import ShardState
+from services.db.enums import SubmissionState as S
+from services.db.models import AuditLog, Case, CaseRun, Shard, Submission, TestSet
+from services.db.session import get_sessionmaker, session_scope
+from services.db.states import transition
+from services.storage import Storage
+from worker import pipeline
+from worker.app import CPU_QUEUE, GPU_QUEUE, app, worker_settings
+from worker.outputs import check_outputs
+from worker.runtime.base import (
+    ContainerRuntime,
+    FailureCode,
+    FailureReason,
+    ImageInfo,
+    ImageRejected,
+    ResourceLimits,
+    RunResult,
+    RunSpec,
+    check_image,
+    per_case_wall_times,
+)
+from worker.sandbox import prepare_output_dir, shard_time_limit
+from worker.staging import StagingError, stage_shard
+
+log = logging.getLogger("touchstone.worker")
+
+VALIDATION_SHARD_LABEL = "validation"
+RUNS_DIR = "runs"
+
+_runtime: ContainerRuntime | None = None
+_runtime_lock = threading.Lock()
+
+
+def get_runtime() -> ContainerRuntime:
+    """The process's container runtime (the Docker engine), created on first use."""
+    global _runtime
+    with _runtime_lock:
+        if _runtime is None:
+            from worker.runtime.docker import DockerRuntime
+
+            _runtime = DockerRuntime()
+        return _runtime
+
+
+def set_runtime(runtime: ContainerRuntime | None) -> None:
+    """Replace the runtime (unit tests use a fake)."""
+    global _runtime
+    with _runtime_lock:
+        _runtime = runtime
+
+
+# --------------------------------------------------------------------------------------------
+# small helpers
+# --------------------------------------------------------------------------------------------
+def _storage_root() -> Path:
+    return Path(get_settings().storage_dir).resolve()  # type: ignore[arg-type]
+
+
+def _fresh_run_dir(submission_id: int, part: str) -> Path:
+    """``runs/submission-<id>/<part>/<utc time>-<random>``: one folder per attempt, never reused."""
+    stamp = utcnow().strftime("%Y%m%dT%H%M%S")
+    path = _storage_root() / RUNS_DIR / f"submission-{submission_id}" / part / f"{stamp}-{uuid.uuid4().hex[:8]}"
+    path.mkdir(parents=True, exist_ok=False)
+    return path
+
+
+def _relative(path: Path) -> str:
+    return path.resolve().relative_to(_storage_root()).as_posix()
+
+
+def _audit(session, action: str, submission_id: int, **details: Any) -> None:
+    session.add(AuditLog(actor_id=None, action=action, target=f"submission:{submission_id}", details=details))
+
+
+@dataclass(frozen=True)
+class _ImageSource:
+    submission_id: int
+    image_digest: str | None
+    image_path: str | None
+    image_ref: str | None
+
+
+def _image_source(sub: Submission) -> _ImageSource:
+    return _ImageSource(sub.id, sub.image_digest, sub.image_path, sub.image_ref)
+
+
+def ensure_image(runtime: ContainerRuntime, source: _ImageSource) -> ImageInfo:
+    """The submission's image on this worker's engine: found by its recorded digest, else loaded
+    from the uploaded tarball in (shared) storage, else found by its reference."""
+    if source.image_digest:
+        try:
+            return runtime.inspect_image(source.image_digest)
+        except ImageRejected:
+            pass  # not loaded on this node yet
+    if source.image_path:
+        tarball = Storage.from_settings().path(source.image_path)
+        info = runtime.load_image(tarball)
+        if source.image_digest and info.image_id != source.image_digest:
+            raise ImageRejected(FailureReason.image_load_failed(
+                f"the stored tarball now holds image {info.image_id}, not the validated {source.image_digest}"))
+        return info
+    if source.image_ref:
+        return runtime.inspect_image(source.image_ref)
+    raise ImageRejected(FailureReason.image_load_failed("the submission has neither an uploaded tarball nor an image reference"))
+
+
+def _limits(testset: TestSet) -> ResourceLimits:
+    wsettings = worker_settings()
+    memory = int(testset.memory_bytes)
+    return ResourceLimits(
+        memory_bytes=memory,
+        cpus=wsettings.container_cpus,
+        pids=int(testset.pids_limit),
+        shm_bytes=int(testset.shm_bytes),
+        tmp_bytes=min(ResourceLimits.tmp_bytes, memory),
+    )
+
+
+def _gpu_ids(testset: TestSet) -> tuple[str, ...] | None:
+    ids = worker_settings().gpu_ids
+    if not ids or testset.gpus <= 0:
+        return None
+    return ids[: testset.gpus]
+
+
+def _gone(state: S | str) -> bool:
+    return S(state) in (S.cancelled, S.failed)
+
+
+def supervised_run(runtime: ContainerRuntime, spec: RunSpec, submission_id: int,
+                   shard_id: int | None = None, owner: str | None = None) -> RunResult:
+    """``runtime.run(spec)`` with a watcher thread that, every ``cancel_poll_s`` seconds, kills the
+    container when the submission was cancelled (or failed) and, for a shard, writes its heartbeat
+    every ``heartbeat_s`` seconds -- and kills the container when the shard is no longer ours
+    (the reaper gave it to another worker)."""
+    wsettings = worker_settings()
+    stop = threading.Event()
+    make_session = get_sessionmaker()
+
+    def watch() -> None:
+        last_beat = time.monotonic()
+        while not stop.wait(wsettings.cancel_poll_s):
+            try:
+                with make_session() as session:
+                    state = session.scalar(sa.select(Submission.state).where(Submission.id == submission_id))
+                    if state is None or _gone(state):
+                        runtime.cancel(spec.submission_id, spec.shard_id)
+                        continue
+                    if shard_id is not None and owner and time.monotonic() - last_beat >= wsettings.heartbeat_s:
+                        last_beat = time.monotonic()
+                        if not pipeline.beat(session, shard_id, owner):
+                            log.warning("shard %s is no longer owned by %s; stopping its container", shard_id, owner)
+                            runtime.cancel(spec.submission_id, spec.shard_id)
+            except Exception:  # noqa: BLE001 - the watcher must outlive a database hiccup
+                log.exception("watcher of submission %s", submission_id)
+
+    watcher = threading.Thread(target=watch, name=f"touchstone-watch-{submission_id}", daemon=True)
+    watcher.start()
+    try:
+        return runtime.run(spec)
+    finally:
+        stop.set()
+        watcher.join(timeout=5)
+
+
+# --------------------------------------------------------------------------------------------
+# validate (cpu): the image itself
+# --------------------------------------------------------------------------------------------
+@app.task(name="touchstone.validate")
+def validate(submission_id: int) -> str:
+    with session_scope() as session:
+        sub = pipeline.lock_submission(session, submission_id)
+        if sub is None:
+            log.warning("validate: no submission %s", submission_id)
+            return "missing"
+        if sub.state is S.received:
+            transition(sub, S.validating)
+        elif sub.state is not S.validating:
+            return f"skipped: submission is {sub.state.value}"
+        source = _image_source(sub)
+    runtime = get_runtime()
+    info: ImageInfo | None = None
+    try:
+        info = ensure_image(runtime, source)
+        failure = check_image(info, worker_settings().max_image_bytes)
+    except ImageRejected as exc:
+        failure = exc.reason
+    with session_scope() as session:
+        sub = pipeline.lock_submission(session, submission_id)
+        if sub is None or sub.state is not S.validating:
+            return "skipped: no longer validating"
+        if failure is not None:
+            pipeline.fail_submission(session, sub, failure.message)
+            _audit(session, "submission.validate.rejected", submission_id, code=failure.code.value)
+        else:
+            assert info is not None
+            sub.image_digest = info.image_id
+            sub.validation_log = (
+                f"image {info.image_id}: {info.os}/{info.architecture}, {info.size_bytes / 2**20:.1f} MiB "
+                f"uncompressed, declared user {info.user or 'root'!r} (runs as nobody)\n"
+            )
+            _audit(session, "submission.validate.image", submission_id, digest=info.image_id,
+                   architecture=info.architecture, os=info.os, size_bytes=info.size_bytes, user=info.user)
+    if failure is not None:
+        if info is not None:
+            runtime.remove_image(info.image_id)
+        return f"failed: {failure.code.value}"
+    validate_run.apply_async(args=[submission_id], queue=GPU_QUEUE)
+    return "image accepted"
+
+
+# --------------------------------------------------------------------------------------------
+# validate_run (gpu): the public sample
+# --------------------------------------------------------------------------------------------
+def _public_sample_failure(result: RunResult, report) -> FailureReason | None:
+    if result.failure is not None:
+        return result.failure
+    bad = [out for out in report.cases.values() if out.status != "ok"]
+    if not bad:
+        return report.failure()
+    if all(out.status == "missing" for out in report.cases.values()):
+        return FailureReason.no_output()
+    first = bad[0]
+    more = f" (and {len(bad) - 1} more case(s))" if len(bad) > 1 else ""
+    if first.status == "missing":
+        return FailureReason(FailureCode.NO_OUTPUT, f"No prediction for public case {first.case_id} ({first.reason}){more}; "
+                             "write an output for every case listed in /input/cases.json.")
+    return FailureReason.invalid_output(f"case {first.case_id}: {first.reason}{more}")
+
+
+def _format_log(title: str, result: RunResult, report=None) -> str:
+    lines = [f"== {title}", f"exit code {result.exit_code}, {result.duration_s:.1f} s"
+             + (f", peak memory {result.peak_memory_bytes / 2**20:.0f} MiB" if result.peak_memory_bytes else "")]
+    if result.failure is not None:
+        lines.append(f"run: {result.failure.message}")
+    if report is not None:
+        for out in report.cases.values():
+            lines.append(f"case {out.case_id}: {out.status}" + (f" -- {out.reason}" if out.reason else ""))
+        if report.unexpected:
+            lines.append("ignored at the top of /output: " + ", ".join(report.unexpected[:10]))
+    lines.append("== container log (tail)")
+    lines.append(result.log_tail.rstrip())
+    return "\n".join(lines) + "\n"
+
+
+@app.task(name="touchstone.validate_run")
+def validate_run(submission_id: int) -> str:
+    with session_scope() as session:
+        sub = pipeline.lock_submission(session, submission_id)
+        if sub is None or sub.state is not S.validating:
+            return "skipped: not validating"
+        testset = sub.testset
+        cases = [(c.case_id, Path(c.image_path)) for c in pipeline.public_cases(session, testset.id)]
+        source = _image_source(sub)
+        per_case_s, limits, gpus = testset.time_per_case_s, _limits(testset), _gpu_ids(testset)
+    runtime = get_runtime()
+    failure: FailureReason | None = None
+    run_log = ""
+    cancelled = False
+    try:
+        info = ensure_image(runtime, source)
+    except ImageRejected as exc:
+        info, failure = None, exc.reason
+    if info is not None and cases:
+        workdir = _fresh_run_dir(submission_id, VALIDATION_SHARD_LABEL)
+        try:
+            staged = stage_shard(cases, workdir / "input")
+            output = prepare_output_dir(workdir / "output")
+            spec = RunSpec(
+                image=info.image_id, input_dir=staged.input_dir, output_dir=output,
+                time_limit_s=shard_time_limit(per_case_s, len(cases), worker_settings().startup_s),
+                limits=limits, gpu_device_ids=gpus, submission_id=str(submission_id),
+                shard_id=VALIDATION_SHARD_LABEL, extra_input_mounts=staged.mounts,
+                case_ids=staged.case_ids, image_volumes=info.volumes,
+            )
+            result = supervised_run(runtime, spec, submission_id)
+            cancelled = result.cancelled
+            report = check_outputs(output, dict(cases))
+            failure = _public_sample_failure(result, report)
+            run_log = _format_log(f"public sample ({len(cases)} case(s))", result, report)
+        finally:
+            shutil.rmtree(workdir / "input", ignore_errors=True)
+
+    with session_scope() as session:
+        sub = pipeline.lock_submission(session, submission_id)
+        if sub is None or sub.state is not S.validating:
+            return "skipped: no longer validating"
+        sub.validation_log = (sub.validation_log or "") + run_log
+        if cancelled:
+            return "cancelled"
+        if failure is not None:
+            pipeline.fail_submission(session, sub, f"Validation on the public sample failed: {failure.message}")
+            _audit(session, "submission.validate.failed", submission_id, code=failure.code.value)
+            return f"failed: {failure.code.value}"
+        transition(sub, S.queued)
+        shards = pipeline.create_shards(session, sub, sub.testset)
+        pending = [s.id for s in shards if s.state is ShardState.pending]
+        ready = not shards
+    for shard_id in pending:
+        infer_shard.apply_async(args=[shard_id], queue=GPU_QUEUE)
+    if ready:
+        finalize.apply_async(args=[submission_id], queue=CPU_QUEUE)
+    return f"queued {len(pending)} shard(s)"
+
+
+# --------------------------------------------------------------------------------------------
+# infer_shard (gpu)
+# --------------------------------------------------------------------------------------------
+def _case_status(out_status: str, run_failure: FailureReason | None) -> tuple[str, str]:
+    """(CaseRun status, Score status) of one case's output."""
+    if out_status == "ok":
+        return "ok", "ok"
+    if out_status == "invalid":
+        return "invalid_output", "invalid_prediction"
+    if run_failure is not None and run_failure.code is FailureCode.TIME_LIMIT:
+        return "timeout", "missing_prediction"
+    return "missing_output", "missing_prediction"
+
+
+@app.task(name="touchstone.infer_shard", bind=True, max_retries=None)
+def infer_shard(self, shard_id: int) -> str:
+    wsettings = worker_settings()
+    owner = pipeline.owner_token()
+    now = utcnow()
+    rescore: list[list[Any]] = []
+    with session_scope() as session:
+        shard = pipeline.lock_shard(session, shard_id)
+        if shard is None:
+            return "missing"
+        sub = pipeline.lock_submission(session, shard.submission_id)
+        assert sub is not None
+        if sub.state not in pipeline.ACTIVE_STATES:
+            if shard.state not in pipeline.TERMINAL_SHARD_STATES:
+                shard.state, shard.finished_at = ShardState.cancelled, now
+            return f"skipped: submission is {sub.state.value}"
+        if shard.state in pipeline.TERMINAL_SHARD_STATES:
+            return f"skipped: shard is {shard.state.value}"
+        if shard.state is ShardState.running and not pipeline.owner_is_gone(
+                shard.worker_hostname, shard.heartbeat_at, now, wsettings.stale_after_s):
+            # another live worker runs it (a duplicate delivery): look again later
+            raise self.retry(countdown=max(wsettings.heartbeat_s, 1.0))
+        if shard.attempts >= wsettings.max_attempts:
+            reason = (f"Shard {shard.index} could not be completed in {shard.attempts} attempts "
+                      f"(last: {shard.failure_reason or 'the worker running it was lost'}); an organizer can re-run it.")
+            shard.state, shard.finished_at, shard.failure_reason = ShardState.failed, now, reason
+            pipeline.fail_submission(session, sub, reason)
+            return "failed: attempts exhausted"
+        testset = sub.testset
+        cases = pipeline.cases_by_id(session, testset.id, shard.case_ids)
+        done = pipeline.scored_case_pks(session, sub.id, testset.protocol_key, [c.id for c in cases.values()])
+        # cases predicted by an earlier attempt but not scored yet: score them, do not run them again
+        earlier = {r.case_id: r for r in session.scalars(
+            sa.select(CaseRun).where(CaseRun.submission_id == sub.id, CaseRun.case_id.in_([c.id for c in cases.values()])))}
+        to_run: list[Case] = []
+        for case_id in shard.case_ids:
+            case = cases[case_id]
+            if case.id in done:
+                continue
+            run = earlier.get(case.id)
+            if run is not None and run.status == "ok" and run.detail and (_storage_root() / run.detail).is_dir():
+                rescore.append([case.id, case.case_id, "ok", None, run.detail])
+                continue
+            to_run.append(case)
+        if not to_run:
+            shard.state, shard.finished_at = ShardState.succeeded, now
+            ready = pipeline.advance(session, sub)
+            work = None
+        else:
+            shard.state = ShardState.running
+            shard.attempts += 1
+            shard.worker_hostname = owner
+            shard.started_at = shard.heartbeat_at = now
+            shard.finished_at = None
+            shard.failure_reason = None
+            if sub.state in (S.queued, S.evaluating):
+                transition(sub, S.running)
+            work = dict(
+                submission_id=sub.id, index=shard.index, attempt=shard.attempts,
+                cases=[(c.id, c.case_id, Path(c.image_path)) for c in to_run],
+                source=_image_source(sub), per_case_s=testset.time_per_case_s,
+                limits=_limits(testset), gpus=_gpu_ids(testset),
+            )
+            ready = False
+    _enqueue_scoring(shard.submission_id, shard_id, rescore)
+    if work is None:
+        if ready:
+            finalize.apply_async(args=[shard.submission_id], queue=CPU_QUEUE)
+        return "nothing to run"
+    return _run_shard(shard_id, owner, **work)
+
+
+def _run_shard(shard_id: int, owner: str, *, submission_id: int, index: int, attempt: int,
+               cases: list[tuple[int, str, Path]], source: _ImageSource, per_case_s: float,
+               limits: ResourceLimits, gpus: tuple[str, ...] | None) -> str:
+    runtime = get_runtime()
+    label = f"shard-{index}"
+    # an earlier attempt's container may still run on this node (its worker was killed): stop it
+    runtime.cancel(str(submission_id), label)
+    workdir = _fresh_run_dir(submission_id, label)
+    try:
+        try:
+            info = ensure_image(runtime, source)
+            staged = stage_shard([(case_id, ct) for _, case_id, ct in cases], workdir / "input")
+            output = prepare_output_dir(workdir / "output")
+        except (ImageRejected, StagingError, OSError) as exc:
+            return _shard_error(shard_id, owner, f"could not prepare the run: {exc}")
+        spec = RunSpec(
+            image=info.image_id, input_dir=staged.input_dir, output_dir=output,
+            time_limit_s=shard_time_limit(per_case_s, len(cases), worker_settings().startup_s),
+            limits=limits, gpu_device_ids=gpus, submission_id=str(submission_id), shard_id=label,
+            extra_input_mounts=staged.mounts, case_ids=staged.case_ids, image_volumes=info.volumes,
+        )
+        try:
+            result = supervised_run(runtime, spec, submission_id, shard_id, owner)
+        except Exception as exc:  # noqa: BLE001 - the engine failed us: retry the shard
+            log.exception("shard %s: container run failed", shard_id)
+            return _shard_error(shard_id, owner, f"the container engine failed ({exc})")
+    finally:
+        shutil.rmtree(workdir / "input", ignore_errors=True)
+
+    if result.failure is not None and result.failure.code is FailureCode.RUNTIME_ERROR:
+        return _shard_error(shard_id, owner, result.failure.message)
+    cts = {case_id: ct for _, case_id, ct in cases}
+    report = check_outputs(output, cts)
+    wall = per_case_wall_times(result.output_seen_s)
+    items: list[list[Any]] = []
+    with session_scope() as session:
+        shard = pipeline.lock_shard(session, shard_id)
+        sub = pipeline.lock_submission(session, submission_id)
+        assert shard is not None and sub is not None
+        if shard.worker_hostname != owner or shard.state is not ShardState.running:
+            return "abandoned: the shard was given to another worker"
+        if result.cancelled or sub.state not in pipeline.ACTIVE_STATES:
+            shard.state, shard.finished_at = ShardState.cancelled, utcnow()
+            shard.log_tail, shard.run_seconds, shard.exit_code = result.log_tail, result.duration_s, result.exit_code
+            return "cancelled"
+        for case_pk, case_id, _ in cases:
+            out = report.cases[case_id]
+            run_status, score_status = _case_status(out.status, result.failure)
+            detail = out.reason or (result.failure.message if result.failure else None)
+            prediction = _relative(output / case_id) if out.status == "ok" else None
+            pipeline.upsert_case_run(session, submission_id, case_pk, shard_id, run_status,
+                                     prediction if prediction else detail,
+                                     wall.get(case_id) if out.status == "ok" else None)
+            items.append([case_pk, case_id, score_status, detail if score_status != "ok" else None, prediction])
+        failure = result.failure or report.failure()
+        shard.state = ShardState.succeeded if failure is None else ShardState.failed
+        shard.finished_at = utcnow()
+        shard.run_seconds = result.duration_s
+        shard.exit_code = result.exit_code
+        shard.peak_memory_bytes = result.peak_memory_bytes
+        if result.gpu is not None:
+            shard.gpu_memory_peak_bytes = result.gpu.peak_bytes
+            shard.gpu_memory_auc = result.gpu.area_byte_s
+        shard.log_tail = result.log_tail  # hidden cases: organizers only
+        shard.failure_reason = failure.message if failure else None
+        ready = pipeline.advance(session, sub)
+    _enqueue_scoring(submission_id, shard_id, items)
+    if ready:
+        finalize.apply_async(args=[submission_id], queue=CPU_QUEUE)
+    return f"ran {len(cases)} case(s) in attempt {attempt}: {len(report.ok_cases)} ok"
+
+
+def _shard_error(shard_id: int, owner: str, message: str) -> str:
+    """Our side failed (engine, staging): give the shard back as pending and retry it (the attempt
+    counter bounds the retries)."""
+    with session_scope() as session:
+        shard = pipeline.lock_shard(session, shard_id)
+        if shard is None or shard.worker_hostname != owner or shard.state is not ShardState.running:
+            return "abandoned"
+        shard.state, shard.failure_reason, shard.worker_hostname = ShardState.pending, message, None
+    infer_shard.apply_async(args=[shard_id], queue=GPU_QUEUE, countdown=5)
+    return f"retrying: {message}"
+
+
+def _enqueue_scoring(submission_id: int, shard_id: int, items: Sequence[list[Any]]) -> None:
+    size = worker_settings().score_batch_size
+    for start in range(0, len(items), size):
+        score.apply_async(args=[submission_id, shard_id, list(items[start : start + size])], queue=CPU_QUEUE)
+
+
+# --------------------------------------------------------------------------------------------
+# score (cpu)
+# --------------------------------------------------------------------------------------------
+_protocols: dict[str, Any] = {}
+
+
+def protocol_of(testset: TestSet):
+    """The test set's protocol, as stored with it (``protocol_json``), else the preset by key."""
+    key = testset.protocol_key
+    if key not in _protocols:
+        from evaluation.protocols import Protocol, load_protocol
+
+        try:
+            _protocols[key] = Protocol.from_dict(testset.protocol_json)
+        except Exception:  # noqa: BLE001 - an old row without the full description
+            _protocols[key] = load_protocol(testset.protocol_name)
+    return _protocols[key]
+
+
+def worst_rows(protocol, status: str, detail: str | None) -> list[pipeline.ScoreValues]:
+    """The protocol's worst score for every organ (a missing or invalid prediction)."""
+    worst = protocol.worst
+    return [
+        pipeline.ScoreValues(organ=organ, status=status, detail=detail,
+                             **{m: (worst.get(m) if m in protocol.metrics else None) for m in ("dsc", "nsd", "hd95", "assd")})
+        for organ in protocol.organs
+    ]
+
+
+def prediction_rows(case: Case, prediction_dir: Path, protocol) -> list[pipeline.ScoreValues]:
+    """Score one prediction against the case's labels (evaluation.scoring; it never raises for a
+    bad prediction, it answers the worst score and a status)."""
+    from evaluation.scoring import score_case
+
+    rows = score_case(case.case_id, Path(case.labels_path), prediction_dir, protocol)
+    return [
+        pipeline.ScoreValues(organ=r.organ, dsc=getattr(r, "dsc", None), nsd=getattr(r, "nsd", None),
+                             hd95=getattr(r, "hd95", None), assd=getattr(r, "assd", None),
+                             status=getattr(r, "status", "ok") or "ok", detail=getattr(r, "detail", None))
+        for r in rows
+    ]
+
+
+@app.task(name="touchstone.score")
+def score(submission_id: int, shard_id: int | None, items: list[list[Any]]) -> str:
+    """Score ``items`` = [case pk, case id, status, detail, prediction folder relative to storage]."""
+    written = 0
+    with session_scope() as session:
+        sub = session.get(Submission, submission_id)
+        if sub is None or sub.state not in pipeline.ACTIVE_STATES:
+            return "skipped"
+        testset = sub.testset
+        protocol = protocol_of(testset)
+        key = testset.protocol_key
+        done = pipeline.scored_case_pks(session, submission_id, key, [item[0] for item in items])
+        cases = {c.id: c for c in session.scalars(sa.select(Case).where(Case.id.in_([item[0] for item in items])))}
+    for case_pk, case_id, status, detail, prediction in items:
+        if case_pk in done:
+            continue  # scored by an earlier delivery: never scored twice
+        started = time.perf_counter()
+        if status == "ok" and prediction:
+            rows = prediction_rows(cases[case_pk], _storage_root() / prediction, protocol)
+        else:
+            rows = worst_rows(protocol, status, detail)
+        seconds = time.perf_counter() - started
+        with session_scope() as session:
+            written += pipeline.insert_scores_ignore(session, submission_id, case_pk, key, rows)
+            session.execute(sa.update(CaseRun).where(CaseRun.submission_id == submission_id, CaseRun.case_id == case_pk)
+                            .values(scoring_seconds=seconds).execution_options(synchronize_session=False))
+    with session_scope() as session:
+        sub = pipeline.lock_submission(session, submission_id)
+        ready = sub is not None and pipeline.advance(session, sub)
+    if ready:
+        finalize.apply_async(args=[submission_id], queue=CPU_QUEUE)
+    return f"{written} score row(s)"
+
+
+# --------------------------------------------------------------------------------------------
+# finalize (cpu)
+# --------------------------------------------------------------------------------------------
+def call_statistics(submission_id: int) -> str:
+    """The statistics entry point, ``services.leaderboard.on_submission_scored(session, id)``,
+    through a seam: when it does not exist (yet), say so and go on; when it fails, the
+    submission stays scored and the statistics can be recomputed."""
+    try:
+        from services.leaderboard import on_submission_scored  # type: ignore[attr-defined]
+    except ImportError as exc:
+        log.warning("statistics entry point services.leaderboard.on_submission_scored is unavailable (%s)", exc)
+        return "statistics unavailable"
+    try:
+        with session_scope() as session:
+            on_submission_scored(session, submission_id)
+    except Exception:  # noqa: BLE001 - statistics must not undo a finished evaluation
+        log.exception("statistics of submission %s failed", submission_id)
+        return "statistics failed"
+    return "statistics done"
+
+
+@app.task(name="touchstone.finalize")
+def finalize(submission_id: int) -> str:
+    with session_scope() as session:
+        sub = pipeline.lock_submission(session, submission_id)
+        if sub is None:
+            return "missing"
+        if not pipeline.advance(session, sub):
+            return f"not ready ({sub.state.value})"
+        transition(sub, S.scored)
+        _audit(session, "submission.scored", submission_id)
+    return "scored; " + call_statistics(submission_id)
+
+
+# --------------------------------------------------------------------------------------------
+# reap (cpu)
+# --------------------------------------------------------------------------------------------
+@app.task(name="touchstone.reap")
+def reap() -> str:
+    """Retry the shards whose worker vanished: running with a heartbeat older than
+    ``stale_after_s``. A shard that used up ``max_attempts`` fails its submission."""
+    wsettings = worker_settings()
+    now = utcnow()
+    retried: list[int] = []
+    failed = 0
+    with session_scope() as session:
+        candidates = pipeline.stale_shards(session, now, wsettings.stale_after_s)
+    for shard_id in candidates:
+        with session_scope() as session:
+            shard = pipeline.lock_shard(session, shard_id)
+            if shard is None or shard.state is not ShardState.running or not pipeline.owner_is_gone(
+                    shard.worker_hostname, shard.heartbeat_at, utcnow(), wsettings.stale_after_s):
+                continue
+            sub = pipeline.lock_submission(session, shard.submission_id)
+            assert sub is not None
+            lost = f"the worker {shard.worker_hostname} running attempt {shard.attempts} stopped answering"
+            if sub.state not in pipeline.ACTIVE_STATES:
+                shard.state, shard.finished_at = ShardState.cancelled, now
+                continue
+            if shard.attempts >= wsettings.max_attempts:
+                reason = (f"Shard {shard.index} could not be completed in {shard.attempts} attempts ({lost}); "
+                          "an organizer can re-run the submission.")
+                shard.state, shard.finished_at, shard.failure_reason = ShardState.failed, now, reason
+                pipeline.fail_submission(session, sub, reason)
+                failed += 1
+                continue
+            shard.state, shard.worker_hostname, shard.failure_reason = ShardState.pending, None, lost
+            retried.append(shard_id)
+    for shard_id in retried:
+        infer_shard.apply_async(args=[shard_id], queue=GPU_QUEUE)
+    return f"retried {len(retried)}, failed {failed}"
+
+
+def submission_summary(submission_id: int) -> dict[str, Any]:
+    """State, shard states and score count of a submission (tests and the benchmark read it)."""
+    with session_scope() as session:
+        sub = session.get(Submission, submission_id)
+        if sub is None:
+            return {}
+        shards = list(session.scalars(sa.select(Shard).where(Shard.submission_id == submission_id)))
+        from services.db.models import Score
+
+        n_scores = session.scalar(sa.select(sa.func.count(Score.id)).where(Score.submission_id == submission_id)) or 0
+        return {"state": sub.state.value, "failure_reason": sub.failure_reason,
+                "shards": {s.index: s.state.value for s in shards}, "scores": n_scores,
+                "at": dt.datetime.now(dt.timezone.utc).isoformat()}
