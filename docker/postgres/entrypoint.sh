@@ -6,12 +6,12 @@ mkdir -p "$PGDATA" /run/postgresql
 chown -R postgres:postgres "$PGDATA" /run/postgresql
 if [ ! -s "$PGDATA/PG_VERSION" ]; then
   pwfile="$(mktemp)"; printf '%s' "${POSTGRES_PASSWORD:?set POSTGRES_PASSWORD}" > "$pwfile"; chown postgres "$pwfile"
-  su postgres -s /bin/sh -c "$BIN/initdb -D '$PGDATA' -U '${POSTGRES_USER:-postgres}' --pwfile='$pwfile' --auth-host=scram-sha-256 --auth-local=trust" >/dev/null
+  su postgres -s /bin/sh -c "$BIN/initdb -D '$PGDATA' -U '${POSTGRES_USER:-postgres}' --pwfile='$pwfile' --auth-host=scram-sha-256 --auth-local=trust"
   rm -f "$pwfile"
   echo "host all all 0.0.0.0/0 scram-sha-256" >> "$PGDATA/pg_hba.conf"
   su postgres -s /bin/sh -c "$BIN/pg_ctl -D '$PGDATA' -o \"-c listen_addresses=''\" -w start" >/dev/null
   if [ -n "${POSTGRES_DB:-}" ] && [ "${POSTGRES_DB}" != "postgres" ]; then
-    su postgres -s /bin/sh -c "psql -U '${POSTGRES_USER:-postgres}' -d postgres -qc 'create database \"${POSTGRES_DB}\"'"
+    su postgres -s /bin/sh -c "$BIN/psql -h /run/postgresql -p 5432 -U '${POSTGRES_USER:-postgres}' -d postgres -qc 'create database \"${POSTGRES_DB}\"'"
   fi
   su postgres -s /bin/sh -c "$BIN/pg_ctl -D '$PGDATA' -m fast -w stop" >/dev/null
 fi
