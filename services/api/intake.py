@@ -119,6 +119,8 @@ def check_docker_save_tar(path: Path) -> ImageTarInfo:
             extracted = archive.extractfile(manifest_member)
             raw = extracted.read() if extracted is not None else b""
     except tarfile.TarError as exc:
+        if "unexpected end" in str(exc) or "truncated" in str(exc):
+            raise IntakeError(f"the tar is truncated ({exc}); upload it again") from exc
         raise IntakeError(f"the upload is not a readable tar archive ({exc}); {hint}") from exc
     except (EOFError, OSError) as exc:
         raise IntakeError(f"the tar is truncated or unreadable ({exc}); upload it again") from exc

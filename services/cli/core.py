@@ -1,9 +1,260 @@
-"""CLI commands (see services/cli/main.py)."""
+"""Service CLI: ``touchstone db``, ``serve``, ``users``, ``testsets``, ``submit``, ``status``.
+
+``db``, ``users`` and ``testsets`` work on the database directly (run them on the server);
+``submit`` and ``status`` talk to the API (``--api``/``TOUCHSTONE_API_URL``, ``--token``/``TOUCHSTONE_TOKEN``).
+"""
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
 import typer
+from rich.console import Console
+
+console = Console()
+err = Console(stderr=True)
+
+db_app = typer.Typer(help="Database schema (Alembic migrations).", no_args_is_help=True)
+users_app = typer.Typer(help="Users and their API tokens.", no_args_is_help=True)
+testsets_app = typer.Typer(help="Test sets.", no_args_is_help=True)
+
+
+def _fail(message: str, code: int = 1) -> None:
+    err.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(code)
+
+
+# --- db ------------------------------------------------------------------------------------------
+@db_app.command("upgrade")
+def db_upgrade(revision: str = typer.Argument("head", help="target revision")) -> None:
+    """Migrate the database (TOUCHSTONE_DATABASE_URL) up to REVISION."""
+    from services.config import get_settings
+    from services.db import migrate
+
+    migrate.upgrade(revision)
+    console.print(f"database at revision {migrate.current_revision()} ({_safe_url(get_settings().database_url)})")
+
+
+@db_app.command("downgrade")
+def db_downgrade(revision: str = typer.Argument("-1", help="target revision ('base' empties the database)")) -> None:
+    """Migrate the database down to REVISION."""
+    from services.db import migrate
+
+    migrate.downgrade(revision)
+    console.print(f"database at revision {migrate.current_revision() or 'base'}")
+
+
+@db_app.command("current")
+def db_current() -> None:
+    """Print the database's revision and the newest one."""
+    from services.db import migrate
+
+    console.print(f"current {migrate.current_revision() or 'base'}, head {migrate.head_revision()}")
+
+
+def _safe_url(url: str | None) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(str(url)).render_as_string(hide_password=True)
+
+
+# --- serve -----------------------------------------------------------------------------------------
+def serve(
+    host: str = typer.Option("127.0.0.1", help="interface to listen on"),
+    port: int = typer.Option(8000, help="TCP port"),
+    workers: int = typer.Option(1, help="uvicorn worker processes"),
+) -> None:
+    """Run the API (OpenAPI docs at /docs)."""
+    import uvicorn
+
+    uvicorn.run("services.api.app:create_app", factory=True, host=host, port=port, workers=workers)
+
+
+# --- users -------------------------------------------------------------------------------------------
+@users_app.command("create")
+def users_create(
+    name: str,
+    role: str = typer.Option(..., "--role", help="organizer | inventor | analyst"),
+    team: Optional[str] = typer.Option(None, "--team", help="team name (created if new); inventors need one"),
+) -> None:
+    """Create a user and print its API token (shown this once only)."""
+    from services.db.accounts import AccountError, create_user
+    from services.db.enums import Role
+    from services.db.session import session_scope
+
+    try:
+        role_value = Role(role)
+    except ValueError:
+        _fail(f"unknown role {role!r}; use organizer, inventor or analyst")
+    try:
+        with session_scope() as session:
+            user, token = create_user(session, name, role_value, team)
+            user_id = user.id
+    except AccountError as exc:
+        _fail(str(exc))
+    console.print(f"created user {name} (id {user_id}, {role_value.value}{', team ' + team if team else ''})")
+    console.print("token (shown once, store it now):")
+    print(token)
+
+
+# --- testsets -----------------------------------------------------------------------------------------
+@testsets_app.command("import")
+def testsets_import(
+    name: str,
+    manifest: Path = typer.Option(..., "--manifest", help="manifest CSV (case_id,image,labels,hospital,...)"),
+    protocol: Optional[str] = typer.Option(None, "--protocol", help="protocol name or name@version"),
+    description: Optional[str] = typer.Option(None, "--description"),
+) -> None:
+    """Import a test set from a manifest (files are checksummed, with progress)."""
+    from rich.progress import Progress
+
+    from services.db.session import session_scope
+    from services.db.testsets import ManifestError, import_testset
+
+    try:
+        with session_scope() as session, Progress(console=err, transient=True) as progress:
+            task = progress.add_task("checksumming cases", total=None)
+            testset = import_testset(
+                session,
+                name,
+                manifest,
+                protocol=protocol,
+                description=description,
+                progress=lambda done, total: progress.update(task, completed=done, total=total),
+            )
+            summary = (testset.id, testset.protocol_key, len(testset.cases), sum(c.public_sample for c in testset.cases))
+    except ManifestError as exc:
+        _fail(str(exc))
+    console.print(
+        f"imported test set {name} (id {summary[0]}, protocol {summary[1]}): {summary[2]} cases, "
+        f"{summary[3]} in the public sample"
+    )
+
+
+# --- submit / status (API clients) -----------------------------------------------------------------
+def _api(api: str | None) -> str:
+    from services.config import get_settings
+
+    return (api or get_settings().api_url).rstrip("/")
+
+
+def _token(token: str | None) -> str:
+    token = token or os.environ.get("TOUCHSTONE_TOKEN")
+    if not token:
+        _fail("give --token or set TOUCHSTONE_TOKEN")
+    return token  # type: ignore[return-value]
+
+
+def _error_detail(response) -> str:
+    try:
+        return str(response.json().get("detail", response.text))
+    except (ValueError, AttributeError):
+        return response.text[:500]
+
+
+def submit(
+    image: str = typer.Argument(..., help="a `docker save` tarball (IMAGE.tar) or an image reference"),
+    algorithm: str = typer.Option(..., "--algorithm", help="your team's algorithm name"),
+    testset: str = typer.Option(..., "--testset", help="test set name"),
+    api: Optional[str] = typer.Option(None, "--api", help="API base URL (default TOUCHSTONE_API_URL)"),
+    token: Optional[str] = typer.Option(None, "--token", help="API token (default TOUCHSTONE_TOKEN)"),
+) -> None:
+    """Submit an image; a tarball is streamed (never read into memory) with a progress bar."""
+    import httpx
+
+    base, bearer = _api(api), _token(token)
+    headers = {"Authorization": f"Bearer {bearer}"}
+    params = {"algorithm": algorithm, "testset": testset}
+    path = Path(image)
+    try:
+        with httpx.Client(timeout=httpx.Timeout(60.0, read=None, write=None)) as client:
+            if path.is_file():
+                response = _stream_upload(client, f"{base}/api/v1/submissions", path, params, headers)
+            else:
+                response = client.post(
+                    f"{base}/api/v1/submissions", params=params, headers=headers,
+                    files={"image_ref": (None, image)},
+                )
+    except httpx.HTTPError as exc:
+        _fail(f"could not reach the API at {base}: {exc}")
+    if response.status_code != 202:
+        _fail(f"submission refused ({response.status_code}): {_error_detail(response)}")
+    body = response.json()
+    console.print(f"submission {body['id']} received (state {body['state']}); follow it with: touchstone status {body['id']}")
+
+
+def _stream_upload(client, url: str, path: Path, params: dict, headers: dict):
+    """POST ``path`` as multipart without loading it: the body is generated chunk by chunk."""
+    import uuid
+
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    boundary = uuid.uuid4().hex
+    fields = b"".join(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode() for k, v in params.items()
+    )
+    head = fields + (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{path.name}"\r\n'
+        "Content-Type: application/x-tar\r\n\r\n"
+    ).encode()
+    tail = f"\r\n--{boundary}--\r\n".encode()
+    size = path.stat().st_size
+
+    def body():
+        with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                      TransferSpeedColumn(), console=err, transient=True) as progress:
+            task = progress.add_task(f"uploading {path.name}", total=size)
+            yield head
+            with open(path, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    progress.advance(task, len(block))
+                    yield block
+            yield tail
+
+    request_headers = {
+        **headers,
+        "Content-Type": f"multipart/form-data; boundary={boundary}",
+        "Content-Length": str(len(head) + size + len(tail)),
+    }
+    return client.post(url, params=params, headers=request_headers, content=body())
+
+
+def status(
+    submission_id: int = typer.Argument(..., help="submission id"),
+    api: Optional[str] = typer.Option(None, "--api"),
+    token: Optional[str] = typer.Option(None, "--token"),
+    as_json: bool = typer.Option(False, "--json", help="print the raw JSON"),
+) -> None:
+    """Show a submission's state, timestamps and failure reason."""
+    import httpx
+
+    base, bearer = _api(api), _token(token)
+    try:
+        response = httpx.get(f"{base}/api/v1/submissions/{submission_id}", headers={"Authorization": f"Bearer {bearer}"})
+    except httpx.HTTPError as exc:
+        _fail(f"could not reach the API at {base}: {exc}")
+    if response.status_code != 200:
+        _fail(f"{response.status_code}: {_error_detail(response)}")
+    body = response.json()
+    if as_json:
+        print(json.dumps(body, indent=2))
+        return
+    console.print(f"submission {body['id']}: {body['algorithm']} ({body['team']}) on {body['testset']} -- [bold]{body['state']}[/bold]")
+    for state in ("received", "validating", "queued", "running", "evaluating", "scored", "published", "failed", "cancelled"):
+        if body.get(f"{state}_at"):
+            console.print(f"  {state:<11} {body[f'{state}_at']}")
+    if body.get("failure_reason"):
+        console.print(f"  reason: {body['failure_reason']}")
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the `touchstone` app."""
+    app.add_typer(db_app, name="db")
+    app.add_typer(users_app, name="users")
+    app.add_typer(testsets_app, name="testsets")
+    app.command("serve")(serve)
+    app.command("submit")(submit)
+    app.command("status")(status)

@@ -1,0 +1,226 @@
+"""The role matrix: every endpoint x every role (anonymous, organizer, inventor of team A, inventor of
+team B, analyst), on SQLite and PostgreSQL, and what each response contains: no other team's
+submission and no hidden per-case result may leak."""
+
+from __future__ import annotations
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from services.db.aggregates import compute_basic_aggregates
+from services.db.enums import SubmissionState
+from services.db.models import Algorithm, Case, Score, Submission
+from services.db.session import create_db_engine
+
+ROLES = ("anon", "inv_a", "inv_b", "ana", "org")
+
+
+@pytest.fixture
+def scene(world, settings):
+    """team A: a published and an unpublished scored submission; team B: a received one.
+    Every scored submission has scores on all 4 cases (1 public-sample) for 2 organs."""
+    engine = create_db_engine(str(settings.database_url), poolclass=sa.pool.NullPool)
+    with Session(engine) as s:
+        algos = {a.name: a for a in s.scalars(sa.select(Algorithm))}
+        cases = list(s.scalars(sa.select(Case).order_by(Case.id)))
+
+        def submission(algo: str, state: SubmissionState, sha: str) -> Submission:
+            a = algos[algo]
+            sub = Submission(algorithm_id=a.id, testset_id=world["testset_id"], team_id=a.team_id, state=state,
+                             image_sha256=sha * 64, validation_log=f"log of {algo} {state.value}")
+            s.add(sub)
+            s.flush()
+            return sub
+
+        published = submission("algo-a", SubmissionState.published, "a")
+        unpublished = submission("algo-a", SubmissionState.scored, "b")
+        other = submission("algo-b", SubmissionState.received, "c")
+        for sub, base in ((published, 0.9), (unpublished, 0.5)):
+            for case in cases:
+                for organ in ("liver", "spleen"):
+                    s.add(Score(submission_id=sub.id, case_id=case.id, organ=organ, protocol_key="touchstone@1",
+                                dsc=base - case.id * 0.01, nsd=base, status="ok"))
+            s.flush()
+            compute_basic_aggregates(s, sub.id)
+        s.commit()
+        ids = {"published": published.id, "unpublished": unpublished.id, "other": other.id,
+               "algo_a": algos["algo-a"].id, "algo_b": algos["algo-b"].id,
+               "inv_a_user": None}
+        ids["public_case"] = next(c.case_id for c in cases if c.public_sample)
+    engine.dispose()
+    return ids
+
+
+def _call(client, world, role, method, path, json=None):
+    headers = world["headers"].get(role, {})
+    return client.request(method, "/api/v1" + path, headers=headers, json=json)
+
+
+def test_role_matrix(client, world, scene, manifest_csv):
+    P, U, O = scene["published"], scene["unpublished"], scene["other"]
+    A, B = scene["algo_a"], scene["algo_b"]
+    me = {"anon": 401, "inv_a": 200, "inv_b": 200, "ana": 200, "org": 200}
+    org_only = {"anon": 401, "inv_a": 403, "inv_b": 403, "ana": 403, "org": 200}
+    org_created = {**org_only, "org": 201}
+    public = {r: 200 for r in ROLES}
+    authed = {**public, "anon": 401}
+
+    table = [
+        ("GET", "/users/me", None, me),
+        ("GET", "/users", None, org_only),
+        ("POST", "/users", lambda r: {"name": f"new-{r}", "role": "analyst"}, org_created),
+        ("GET", "/teams", None, org_only),
+        ("POST", "/teams", lambda r: {"name": f"team-{r}"}, org_created),
+        ("GET", "/users/1/tokens", None, org_only),
+        ("POST", "/users/1/tokens", lambda r: {"label": r}, org_created),
+        ("GET", "/testsets", None, public),
+        ("GET", "/testsets/ts1", None, public),
+        ("PATCH", "/testsets/ts1", lambda r: {"quota_submissions": 5}, org_only),
+        ("POST", "/testsets", lambda r: {"name": f"ts-{r}", "manifest_path": str(manifest_csv)}, org_created),
+        ("GET", "/testsets/ts1/cases", None, authed),
+        ("GET", "/algorithms", None, authed),
+        ("GET", f"/algorithms/{A}", None, {"anon": 401, "inv_a": 200, "inv_b": 404, "ana": 200, "org": 200}),
+        ("GET", f"/algorithms/{B}", None, {"anon": 401, "inv_a": 404, "inv_b": 200, "ana": 404, "org": 200}),
+        ("POST", "/algorithms", lambda r: {"name": f"algo-new-{r}", "team": "team-a" if r == "org" else None},
+         {"anon": 401, "inv_a": 201, "inv_b": 201, "ana": 403, "org": 201}),
+        ("GET", "/submissions", None, authed),
+        ("GET", f"/submissions/{P}", None, {"anon": 401, "inv_a": 200, "inv_b": 404, "ana": 200, "org": 200}),
+        ("GET", f"/submissions/{U}", None, {"anon": 401, "inv_a": 200, "inv_b": 404, "ana": 404, "org": 200}),
+        ("GET", f"/submissions/{O}", None, {"anon": 401, "inv_a": 404, "inv_b": 200, "ana": 404, "org": 200}),
+        ("GET", f"/submissions/{P}/logs", None, {"anon": 401, "inv_a": 200, "inv_b": 404, "ana": 403, "org": 200}),
+        ("GET", f"/submissions/{O}/logs", None, {"anon": 401, "inv_a": 404, "inv_b": 200, "ana": 404, "org": 200}),
+        ("GET", f"/submissions/{P}/shards", None, org_only),
+        ("GET", "/results/leaderboard?testset=ts1", None, public),
+        ("GET", f"/results/submissions/{P}/aggregates", None, public),
+        ("GET", f"/results/submissions/{U}/aggregates", None, {"anon": 404, "inv_a": 404, "inv_b": 404, "ana": 404, "org": 200}),
+        ("GET", f"/results/submissions/{P}/scores", None, {"anon": 401, "inv_a": 200, "inv_b": 404, "ana": 200, "org": 200}),
+        ("GET", f"/results/submissions/{U}/scores", None, {"anon": 401, "inv_a": 200, "inv_b": 404, "ana": 404, "org": 200}),
+        ("POST", f"/results/submissions/{U}/aggregates", None, org_only),
+        # state-changing organizer actions last (non-organizers first, so they act on the same state)
+        ("POST", f"/submissions/{U}/publish", None, org_only),
+        ("POST", f"/submissions/{U}/unpublish", None, org_only),
+        ("POST", f"/submissions/{O}/cancel", lambda r: {"reason": "test"}, org_only),
+        ("POST", f"/submissions/{O}/rerun", None, {**org_only, "org": 202}),
+        ("POST", "/submissions", None, {"anon": 401, "inv_a": 415, "inv_b": 415, "ana": 403, "org": 415}),
+    ]
+    mismatches = []
+    for method, path, body, expected in table:
+        for role in ROLES:
+            response = _call(client, world, role, method, path, body(role) if callable(body) else body)
+            if response.status_code != expected[role]:
+                mismatches.append(f"{role} {method} {path}: {response.status_code} != {expected[role]} {response.text[:200]}")
+            assert response.headers["content-type"].startswith("application/json"), (role, method, path)
+            if response.status_code >= 400:
+                assert isinstance(response.json().get("detail"), str) and response.json()["detail"]
+    assert not mismatches, "\n".join(mismatches)
+
+
+def test_lists_show_only_what_each_role_may_see(client, world, scene):
+    P, U, O = scene["published"], scene["unpublished"], scene["other"]
+
+    def ids(role, path):
+        response = _call(client, world, role, "GET", path)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    assert {s["id"] for s in ids("org", "/submissions")} == {P, U, O}
+    assert {s["id"] for s in ids("inv_a", "/submissions")} == {P, U}
+    assert {s["id"] for s in ids("inv_b", "/submissions")} == {O}
+    assert {s["id"] for s in ids("ana", "/submissions")} == {P}
+    assert {a["name"] for a in ids("inv_a", "/algorithms")} == {"algo-a"}
+    assert {a["name"] for a in ids("inv_b", "/algorithms")} == {"algo-b"}
+    assert {a["name"] for a in ids("ana", "/algorithms")} == {"algo-a"}
+    assert {a["name"] for a in ids("org", "/algorithms")} == {"algo-a", "algo-b"}
+
+    # hidden cases: inventors see the public sample only, in case lists and in per-case scores
+    assert [c["case_id"] for c in ids("inv_a", "/testsets/ts1/cases")] == [scene["public_case"]]
+    assert len(ids("ana", "/testsets/ts1/cases")) == 4
+    for sub in (P, U):
+        own = ids("inv_a", f"/results/submissions/{sub}/scores")
+        assert own["total"] == 2 and {i["case_id"] for i in own["items"]} == {scene["public_case"]}
+    assert ids("org", f"/results/submissions/{U}/scores")["total"] == 8
+    analyst = ids("ana", f"/results/submissions/{P}/scores")
+    assert analyst["total"] == 8 and len({i["case_id"] for i in analyst["items"]}) == 4
+
+    # the public leaderboard: published only, with the right means
+    board = client.get("/api/v1/results/leaderboard", params={"testset": "ts1"}).json()
+    assert [e["submission_id"] for e in board["entries"]] == [P]
+    expected_liver = sum(0.9 - cid * 0.01 for cid in _case_pks(world)) / 4
+    assert board["entries"][0]["organs"]["liver"] == pytest.approx(expected_liver)
+    assert board["entries"][0]["average"] == pytest.approx(expected_liver)  # both organs have equal dsc
+    # the leaderboard names no unpublished submission anywhere
+    assert str(U) not in {str(e["submission_id"]) for e in board["entries"]}
+
+
+def _case_pks(world):
+    engine = create_db_engine(str(world["settings"].database_url), poolclass=sa.pool.NullPool)
+    with engine.connect() as conn:
+        pks = list(conn.scalars(sa.select(Case.id)))
+    engine.dispose()
+    return pks
+
+
+def test_bad_tokens_are_401_with_a_hint(client, world):
+    for header in ({"Authorization": "Bearer nope"}, {"Authorization": "Basic abc"}, {"Authorization": "Bearer "}):
+        response = client.get("/api/v1/users/me", headers=header)
+        assert response.status_code == 401
+        assert "token" in response.json()["detail"].lower() or "bearer" in response.json()["detail"].lower()
+
+
+def test_revoked_token_stops_working(client, world):
+    headers = world["headers"]["org"]
+    me = client.get("/api/v1/users/me", headers=world["headers"]["inv_b"]).json()
+    tokens = client.get(f"/api/v1/users/{me['id']}/tokens", headers=headers).json()
+    assert client.delete(f"/api/v1/tokens/{tokens[0]['id']}", headers=headers).status_code == 200
+    assert client.get("/api/v1/users/me", headers=world["headers"]["inv_b"]).status_code == 401
+
+
+def test_created_token_is_shown_once_and_stored_hashed(client, world, settings):
+    response = client.post("/api/v1/users", headers=world["headers"]["org"],
+                           json={"name": "carol", "role": "inventor", "team": "team-c"})
+    assert response.status_code == 201
+    token = response.json()["token"]
+    assert client.get("/api/v1/users/me", headers={"Authorization": f"Bearer {token}"}).json()["team"] == "team-c"
+    engine = create_db_engine(str(settings.database_url), poolclass=sa.pool.NullPool)
+    with engine.connect() as conn:
+        stored = list(conn.execute(sa.text("select token_sha256, prefix from api_tokens")))
+    engine.dispose()
+    assert all(token not in row[0] for row in stored)
+    listed = client.get(f"/api/v1/users/{response.json()['user']['id']}/tokens", headers=world["headers"]["org"]).text
+    assert token not in listed
+
+
+def test_validation_errors_are_readable_422(client, world):
+    headers = world["headers"]["org"]
+    response = client.post("/api/v1/users", headers=headers, json={"name": "", "role": "wizard"})
+    assert response.status_code == 422
+    assert "role" in response.json()["detail"] and "name" in response.json()["detail"]
+    response = client.post("/api/v1/testsets", headers=headers, json={"name": "x", "manifest_path": "/nope.csv"})
+    assert response.status_code == 422 and "/nope.csv" in response.json()["detail"]
+    response = client.patch("/api/v1/testsets/ts1", headers=headers, json={"gpus": -1})
+    assert response.status_code == 422
+    assert client.get("/api/v1/submissions/abc", headers=headers).status_code == 422
+    assert client.get("/api/v1/submissions/999999", headers=headers).status_code == 404
+    assert client.post("/api/v1/users", headers=headers, content=b"{not json",
+                       ).status_code == 422
+
+
+def test_illegal_transition_is_409(client, world, scene):
+    response = client.post(f"/api/v1/submissions/{scene['other']}/publish", headers=world["headers"]["org"])
+    assert response.status_code == 409
+    assert "received" in response.json()["detail"] and "published" in response.json()["detail"]
+
+
+def test_rerun_enqueues_validation(client, world, scene, sent_tasks):
+    org = world["headers"]["org"]
+    assert client.post(f"/api/v1/submissions/{scene['other']}/cancel", headers=org, json={}).status_code == 200
+    response = client.post(f"/api/v1/submissions/{scene['other']}/rerun", headers=org)
+    assert response.status_code == 202 and response.json()["state"] == "received"
+    assert sent_tasks == [("touchstone.validate", [scene["other"]], "cpu")]
+
+
+def test_openapi_docs_served(client):
+    assert client.get("/docs").status_code == 200
+    spec = client.get("/api/v1/openapi.json").json()
+    assert "/api/v1/submissions" in spec["paths"] and "/api/v1/results/leaderboard" in spec["paths"]
