@@ -226,7 +226,13 @@ class DockerRuntime(ContainerRuntime):
         gpu = GpuMemoryMonitor(spec.gpu_device_ids, nvml=self._nvml)
         gpu_active = gpu.start()
         started_wall = time.time()
-        container.start()
+        try:
+            container.start()
+        except docker.errors.APIError:
+            # e.g. no GPU driver for the device request, a vanished input folder: the caller retries
+            if gpu_active:
+                gpu.stop()
+            raise
         start = time.monotonic()
         memory = CgroupMemoryMonitor(container.id)
         watcher = OutputWatcher(spec.output_dir, spec.case_ids, start)
