@@ -249,17 +249,20 @@ class RankStability:
         )
 
 
-def resample_counts(rng: np.random.Generator, n_cases: int, n_resamples: int) -> np.ndarray:
+def resample_counts(
+    rng: np.random.Generator, n_cases: int, n_resamples: int, chunk: int = 100
+) -> np.ndarray:
     """``(B, N)`` float: how often each case appears in each bootstrap resample.
 
-    Drawn as ``rng.integers(0, N, (B, N))`` (one resample per row, as ``scipy.stats.bootstrap``)
-    and counted per row with one ``bincount``.
+    Drawn as ``rng.integers(0, N, (B, N))`` (one resample per row, as ``scipy.stats.bootstrap``;
+    drawn in chunks of rows, which yields the same stream) and counted per row.
     """
-    idx = rng.integers(0, n_cases, (n_resamples, n_cases))
-    flat = idx + (np.arange(n_resamples) * n_cases)[:, None]
-    return np.bincount(flat.ravel(), minlength=n_resamples * n_cases).reshape(
-        n_resamples, n_cases
-    ).astype(np.float64)
+    counts = np.empty((n_resamples, n_cases))
+    for start in range(0, n_resamples, chunk):
+        idx = rng.integers(0, n_cases, (min(chunk, n_resamples - start), n_cases))
+        for r, row in enumerate(idx):  # one bincount per resample: faster than one big one
+            counts[start + r] = np.bincount(row, minlength=n_cases)
+    return counts
 
 
 def _bootstrap_values(
