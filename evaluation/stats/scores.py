@@ -85,8 +85,6 @@ class ScoreMatrix:
             if len(set(names)) != len(names):
                 dupes = sorted({n for n in names if names.count(n) > 1})[:5]
                 raise ValueError(f"duplicate {what}s {dupes}: each must appear once")
-        if np.isnan(values).all() and values.size:
-            pass  # allowed: nothing scored yet; statistics then report NaN
         if self.failed is None:
             failed = np.zeros(values.shape, dtype=bool)
         else:
