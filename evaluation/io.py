@@ -290,10 +290,14 @@ def _read_untrusted_bytes(path: Path, limits: ReadLimits) -> bytes:
 
 def _inflate_head(raw: bytes, n_bytes: int, path: Path) -> bytes:
     """The first (at most) ``n_bytes`` of a gzip stream, decompressing no more than that."""
+    d = _zlib_impl.decompressobj(wbits=31)
     try:
-        return _zlib_impl.decompressobj(wbits=31).decompress(raw, n_bytes)
+        head = d.decompress(raw, n_bytes)
     except _ZLIB_ERRORS as exc:
         raise UnreadableFile(f"corrupt gzip data ({exc})", "re-write the file as a complete .nii.gz", path=path) from None
+    if len(head) < _NIFTI1_HDR and not d.eof:
+        raise _truncated(path, len(head), _NIFTI1_HDR)
+    return head
 
 
 def _truncated(path: Path, have: int, n_bytes: int) -> UnreadableFile:
@@ -520,6 +524,19 @@ def _label_map_from(data: np.ndarray, path: str, allowed_ids: set[int] | None) -
     return data
 
 
+def _keep_only(label_map: np.ndarray, ids: set[int]) -> np.ndarray:
+    """Trusted ground truth: labels the protocol does not score (AbdomenAtlas has more classes)
+    become background; the map is made uint8 when the ids allow."""
+    small = np.uint8 if max(ids | {0}) <= 255 else np.int32
+    if label_map.size == 0:
+        return label_map.astype(small)
+    lo, hi = int(label_map.min()), int(label_map.max())
+    if lo >= 0 and set(range(1, hi + 1)) <= ids:
+        return label_map if label_map.dtype == small else label_map.astype(small)
+    known = np.isin(label_map, sorted(ids))
+    return np.where(known, label_map, 0).astype(small)
+
+
 # --------------------------------------------------------------------------------------------------
 # Label layouts
 # --------------------------------------------------------------------------------------------------
@@ -609,9 +626,8 @@ def read_labels(
         if reference is not None:
             check_geometry(vol.geometry, reference, tol=tolerance, path=source)
         label_map = _label_map_from(vol.data, str(source), set(organs.values()) if untrusted else None)
-        if not untrusted and label_map.dtype.kind in "iu" and label_map.dtype.itemsize > 1:
-            known = np.isin(label_map, list(organs.values()))  # drop labels the protocol does not score
-            label_map = np.where(known, label_map, 0).astype(np.uint8 if max(organs.values()) <= 255 else np.int32)
+        if not untrusted:
+            label_map = _keep_only(label_map, set(organs.values()))
         return CaseLabels(layout="combined", geometry=vol.geometry, label_map=label_map, source=str(source))
 
     if not limits.allow_symlinks and _is_link(source):

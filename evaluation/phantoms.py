@@ -666,11 +666,11 @@ def make_prediction(
         return np.where(labels == target, 0, labels).astype(labels.dtype), affine
     if kind == "false_positive":
         out = labels.copy()
-        grid = np.ogrid[tuple(slice(0, n) for n in labels.shape)]
         for _ in range(magnitude):
-            c = [int(rng.integers(3, max(n - 3, 4))) for n in labels.shape]
-            box = tuple(slice(max(ci - 3, 0), ci + 4) for ci in c)
-            sphere = sum((g[box[a]] - c[a]) ** 2 for a, g in enumerate(grid)) <= 9
+            c = [int(rng.integers(0, n)) for n in labels.shape]
+            box = tuple(slice(max(ci - 3, 0), min(ci + 4, n)) for ci, n in zip(c, labels.shape))
+            ax = [np.arange(b.start, b.stop) - ci for b, ci in zip(box, c)]
+            sphere = ax[0][:, None, None] ** 2 + ax[1][None, :, None] ** 2 + ax[2][None, None, :] ** 2 <= 9
             target = out[box]
             value = LABEL_IDS[organ] if organ else int(rng.integers(1, len(ORGANS) + 1))
             np.copyto(target, np.uint8(value), where=sphere & (target == 0))
