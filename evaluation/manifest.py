@@ -221,7 +221,7 @@ def read_manifest(
             if all((v or "").strip() == "" for v in record.values()):
                 continue  # blank line
             known = {k: (v if v is not None else "") for k, v in record.items() if k in COLUMNS}
-            extras = {k: (v or "").strip() for k, v in record.items() if k not in COLUMNS}
+            extras = {k: v.strip() for k, v in record.items() if k not in COLUMNS and v and v.strip()}
             try:
                 row = ManifestRow(**known, extras=extras)
             except ValidationError as exc:
