@@ -11,8 +11,9 @@ from fastapi import APIRouter, FastAPI
 from sqlalchemy.orm import sessionmaker
 
 from services.api.errors import install_error_handlers
-from services.api.routers import algorithms, results, submissions, testsets, users
+from services.api.routers import algorithms, exports, leaderboard, results, submissions, testsets, users
 from services.config import Settings, get_settings
+from services.observability import configure_logging
 from services.db.session import get_engine
 
 API_PREFIX = "/api/v1"
@@ -21,7 +22,7 @@ API_PREFIX = "/api/v1"
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     settings.ensure_dirs()
-    logging.basicConfig(level=settings.log_level)
+    configure_logging("api", settings.log_level)
     app = FastAPI(
         title="Touchstone",
         version="0.1.0",
@@ -43,7 +44,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    for module in (users, testsets, algorithms, submissions, results):
+    for module in (users, testsets, algorithms, submissions, results, leaderboard, exports):
         api.include_router(module.router)
     app.include_router(api)
+    from services.web import pages  # the server-rendered leaderboard pages and their static files
+
+    pages.install(app)
+    from services.api.routers import metrics  # GET /metrics (Prometheus)
+
+    metrics.install(app)
     return app

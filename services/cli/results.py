@@ -1,9 +1,196 @@
-"""CLI commands (see services/cli/main.py)."""
+"""Results commands: ``touchstone leaderboard``, ``stats``, ``export`` and ``results import-touchstone``.
+
+They read (and, for the import, write) the database of the settings (``TOUCHSTONE_DATABASE_URL``)
+directly, through the same functions the API uses, so ``--format json`` prints exactly what the
+corresponding API endpoint returns. ``--scope all`` (unpublished results) is the organizers' view.
+"""
 
 from __future__ import annotations
 
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
 import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+err = Console(stderr=True)
+results_app = typer.Typer(help="Imported and stored results.", no_args_is_help=True)
+
+
+def _fail(message: str) -> None:
+    err.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(1)
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _emit(rows: list[dict[str, Any]], columns: list[str], fmt: str, title: str, payload: Any) -> None:
+    if fmt == "json":
+        sys.stdout.write(json.dumps(payload, indent=2) + "\n")
+    elif fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        sys.stdout.write(buffer.getvalue())
+    elif fmt == "table":
+        table = Table(title=title, title_justify="left")
+        for column in columns:
+            table.add_column(column, justify="left" if column in ("algorithm", "label", "team", "a", "b") else "right")
+        for row in rows:
+            table.add_row(*(_fmt(row.get(c)) for c in columns))
+        console.print(table)
+    else:
+        _fail(f"unknown format {fmt!r}; choose one of table, csv, json")
+
+
+def _with_testset(testset: str, fn):
+    from services.db.session import session_scope
+    from services.leaderboard import queries
+
+    try:
+        with session_scope() as session:
+            return fn(session, queries.get_testset(session, testset))
+    except (queries.LeaderboardNotFound, queries.LeaderboardQueryError) as exc:
+        _fail(str(exc))
+
+
+LEADERBOARD_COLUMNS = ["rank", "label", "team", "value", "mean", "mean_ci_low", "mean_ci_high", "median", "std", "n",
+                       "n_failed", "rank_median", "rank_ci_low", "rank_ci_high", "seconds_per_case",
+                       "gpu_memory_peak_bytes"]
+
+
+def leaderboard_command(
+    testset: str = typer.Argument(..., help="test set name"),
+    organ: str = typer.Option("average", help="an organ name or 'average'"),
+    metric: str = typer.Option("dsc", help="dsc or nsd"),
+    method: str = typer.Option("mean", help="mean | median | rank-mean | test"),
+    format: str = typer.Option("table", "--format", help="table | csv | json"),
+    scope: str = typer.Option("published", help="published | all (organizers: unpublished results too)"),
+) -> None:
+    """The ranked leaderboard of a test set (what the leaderboard page shows)."""
+    from services.leaderboard import queries
+
+    board = _with_testset(testset, lambda s, ts: queries.leaderboard(s, ts, organ=organ, metric=metric, method=method,
+                                                                      scope=scope))
+    title = f"{board['testset']} · {organ} · {metric.upper()} · ranked by {method} ({board['protocol_key']}, {scope})"
+    _emit(board["entries"], LEADERBOARD_COLUMNS, format, title, board)
+
+
+def stats_command(
+    testset: str = typer.Argument(..., help="test set name"),
+    organ: str = typer.Option("average", help="an organ name or 'average'"),
+    metric: str = typer.Option("dsc", help="dsc or nsd"),
+    format: str = typer.Option("table", "--format", help="table | csv | json"),
+    scope: str = typer.Option("published", help="published | all"),
+) -> None:
+    """Pairwise one-sided Wilcoxon p-values (Holm-adjusted) and bootstrap rank stability."""
+    from services.leaderboard import queries
+
+    def both(session, ts):
+        return {"significance": queries.significance(session, ts, organ=organ, metric=metric, scope=scope),
+                "stability": queries.stability(session, ts, organ=organ, metric=metric, method="mean", scope=scope)}
+
+    payload = _with_testset(testset, both)
+    pairs = [{**p, "a": p["a_label"], "b": p["b_label"]} for p in payload["significance"]["pairs"]]
+    pair_columns = ["a", "b", "n_common", "mean_difference", "statistic", "p_value", "p_adjusted", "significant"]
+    stab_columns = ["full_rank", "label", "median_rank", "rank_ci_low", "rank_ci_high", "mean_rank", "p_best"]
+    if format == "json":
+        _emit([], [], "json", "", payload)
+        return
+    if format == "csv":
+        rows = [{"table": "pairwise", **p} for p in pairs] + [
+            {"table": "stability", **e} for e in payload["stability"]["entries"]]
+        _emit(rows, ["table", *pair_columns, *stab_columns[:1], *stab_columns[2:], "label"], "csv", "", payload)
+        return
+    sig = payload["significance"]
+    _emit(pairs, pair_columns, format,
+          f"{testset} · {organ} · {metric.upper()}: one-sided paired Wilcoxon 'a better than b', "
+          f"{sig['correction']}-adjusted (alpha {sig['alpha']})", payload)
+    tau = payload["stability"]["kendall_tau"] or {}
+    _emit(payload["stability"]["entries"], stab_columns, format,
+          f"rank stability over {payload['stability']['n_resamples']} bootstrap samples; Kendall's tau median "
+          f"{_fmt(tau.get('tau_median'), 3)} [{_fmt(tau.get('tau_ci_low'), 3)}, {_fmt(tau.get('tau_ci_high'), 3)}]",
+          payload)
+
+
+def export_command(
+    testset: str = typer.Argument(..., help="test set name"),
+    level: str = typer.Option("case", help="case | hospital | subgroup"),
+    format: str = typer.Option("csv", "--format", help="csv | parquet"),
+    out: Path = typer.Option(..., "--out", help="output file"),
+    scope: str = typer.Option("published", help="published | all"),
+) -> None:
+    """Export results (streamed from the database, never loaded whole)."""
+    from services import exports
+
+    try:
+        exports.check(level, format, scope)
+    except exports.ExportError as exc:
+        _fail(str(exc))
+    tmp = out.with_name(out.name + ".partial")
+
+    def run(session, ts):
+        with open(tmp, "wb") as handle:
+            with console.status(f"exporting {ts.name} ({level}, {format})..."):
+                return exports.write(session, ts, level, format, handle, scope)
+
+    try:
+        size = _with_testset(testset, run)
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    err.print(f"wrote {out} ({size} bytes)")
+
+
+@results_app.command("import-touchstone")
+def import_touchstone_command(
+    directory: Path = typer.Argument(..., help="folder with one folder per model (dsc.csv, nsd.csv)"),
+    testset: str = typer.Option(..., "--testset", help="test set name (created when it does not exist)"),
+    metadata: Optional[Path] = typer.Option(None, "--metadata", help="CSV: case_id + hospital/age/sex/... columns"),
+    team: str = typer.Option("Touchstone (published)", help="team the imported algorithms belong to"),
+) -> None:
+    """Import published Touchstone results as published baseline submissions, then recompute."""
+    from rich.progress import Progress
+
+    from services.db.session import session_scope
+    from services.importers import TouchstoneFormatError, import_touchstone
+
+    try:
+        with Progress(console=err, transient=True) as progress:
+            task = progress.add_task("reading and importing", total=None)
+
+            def step(name: str, done: int, total: int) -> None:
+                progress.update(task, total=total, completed=done, description=f"imported {name}")
+
+            with session_scope() as session:
+                report = import_touchstone(session, directory, testset, metadata=metadata, team_name=team,
+                                           progress=step)
+                progress.update(task, description="statistics recomputed")
+    except TouchstoneFormatError as exc:
+        _fail(f"{exc} (nothing was imported)")
+    created = " (new test set)" if report.created_testset else ""
+    console.print(
+        f"imported {len(report.models)} model(s) into {report.testset}{created}: {', '.join(report.models)}; "
+        f"{report.scores} scores, {report.cases_created} case(s) created; statistics recomputed"
+    )
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the `touchstone` app."""
+    app.command("leaderboard")(leaderboard_command)
+    app.command("stats")(stats_command)
+    app.command("export")(export_command)
+    app.add_typer(results_app, name="results")

@@ -205,9 +205,21 @@ def rerun(
 
 @router.post("/{submission_id}/publish", response_model=SubmissionOut)
 def publish(submission_id: int, db: Session = Depends(get_db), organizer: User = Depends(require_organizer)) -> SubmissionOut:
-    return submission_out(_organizer_action(db, organizer, submission_id, SubmissionState.published, "submission.publish", None))
+    submission = _organizer_action(db, organizer, submission_id, SubmissionState.published, "submission.publish", None)
+    _refresh_leaderboard(db, submission.id)
+    return submission_out(submission)
 
 
 @router.post("/{submission_id}/unpublish", response_model=SubmissionOut)
 def unpublish(submission_id: int, db: Session = Depends(get_db), organizer: User = Depends(require_organizer)) -> SubmissionOut:
-    return submission_out(_organizer_action(db, organizer, submission_id, SubmissionState.scored, "submission.unpublish", None))
+    submission = _organizer_action(db, organizer, submission_id, SubmissionState.scored, "submission.unpublish", None)
+    _refresh_leaderboard(db, submission.id)
+    return submission_out(submission)
+
+
+def _refresh_leaderboard(db: Session, submission_id: int) -> None:
+    """Publishing changes who is compared: recompute the stored leaderboard statistics (issue 5)."""
+    from services.leaderboard import on_submission_scored
+
+    on_submission_scored(db, submission_id)
+    db.commit()

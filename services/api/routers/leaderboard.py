@@ -1,0 +1,168 @@
+"""Leaderboards: precomputed rankings, significance, rank stability, per-hospital/subgroup tables.
+
+Visibility (see docs/leaderboard.md):
+
+- ``scope=published`` (default): anyone, no token needed -- published aggregates only;
+- ``scope=all`` (hidden, scored-but-unpublished results included): organizers only (401 without a
+  token, 403 for other roles);
+- per-case scores of a submission: organizers (any), analysts (published ones); inventors and
+  the public never (403 / 401), since hidden per-case results would let a team tune to the test set;
+- a submission's results page: published -> anyone; unpublished -> organizers; its own team
+  gets 403 ("hidden until published"); anybody else 404, as if it did not exist.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from fastapi import APIRouter, Depends, Query
+from sqlalchemy.orm import Session
+
+from services.api.deps import get_db, optional_user
+from services.api.errors import ApiError
+from services.db.enums import Role, SubmissionState
+from services.db.models import Case, Score, Submission, TestSet, User
+from services.leaderboard import queries
+
+router = APIRouter(prefix="/leaderboards", tags=["leaderboards"])
+
+ORGAN = Query("average", description="an organ name or 'average'")
+METRIC = Query("dsc", description="dsc or nsd")
+SCOPE = Query("published", description="published (anyone) or all (organizers)")
+
+
+def _scope(scope: str, user: User | None) -> str:
+    if scope not in ("published", "all"):
+        raise ApiError(f"unknown scope {scope!r}; choose one of published, all", 422)
+    if scope == "all":
+        if user is None:
+            raise ApiError("scope=all (unpublished results) needs an organizer's token", 401,
+                           headers={"WWW-Authenticate": "Bearer"})
+        if user.role is not Role.organizer:
+            raise ApiError(f"scope=all (unpublished results) is for organizers; you are {user.role.value}", 403)
+    return scope
+
+
+def _testset(db: Session, name: str) -> TestSet:
+    try:
+        return queries.get_testset(db, name)
+    except queries.LeaderboardNotFound as exc:
+        raise ApiError(str(exc), 404) from exc
+
+
+def _run(fn, *args, **kwargs) -> dict[str, Any]:
+    try:
+        return fn(*args, **kwargs)
+    except queries.LeaderboardQueryError as exc:
+        raise ApiError(str(exc), 422) from exc
+
+
+@router.get("")
+def list_leaderboards(scope: str = SCOPE, db: Session = Depends(get_db),
+                      user: User | None = Depends(optional_user)) -> list[dict[str, Any]]:
+    """Test sets with their number of cases and of results in the scope."""
+    return queries.list_testsets(db, _scope(scope, user))
+
+
+@router.get("/{testset}")
+def read_leaderboard(
+    testset: str, organ: str = ORGAN, metric: str = METRIC,
+    method: str = Query("mean", description="mean | median | rank-mean | test"),
+    scope: str = SCOPE, db: Session = Depends(get_db), user: User | None = Depends(optional_user),
+) -> dict[str, Any]:
+    """The ranked table of one organ (or the average), metric and ranking method."""
+    scope = _scope(scope, user)
+    return _run(queries.leaderboard, db, _testset(db, testset), organ=organ, metric=metric, method=method, scope=scope)
+
+
+@router.get("/{testset}/significance")
+def read_significance(testset: str, organ: str = ORGAN, metric: str = METRIC, scope: str = SCOPE,
+                      db: Session = Depends(get_db), user: User | None = Depends(optional_user)) -> dict[str, Any]:
+    """K x K Holm-adjusted p-values of one-sided paired Wilcoxon tests ("row better than column")."""
+    scope = _scope(scope, user)
+    return _run(queries.significance, db, _testset(db, testset), organ=organ, metric=metric, scope=scope)
+
+
+@router.get("/{testset}/stability")
+def read_stability(
+    testset: str, organ: str = ORGAN, metric: str = METRIC,
+    method: str = Query("mean", description="mean | rank-mean"), scope: str = SCOPE,
+    db: Session = Depends(get_db), user: User | None = Depends(optional_user),
+) -> dict[str, Any]:
+    """Bootstrap rank distribution per algorithm, median rank, 95 % interval, Kendall's tau."""
+    scope = _scope(scope, user)
+    return _run(queries.stability, db, _testset(db, testset), organ=organ, metric=metric, method=method, scope=scope)
+
+
+@router.get("/{testset}/hospitals")
+def read_hospitals(testset: str, organ: str = ORGAN, metric: str = METRIC, scope: str = SCOPE,
+                   db: Session = Depends(get_db), user: User | None = Depends(optional_user)) -> dict[str, Any]:
+    """Per-hospital aggregates of every submission in the scope."""
+    scope = _scope(scope, user)
+    return _run(queries.breakdown, db, _testset(db, testset), variable="hospital", organ=organ, metric=metric,
+                scope=scope)
+
+
+@router.get("/{testset}/subgroups/{variable}")
+def read_subgroups(testset: str, variable: str, organ: str = ORGAN, metric: str = METRIC, scope: str = SCOPE,
+                   db: Session = Depends(get_db), user: User | None = Depends(optional_user)) -> dict[str, Any]:
+    """Per-group aggregates for ``variable`` (age_decade, sex, race, manufacturer, contrast_phase,
+    diagnosis, hospital)."""
+    scope = _scope(scope, user)
+    return _run(queries.breakdown, db, _testset(db, testset), variable=variable, organ=organ, metric=metric,
+                scope=scope)
+
+
+def _visible_submission(db: Session, ts: TestSet, submission_id: int, user: User | None) -> Submission:
+    submission = db.get(Submission, submission_id)
+    hidden = f"no submission {submission_id} with results on {ts.name} visible to you"
+    if submission is None or submission.testset_id != ts.id:
+        raise ApiError(hidden, 404)
+    if submission.state is SubmissionState.published:
+        return submission
+    if user is not None and user.role is Role.organizer and submission.state is SubmissionState.scored:
+        return submission
+    if user is not None and user.role is Role.inventor and submission.team_id == user.team_id:
+        raise ApiError(f"the results of submission {submission_id} are hidden until an organizer publishes them", 403)
+    raise ApiError(hidden, 404)
+
+
+@router.get("/{testset}/submissions/{submission_id}")
+def read_submission_results(testset: str, submission_id: int, db: Session = Depends(get_db),
+                            user: User | None = Depends(optional_user)) -> dict[str, Any]:
+    """A submission's aggregates per organ and metric and its ranks."""
+    ts = _testset(db, testset)
+    submission = _visible_submission(db, ts, submission_id, user)
+    scopes = ("published", "all") if user is not None and user.role is Role.organizer else ("published",)
+    return queries.submission_summary(db, ts, submission, scopes=scopes)
+
+
+@router.get("/{testset}/submissions/{submission_id}/cases")
+def read_submission_cases(
+    testset: str, submission_id: int, organ: str | None = None,
+    offset: int = Query(0, ge=0), limit: int = Query(1000, ge=1, le=10000),
+    db: Session = Depends(get_db), user: User | None = Depends(optional_user),
+) -> dict[str, Any]:
+    """Per-case scores (with case metadata): organizers, and analysts for published submissions."""
+    if user is None:
+        raise ApiError("per-case results need an analyst's or organizer's token", 401,
+                       headers={"WWW-Authenticate": "Bearer"})
+    if user.role not in (Role.organizer, Role.analyst):
+        raise ApiError(f"per-case results are for analysts and organizers; you are {user.role.value}", 403)
+    ts = _testset(db, testset)
+    submission = _visible_submission(db, ts, submission_id, user)
+    query = (
+        sa.select(Case.case_id, Case.hospital, Score.organ, Score.dsc, Score.nsd, Score.hd95, Score.assd, Score.status)
+        .join(Case, Case.id == Score.case_id)
+        .where(Score.submission_id == submission.id, Score.protocol_key == ts.protocol_key)
+    )
+    if organ:
+        query = query.where(Score.organ == organ)
+    total = db.scalar(sa.select(sa.func.count()).select_from(query.subquery())) or 0
+    rows = db.execute(query.order_by(Case.case_id, Score.organ).offset(offset).limit(limit)).all()
+    return {
+        "testset": ts.name, "protocol_key": ts.protocol_key, "submission_id": submission.id, "total": total,
+        "offset": offset, "limit": limit,
+        "items": [dict(zip(("case_id", "hospital", "organ", "dsc", "nsd", "hd95", "assd", "status"), r)) for r in rows],
+    }

@@ -1,0 +1,212 @@
+"""Streamed exports of a test set's results: per case, per hospital, per subgroup; CSV or Parquet.
+
+Rows are read with ``yield_per`` (a server-side cursor on PostgreSQL: the result is never loaded
+whole) and written in chunks: CSV text chunks, or Parquet row groups of :data:`ROW_GROUP` rows
+through one ``pyarrow.parquet.ParquetWriter`` whose sink hands each finished group on (the file
+is never held in memory either). Every row names the protocol version that made the score and the
+submission's image digest (``image_digest``: the Docker image id recorded at validation;
+``image_sha256``: the uploaded tarball's sha256, or for imported baselines the sha256 of their
+result files); case rows also carry the CT's sha256 (``case_image_sha256``).
+
+Levels and columns: see :data:`COLUMNS` (and docs/leaderboard.md).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterator, Sequence
+from typing import Any, BinaryIO
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from services.db.models import Aggregate, Algorithm, Case, Score, Submission, Team, TestSet
+from services.leaderboard.compute import BREAKDOWNS, SCOPE_STATES
+
+LEVELS = ("case", "hospital", "subgroup")
+FORMATS = ("csv", "parquet")
+ROW_GROUP = 50_000
+MEDIA_TYPES = {"csv": "text/csv; charset=utf-8", "parquet": "application/vnd.apache.parquet"}
+
+_SUBMISSION = [
+    ("testset", pa.string()), ("protocol_key", pa.string()), ("submission_id", pa.int64()),
+    ("algorithm", pa.string()), ("team", pa.string()), ("is_baseline", pa.bool_()), ("state", pa.string()),
+    ("image_digest", pa.string()), ("image_sha256", pa.string()),
+]
+_CASE = [
+    ("case_id", pa.string()), ("case_image_sha256", pa.string()), ("hospital", pa.string()), ("age", pa.int64()),
+    ("sex", pa.string()), ("race", pa.string()), ("manufacturer", pa.string()), ("scanner", pa.string()),
+    ("contrast_phase", pa.string()), ("diagnosis", pa.string()), ("organ", pa.string()),
+    ("dsc", pa.float64()), ("nsd", pa.float64()), ("hd95", pa.float64()), ("assd", pa.float64()),
+    ("status", pa.string()),
+]
+_GROUP = [
+    ("variable", pa.string()), ("group", pa.string()), ("organ", pa.string()), ("metric", pa.string()),
+    ("n", pa.int64()), ("n_failed", pa.int64()), ("n_missing", pa.int64()), ("mean", pa.float64()),
+    ("median", pa.float64()), ("std", pa.float64()), ("mean_ci_low", pa.float64()), ("mean_ci_high", pa.float64()),
+    ("median_ci_low", pa.float64()), ("median_ci_high", pa.float64()),
+]
+SCHEMAS: dict[str, pa.Schema] = {
+    "case": pa.schema(_SUBMISSION + _CASE),
+    "hospital": pa.schema(_SUBMISSION + _GROUP),
+    "subgroup": pa.schema(_SUBMISSION + _GROUP),
+}
+#: level -> column names, in order
+COLUMNS: dict[str, list[str]] = {level: schema.names for level, schema in SCHEMAS.items()}
+
+
+class ExportError(ValueError):
+    """A bad export request (the message lists the valid values)."""
+
+
+def check(level: str, fmt: str, scope: str) -> None:
+    if level not in LEVELS:
+        raise ExportError(f"unknown level {level!r}; choose one of {', '.join(LEVELS)}")
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if scope not in SCOPE_STATES:
+        raise ExportError(f"unknown scope {scope!r}; choose one of {', '.join(SCOPE_STATES)}")
+
+
+def _statement(testset: TestSet, level: str, scope: str) -> sa.Select:
+    submission_cols = [
+        sa.literal(testset.name).label("testset"), sa.literal(testset.protocol_key).label("protocol_key"),
+        Submission.id, Algorithm.name, Team.name, Submission.is_baseline, Submission.state,
+        Submission.image_digest, Submission.image_sha256,
+    ]
+    in_scope = (Submission.testset_id == testset.id, Submission.state.in_(SCOPE_STATES[scope]))
+    if level == "case":
+        return (
+            sa.select(*submission_cols, Case.case_id, Case.image_sha256, Case.hospital, Case.age, Case.sex, Case.race,
+                      Case.manufacturer, Case.scanner, Case.contrast_phase, Case.diagnosis, Score.organ, Score.dsc,
+                      Score.nsd, Score.hd95, Score.assd, Score.status)
+            .select_from(Score)
+            .join(Submission, Submission.id == Score.submission_id)
+            .join(Algorithm, Algorithm.id == Submission.algorithm_id)
+            .join(Team, Team.id == Submission.team_id)
+            .join(Case, Case.id == Score.case_id)
+            .where(*in_scope, Score.protocol_key == testset.protocol_key)
+            .order_by(Submission.id, Case.case_id, Score.organ)
+        )
+    variables = ["hospital"] if level == "hospital" else [v for v in BREAKDOWNS if v != "hospital"]
+    return (
+        sa.select(*submission_cols, Aggregate.scope, Aggregate.group_value, Aggregate.organ, Aggregate.metric,
+                  Aggregate.n, Aggregate.n_failed, Aggregate.n_missing, Aggregate.mean, Aggregate.median,
+                  Aggregate.std, Aggregate.ci_low, Aggregate.ci_high, Aggregate.median_ci_low,
+                  Aggregate.median_ci_high)
+        .select_from(Aggregate)
+        .join(Submission, Submission.id == Aggregate.submission_id)
+        .join(Algorithm, Algorithm.id == Submission.algorithm_id)
+        .join(Team, Team.id == Submission.team_id)
+        .where(*in_scope, Aggregate.protocol_key == testset.protocol_key, Aggregate.scope.in_(variables))
+        .order_by(Submission.id, Aggregate.scope, Aggregate.group_value, Aggregate.metric, Aggregate.organ)
+    )
+
+
+def iter_row_chunks(session: Session, testset: TestSet, level: str, scope: str = "published",
+                    chunk: int = ROW_GROUP) -> Iterator[list[tuple]]:
+    """Lists of at most ``chunk`` rows (tuples in :data:`COLUMNS` order), streamed from the database."""
+    state_index = COLUMNS[level].index("state")
+    result = session.execute(_statement(testset, level, scope).execution_options(yield_per=min(chunk, 5000)))
+    batch: list[tuple] = []
+    for row in result:
+        row = tuple(row)
+        state = row[state_index]
+        row = row[:state_index] + (getattr(state, "value", state),) + row[state_index + 1:]
+        batch.append(row)
+        if len(batch) >= chunk:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def stream_csv(session: Session, testset: TestSet, level: str, scope: str = "published",
+               chunk: int = 5000) -> Iterator[bytes]:
+    """CSV (header + rows) as UTF-8 byte chunks."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(COLUMNS[level])
+    for rows in iter_row_chunks(session, testset, level, scope, chunk):
+        writer.writerows(rows)
+        yield buffer.getvalue().encode("utf-8")
+        buffer.seek(0)
+        buffer.truncate()
+    if buffer.tell():
+        yield buffer.getvalue().encode("utf-8")
+
+
+class _ChunkSink(io.RawIOBase):
+    """A write-only sink that keeps what was written until :meth:`drain` hands it on."""
+
+    def __init__(self) -> None:
+        self._chunks: list[bytes] = []
+        self._position = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        data = bytes(data)
+        self._chunks.append(data)
+        self._position += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self._position
+
+    def drain(self) -> bytes:
+        out = b"".join(self._chunks)
+        self._chunks = []
+        return out
+
+
+def _table(rows: Sequence[tuple], schema: pa.Schema) -> pa.Table:
+    columns = list(zip(*rows)) if rows else [[] for _ in schema.names]
+    return pa.Table.from_arrays([pa.array(list(col), type=field.type) for col, field in zip(columns, schema)],
+                                schema=schema)
+
+
+def _metadata(testset: TestSet, level: str, scope: str) -> dict[bytes, bytes]:
+    return {b"touchstone.testset": testset.name.encode(), b"touchstone.protocol_key": testset.protocol_key.encode(),
+            b"touchstone.level": level.encode(), b"touchstone.scope": scope.encode()}
+
+
+def stream_parquet(session: Session, testset: TestSet, level: str, scope: str = "published",
+                   row_group: int = ROW_GROUP) -> Iterator[bytes]:
+    """Parquet bytes, one row group per ``row_group`` rows, handed on as each group is written."""
+    schema = SCHEMAS[level].with_metadata(_metadata(testset, level, scope))
+    sink = _ChunkSink()
+    writer = pq.ParquetWriter(sink, schema, compression="zstd")
+    try:
+        for rows in iter_row_chunks(session, testset, level, scope, row_group):
+            writer.write_table(_table(rows, schema), row_group_size=row_group)
+            data = sink.drain()
+            if data:
+                yield data
+    finally:
+        writer.close()
+    tail = sink.drain()
+    if tail:
+        yield tail
+
+
+def stream(session: Session, testset: TestSet, level: str, fmt: str, scope: str = "published") -> Iterator[bytes]:
+    check(level, fmt, scope)
+    return stream_csv(session, testset, level, scope) if fmt == "csv" else stream_parquet(session, testset, level, scope)
+
+
+def write(session: Session, testset: TestSet, level: str, fmt: str, out: BinaryIO, scope: str = "published") -> int:
+    """Write the export to ``out``; returns bytes written."""
+    total = 0
+    for data in stream(session, testset, level, fmt, scope):
+        out.write(data)
+        total += len(data)
+    return total
+
+
+def describe() -> dict[str, Any]:
+    return {"levels": list(LEVELS), "formats": list(FORMATS), "columns": COLUMNS}

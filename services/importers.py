@@ -1,0 +1,314 @@
+"""Import results published in the Touchstone format as published baseline submissions.
+
+Format (the Touchstone benchmark's released per-case results)::
+
+    DIR/
+      <model>/dsc.csv     name,aorta,gall_bladder,kidney_left,kidney_right,liver,pancreas,postcava,spleen,stomach
+      <model>/nsd.csv     same columns
+      ...
+
+``name`` is the case id; each organ column holds the score in [0, 1]; an empty cell means "not
+scored" (e.g. the organ is absent from the reference). Extra columns are ignored. Each model
+folder becomes one algorithm (named after the folder) of the import team with one submission
+flagged ``is_baseline``, state ``published``, not counting against any quota. Cases the test set
+lacks are created (without image or labels; metadata from the optional metadata CSV: column
+``case_id`` (or ``name``) plus any of hospital, age, sex, race, manufacturer, scanner,
+contrast_phase, diagnosis). Importing the same model again replaces its scores.
+
+Everything is read and checked before anything is written: a malformed file stops the import with
+a message naming the file, row and column, and nothing is stored.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from evaluation.labels import ORGANS
+from services.config import Settings, get_settings
+from services.db.base import utcnow
+from services.db.enums import SubmissionState
+from services.db.models import Algorithm, AuditLog, Case, Score, Submission, Team, TestSet, User
+
+METRIC_FILES = {"dsc": "dsc.csv", "nsd": "nsd.csv"}
+CASE_COLUMN = "name"
+DEFAULT_TEAM = "Touchstone (published)"
+METADATA_COLUMNS = ("hospital", "age", "sex", "race", "manufacturer", "scanner", "contrast_phase", "diagnosis")
+
+
+class TouchstoneFormatError(ValueError):
+    """The folder or one of its files is not in the Touchstone result format (message says where)."""
+
+
+@dataclass
+class ModelResults:
+    """One model folder: ``scores[case_id][organ] = {"dsc": v | None, "nsd": v | None}``."""
+
+    name: str
+    folder: Path
+    sha256: dict[str, str]
+    scores: dict[str, dict[str, dict[str, float | None]]] = field(default_factory=dict)
+
+
+@dataclass
+class ImportReport:
+    testset: str
+    created_testset: bool
+    models: list[str]
+    submission_ids: list[int]
+    cases_created: int
+    scores: int
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def read_metric_csv(path: Path) -> dict[str, dict[str, float | None]]:
+    """``{case_id: {organ: value | None}}`` of one dsc.csv / nsd.csv, checked cell by cell."""
+    try:
+        handle = open(path, newline="", encoding="utf-8-sig")
+    except OSError as exc:
+        raise TouchstoneFormatError(f"{path}: cannot be read ({exc.strerror})") from None
+    with handle:
+        reader = csv.DictReader(handle)
+        header = [h.strip() for h in (reader.fieldnames or [])]
+        if not header:
+            raise TouchstoneFormatError(f"{path}: empty file; expected a header '{CASE_COLUMN},{','.join(ORGANS)}'")
+        reader.fieldnames = header
+        missing = [c for c in (CASE_COLUMN, *ORGANS) if c not in header]
+        if missing:
+            raise TouchstoneFormatError(
+                f"{path}: missing column(s) {', '.join(missing)}; a Touchstone result file has the columns "
+                f"{CASE_COLUMN},{','.join(ORGANS)}"
+            )
+        out: dict[str, dict[str, float | None]] = {}
+        for row_number, row in enumerate(reader, start=2):  # row 1 is the header
+            case_id = (row.get(CASE_COLUMN) or "").strip()
+            if not case_id:
+                raise TouchstoneFormatError(f"{path}, row {row_number}: empty '{CASE_COLUMN}' (the case id)")
+            if case_id in out:
+                raise TouchstoneFormatError(f"{path}, row {row_number}: case {case_id!r} appears twice")
+            values: dict[str, float | None] = {}
+            for organ in ORGANS:
+                cell = (row.get(organ) or "").strip()
+                if cell == "":
+                    values[organ] = None
+                    continue
+                try:
+                    value = float(cell)
+                except ValueError:
+                    raise TouchstoneFormatError(
+                        f"{path}, row {row_number}, column {organ}: {cell!r} is not a number "
+                        f"(leave the cell empty for 'not scored')"
+                    ) from None
+                if not math.isfinite(value) or not 0.0 <= value <= 1.0:
+                    raise TouchstoneFormatError(
+                        f"{path}, row {row_number}, column {organ}: {cell} is outside [0, 1]"
+                    )
+                values[organ] = value
+            out[case_id] = values
+    return out
+
+
+def read_model_folder(folder: Path) -> ModelResults:
+    missing = [f for f in METRIC_FILES.values() if not (folder / f).is_file()]
+    if missing:
+        raise TouchstoneFormatError(f"model folder {folder} lacks {' and '.join(missing)}")
+    model = ModelResults(name=folder.name, folder=folder,
+                         sha256={m: _sha256(folder / f) for m, f in METRIC_FILES.items()})
+    for metric, filename in METRIC_FILES.items():
+        for case_id, values in read_metric_csv(folder / filename).items():
+            case = model.scores.setdefault(case_id, {})
+            for organ, value in values.items():
+                case.setdefault(organ, {"dsc": None, "nsd": None})[metric] = value
+    return model
+
+
+def read_touchstone_dir(directory: Path) -> list[ModelResults]:
+    """Every model folder of ``directory`` (sorted by name); at least one."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise TouchstoneFormatError(f"{directory} is not a folder; give the folder holding one folder per model")
+    folders = sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        if all((directory / f).is_file() for f in METRIC_FILES.values()):
+            raise TouchstoneFormatError(
+                f"{directory} holds dsc.csv/nsd.csv itself; give its parent folder (one folder per model)"
+            )
+        raise TouchstoneFormatError(f"{directory} has no model folder (each holding dsc.csv and nsd.csv)")
+    return [read_model_folder(f) for f in folders]
+
+
+def read_metadata_csv(path: Path) -> dict[str, dict[str, object]]:
+    """``{case_id: {column: value}}`` of the typed metadata columns present (age as int)."""
+    path = Path(path)
+    try:
+        handle = open(path, newline="", encoding="utf-8-sig")
+    except OSError as exc:
+        raise TouchstoneFormatError(f"{path}: cannot be read ({exc.strerror})") from None
+    with handle:
+        reader = csv.DictReader(handle)
+        header = [h.strip() for h in (reader.fieldnames or [])]
+        reader.fieldnames = header
+        id_column = "case_id" if "case_id" in header else CASE_COLUMN if CASE_COLUMN in header else None
+        if id_column is None:
+            raise TouchstoneFormatError(f"{path}: missing column 'case_id' (or 'name') with the case ids")
+        columns = [c for c in METADATA_COLUMNS if c in header]
+        out: dict[str, dict[str, object]] = {}
+        for row_number, row in enumerate(reader, start=2):
+            case_id = (row.get(id_column) or "").strip()
+            if not case_id:
+                raise TouchstoneFormatError(f"{path}, row {row_number}: empty '{id_column}'")
+            values: dict[str, object] = {}
+            for column in columns:
+                cell = (row.get(column) or "").strip()
+                if cell == "":
+                    continue
+                if column == "age":
+                    try:
+                        age = float(cell)
+                    except ValueError:
+                        raise TouchstoneFormatError(
+                            f"{path}, row {row_number}, column age: {cell!r} is not a number of years"
+                        ) from None
+                    if not math.isfinite(age) or age < 0 or age > 150:
+                        raise TouchstoneFormatError(f"{path}, row {row_number}, column age: {cell} is not an age")
+                    values[column] = int(age)
+                else:
+                    values[column] = cell
+            out[case_id] = values
+    return out
+
+
+def _get_or_create_testset(session: Session, name: str, directory: Path, settings: Settings) -> tuple[TestSet, bool]:
+    testset = session.scalar(sa.select(TestSet).where(TestSet.name == name))
+    if testset is not None:
+        return testset, False
+    from services.db.testsets import resolve_protocol
+
+    protocol_name, protocol_version, protocol_json = resolve_protocol("touchstone")
+    digest = hashlib.sha256()
+    for path in sorted(directory.rglob("*.csv")):
+        digest.update(path.relative_to(directory).as_posix().encode() + b"\0" + _sha256(path).encode())
+    testset = TestSet(
+        name=name,
+        description="results imported from the published Touchstone format (no images stored here)",
+        protocol_name=protocol_name, protocol_version=protocol_version,
+        protocol_key=f"{protocol_name}@{protocol_version}", protocol_json=protocol_json,
+        manifest_sha256=digest.hexdigest(), manifest_path=None, root_path=str(directory),
+        time_per_case_s=settings.default_time_per_case_s, memory_bytes=settings.default_memory_bytes,
+        gpus=settings.default_gpus, shm_bytes=settings.default_shm_bytes, pids_limit=settings.default_pids_limit,
+        shard_size=settings.default_shard_size, quota_submissions=settings.default_quota_submissions,
+        quota_period_days=settings.default_quota_period_days, is_open=False,
+    )
+    session.add(testset)
+    session.flush()
+    return testset, True
+
+
+def import_touchstone(
+    session: Session,
+    directory: Path | str,
+    testset_name: str,
+    *,
+    metadata: Path | str | None = None,
+    team_name: str = DEFAULT_TEAM,
+    actor: User | None = None,
+    settings: Settings | None = None,
+    recompute: bool = True,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> ImportReport:
+    """Import every model folder of ``directory`` into test set ``testset_name`` (created, closed to
+    submissions and with the ``touchstone`` protocol, when it does not exist), then recompute the
+    leaderboard statistics. The caller commits."""
+    settings = settings or get_settings()
+    directory = Path(directory).resolve()
+    models = read_touchstone_dir(directory)
+    meta = read_metadata_csv(Path(metadata)) if metadata else {}
+
+    testset, created = _get_or_create_testset(session, testset_name, directory, settings)
+    protocol_key = testset.protocol_key
+    cases = {c.case_id: c for c in session.scalars(sa.select(Case).where(Case.testset_id == testset.id))}
+    all_ids = sorted({cid for m in models for cid in m.scores})
+    created_cases = 0
+    for case_id in all_ids:
+        if case_id not in cases:
+            case = Case(testset_id=testset.id, case_id=case_id, image_path="", labels_path="",
+                        extra={"source": "touchstone-import"}, **meta.get(case_id, {}))
+            session.add(case)
+            cases[case_id] = case
+            created_cases += 1
+        else:
+            case = cases[case_id]
+            for column, value in meta.get(case_id, {}).items():
+                if getattr(case, column) is None:
+                    setattr(case, column, value)
+    session.flush()
+
+    team = session.scalar(sa.select(Team).where(Team.name == team_name))
+    if team is None:
+        team = Team(name=team_name)
+        session.add(team)
+        session.flush()
+    now = utcnow()
+    submission_ids: list[int] = []
+    n_scores = 0
+    for index, model in enumerate(models):
+        algorithm = session.scalar(sa.select(Algorithm).where(Algorithm.team_id == team.id, Algorithm.name == model.name))
+        if algorithm is None:
+            algorithm = Algorithm(team_id=team.id, name=model.name,
+                                  description="published Touchstone results (imported)")
+            session.add(algorithm)
+            session.flush()
+        submission = session.scalar(
+            sa.select(Submission).where(Submission.algorithm_id == algorithm.id, Submission.testset_id == testset.id,
+                                        Submission.is_baseline.is_(True))
+        )
+        provenance = (f"imported from {model.folder} (dsc.csv sha256 {model.sha256['dsc']}, "
+                      f"nsd.csv sha256 {model.sha256['nsd']}) at {now.isoformat()}")
+        combined = hashlib.sha256((model.sha256["dsc"] + model.sha256["nsd"]).encode()).hexdigest()
+        if submission is None:
+            submission = Submission(
+                algorithm_id=algorithm.id, testset_id=testset.id, team_id=team.id,
+                submitted_by_id=actor.id if actor else None, state=SubmissionState.published,
+                received_at=now, scored_at=now, published_at=now, is_baseline=True, counts_against_quota=False,
+                image_ref=f"touchstone-import:{model.name}",
+            )
+            session.add(submission)
+        submission.image_sha256 = combined
+        submission.validation_log = provenance
+        session.flush()
+        session.execute(sa.delete(Score).where(Score.submission_id == submission.id, Score.protocol_key == protocol_key))
+        rows = [
+            {"submission_id": submission.id, "case_id": cases[case_id].id, "organ": organ, "protocol_key": protocol_key,
+             "dsc": v["dsc"], "nsd": v["nsd"], "status": "ok", "detail": "imported"}
+            for case_id, organs in model.scores.items()
+            for organ, v in organs.items()
+            if v["dsc"] is not None or v["nsd"] is not None
+        ]
+        if rows:
+            session.execute(sa.insert(Score), rows)
+        n_scores += len(rows)
+        submission_ids.append(submission.id)
+        if progress:
+            progress(model.name, index + 1, len(models))
+    session.add(AuditLog(
+        actor_id=actor.id if actor else None, action="results.import_touchstone", target=f"testset:{testset.id}",
+        details={"directory": str(directory), "models": [m.name for m in models], "cases_created": created_cases,
+                 "scores": n_scores},
+    ))
+    session.flush()
+    if recompute:
+        from services.leaderboard import recompute_testset
+
+        recompute_testset(session, testset, submission_ids=submission_ids)
+    return ImportReport(testset=testset.name, created_testset=created, models=[m.name for m in models],
+                        submission_ids=submission_ids, cases_created=created_cases, scores=n_scores)

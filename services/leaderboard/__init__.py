@@ -1,0 +1,19 @@
+"""The leaderboard service: stored statistics of every test set (write side :mod:`.compute`, read
+side :mod:`.queries`). ``finalize`` calls :func:`on_submission_scored` after scoring; the API calls
+it on publish and unpublish. See docs/leaderboard.md."""
+
+from services.leaderboard.compute import (
+    DEFAULT_OPTIONS,
+    METRICS,
+    RANKING_METHODS,
+    STABILITY_METHODS,
+    RecomputeReport,
+    StatsOptions,
+    on_submission_scored,
+    recompute_testset,
+)
+
+__all__ = [
+    "DEFAULT_OPTIONS", "METRICS", "RANKING_METHODS", "RecomputeReport", "STABILITY_METHODS", "StatsOptions",
+    "on_submission_scored", "recompute_testset",
+]

@@ -1,0 +1,178 @@
+"""Server-rendered leaderboard pages (Jinja2, no front-end build step). Public: published data only.
+
+    /                                       -> /leaderboards
+    /leaderboards                           test sets
+    /leaderboards/{testset}?organ=&metric=&method=
+                                            ranked table; organ tabs are plain links (no JS needed);
+                                            a small inline script makes the columns sortable
+    /leaderboards/{testset}/submissions/{id}?organ=&metric=
+                                            box plots per organ, significance heatmap, rank blob
+                                            plot, per-hospital bars
+    /static/...                             CSS
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import sqlalchemy as sa
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi.responses import HTMLResponse, RedirectResponse
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+from sqlalchemy.orm import Session
+
+from evaluation.labels import ORGANS
+from services.api.deps import get_db
+from services.db.enums import SubmissionState
+from services.db.models import Case, Score, Submission
+from services.leaderboard import queries
+from services.leaderboard.compute import METRICS, ORGANS_AND_AVERAGE, RANKING_METHODS
+from services.web import plots
+
+HERE = Path(__file__).resolve().parent
+templates = Jinja2Templates(directory=str(HERE / "templates"))
+router = APIRouter(include_in_schema=False)
+
+METHOD_NAMES = {"mean": "mean (aggregate, then rank)", "median": "median (aggregate, then rank)",
+                "rank-mean": "mean rank (rank, then aggregate)", "test": "significant wins (test, then rank)"}
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _bytes(value) -> str:
+    if value is None:
+        return "–"
+    return f"{value / 1024**3:.1f} GiB"
+
+
+templates.env.filters["fmt"] = _fmt
+templates.env.filters["gib"] = _bytes
+
+
+def _error(request: Request, status: int, message: str) -> HTMLResponse:
+    return templates.TemplateResponse(request, "error.html", {"message": message}, status_code=status)
+
+
+def _check(organ: str, metric: str, method: str = "mean") -> str | None:
+    try:
+        queries.check_params(organ=organ, metric=metric, method=method)
+    except queries.LeaderboardQueryError as exc:
+        return str(exc)
+    return None
+
+
+@router.get("/")
+def home() -> RedirectResponse:
+    return RedirectResponse("/leaderboards", status_code=307)
+
+
+@router.get("/leaderboards", response_class=HTMLResponse)
+def testsets_page(request: Request, db: Session = Depends(get_db)) -> HTMLResponse:
+    return templates.TemplateResponse(request, "index.html", {"testsets": queries.list_testsets(db, "published")})
+
+
+@router.get("/leaderboards/{testset}", response_class=HTMLResponse)
+def leaderboard_page(
+    request: Request,
+    testset: str,
+    organ: str = Query("average"),
+    metric: str = Query("dsc"),
+    method: str = Query("mean"),
+    db: Session = Depends(get_db),
+) -> HTMLResponse:
+    problem = _check(organ, metric, method)
+    if problem:
+        return _error(request, 422, problem)
+    try:
+        ts = queries.get_testset(db, testset)
+    except queries.LeaderboardNotFound as exc:
+        return _error(request, 404, str(exc))
+    board = queries.leaderboard(db, ts, organ=organ, metric=metric, method=method, scope="published")
+    hospitals = queries.breakdown(db, ts, variable="hospital", organ=organ, metric=metric, scope="published")
+    groups = sorted({r["group"] for r in hospitals["rows"]})
+    by_submission: dict[int, dict[str, dict]] = {}
+    for row in hospitals["rows"]:
+        by_submission.setdefault(row["submission_id"], {})[row["group"]] = row
+    return templates.TemplateResponse(
+        request,
+        "leaderboard.html",
+        {"ts": ts, "board": board, "organs": ORGANS_AND_AVERAGE, "metrics": METRICS, "methods": RANKING_METHODS,
+         "method_names": METHOD_NAMES, "organ": organ, "metric": metric, "method": method, "organ_columns": ORGANS,
+         "hospital_groups": groups, "hospital_rows": by_submission},
+    )
+
+
+@router.get("/leaderboards/{testset}/submissions/{submission_id}", response_class=HTMLResponse)
+def submission_page(
+    request: Request,
+    testset: str,
+    submission_id: int,
+    organ: str = Query("average"),
+    metric: str = Query("dsc"),
+    db: Session = Depends(get_db),
+) -> HTMLResponse:
+    problem = _check(organ, metric)
+    if problem:
+        return _error(request, 422, problem)
+    try:
+        ts = queries.get_testset(db, testset)
+    except queries.LeaderboardNotFound as exc:
+        return _error(request, 404, str(exc))
+    submission = db.get(Submission, submission_id)
+    if submission is None or submission.testset_id != ts.id or submission.state is not SubmissionState.published:
+        return _error(request, 404, f"no published submission {submission_id} on {ts.name}")
+    summary = queries.submission_summary(db, ts, submission, scopes=("published",))
+    label = None
+    significance = queries.significance(db, ts, organ=organ, metric=metric, scope="published")
+    labels = [s["label"] for s in significance["submissions"]]
+    for s in significance["submissions"]:
+        if s["submission_id"] == submission_id:
+            label = s["label"]
+    heatmap = (plots.significance_heatmap(labels, significance["p_adjusted"], significance["significant"],
+                                          significance["alpha"] or 0.05, highlight=label)
+               if len(labels) > 1 else None)
+    stab = queries.stability(db, ts, organ=organ, metric=metric, method="mean", scope="published")
+    blobs = plots.rank_blob_plot(
+        [e["label"] for e in stab["entries"]], [e["rank_counts"] for e in stab["entries"]],
+        [e["median_rank"] for e in stab["entries"]], [e["rank_ci_low"] for e in stab["entries"]],
+        [e["rank_ci_high"] for e in stab["entries"]], highlight=label,
+    ) if stab["entries"] else None
+    per_organ: dict[str, list[float]] = {o: [] for o in ORGANS}
+    column = getattr(Score, metric)
+    for organ_name, value in db.execute(
+        sa.select(Score.organ, column).where(Score.submission_id == submission_id,
+                                             Score.protocol_key == ts.protocol_key)
+    ):
+        if organ_name in per_organ and value is not None:
+            per_organ[organ_name].append(value)
+    per_organ = {o: v for o, v in per_organ.items() if v}
+    boxes = plots.box_plots(per_organ, metric) if per_organ else None
+    hospitals = queries.breakdown(db, ts, variable="hospital", organ=organ, metric=metric, scope="published",
+                                  submission_ids=[submission_id])["rows"]
+    bars = plots.group_bars([r["group"] for r in hospitals], [r["mean"] for r in hospitals],
+                            [r["mean_ci_low"] for r in hospitals], [r["mean_ci_high"] for r in hospitals],
+                            [r["n"] for r in hospitals], metric,
+                            f"{organ.replace('_', ' ')}: mean {metric.upper()} per hospital") if hospitals else None
+    n_cases = db.scalar(sa.select(sa.func.count(Case.id)).where(Case.testset_id == ts.id))
+    overall = {(a["organ"], a["metric"]): a for a in summary["aggregates"]}
+    return templates.TemplateResponse(
+        request,
+        "submission.html",
+        {"ts": ts, "s": summary, "organ": organ, "metric": metric, "organs": ORGANS_AND_AVERAGE, "metrics": METRICS,
+         "overall": overall, "heatmap": heatmap, "blobs": blobs, "boxes": boxes, "bars": bars,
+         "hospitals": hospitals, "significance": significance, "stability": stab, "n_cases": n_cases,
+         "label": label},
+    )
+
+
+def install(app: FastAPI) -> None:
+    """Mount the pages and their static files on ``app``."""
+    app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
+    app.include_router(router)
