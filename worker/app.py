@@ -28,7 +28,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import setup_logging, worker_process_init
 from kombu import Queue
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -132,3 +132,11 @@ def _fresh_connections(**_kwargs) -> None:
     from services.db.session import dispose_engines
 
     dispose_engines()
+
+
+@setup_logging.connect
+def _structured_logs(loglevel=None, **_kwargs) -> None:
+    """Celery's and the tasks' records go through the one structured-log setup (services/observability.py)."""
+    from services.observability import configure_logging
+
+    configure_logging("worker", loglevel or get_settings().log_level)
