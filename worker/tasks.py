@@ -47,6 +47,7 @@ from services.db.models import AuditLog, Case, CaseRun, Shard, Submission, TestS
 from services.db.session import get_sessionmaker, session_scope
 from services.db.states import transition
 from services.storage import Storage
+from evaluation.io import GroundTruthError
 from worker import pipeline
 from worker.app import CPU_QUEUE, GPU_QUEUE, app, worker_settings
 from worker.outputs import check_outputs
@@ -541,28 +542,27 @@ def protocol_of(testset: TestSet):
     return _protocols[key]
 
 
-def worst_rows(protocol, status: str, detail: str | None) -> list[pipeline.ScoreValues]:
-    """The protocol's worst score for every organ (a missing or invalid prediction)."""
-    worst = protocol.worst
+def _values(rows) -> list[pipeline.ScoreValues]:
     return [
-        pipeline.ScoreValues(organ=organ, status=status, detail=detail,
-                             **{m: (worst.get(m) if m in protocol.metrics else None) for m in ("dsc", "nsd", "hd95", "assd")})
-        for organ in protocol.organs
+        pipeline.ScoreValues(organ=r.organ, dsc=r.dsc, nsd=r.nsd, hd95=r.hd95, assd=r.assd,
+                             status=r.status or "ok", detail=r.detail or None)
+        for r in rows
     ]
+
+
+def worst_rows(case: Case, protocol, status: str, detail: str | None) -> list[pipeline.ScoreValues]:
+    """The protocol's worst score for every organ (a missing or invalid prediction)."""
+    from evaluation.scoring import worst_rows as evaluation_worst_rows
+
+    return _values(evaluation_worst_rows(case.case_id, protocol, status, detail or ""))
 
 
 def prediction_rows(case: Case, prediction_dir: Path, protocol) -> list[pipeline.ScoreValues]:
-    """Score one prediction against the case's labels (evaluation.scoring; it never raises for a
-    bad prediction, it answers the worst score and a status)."""
+    """Score one prediction against the case's labels (:func:`evaluation.scoring.score_case`
+    never raises for a bad prediction: it answers the worst score and a status)."""
     from evaluation.scoring import score_case
 
-    rows = score_case(case.case_id, Path(case.labels_path), prediction_dir, protocol)
-    return [
-        pipeline.ScoreValues(organ=r.organ, dsc=getattr(r, "dsc", None), nsd=getattr(r, "nsd", None),
-                             hd95=getattr(r, "hd95", None), assd=getattr(r, "assd", None),
-                             status=getattr(r, "status", "ok") or "ok", detail=getattr(r, "detail", None))
-        for r in rows
-    ]
+    return _values(score_case(case.case_id, Path(case.labels_path), prediction_dir, protocol))
 
 
 @app.task(name="touchstone.score")
@@ -582,10 +582,20 @@ def score(submission_id: int, shard_id: int | None, items: list[list[Any]]) -> s
         if case_pk in done:
             continue  # scored by an earlier delivery: never scored twice
         started = time.perf_counter()
-        if status == "ok" and prediction:
-            rows = prediction_rows(cases[case_pk], _storage_root() / prediction, protocol)
-        else:
-            rows = worst_rows(protocol, status, detail)
+        try:
+            if status == "ok" and prediction:
+                rows = prediction_rows(cases[case_pk], _storage_root() / prediction, protocol)
+            else:
+                rows = worst_rows(cases[case_pk], protocol, status, detail)
+        except GroundTruthError as exc:
+            # the organizer's data, not the submission: stop and say which case to fix
+            with session_scope() as session:
+                sub = pipeline.lock_submission(session, submission_id)
+                if sub is not None:
+                    pipeline.fail_submission(session, sub, (
+                        f"The ground truth of case {case_id} cannot be used ({exc}); an organizer must fix the "
+                        "test set and re-run the submission."))
+            return f"failed: ground truth of {case_id}"
         seconds = time.perf_counter() - started
         with session_scope() as session:
             written += pipeline.insert_scores_ignore(session, submission_id, case_pk, key, rows)
