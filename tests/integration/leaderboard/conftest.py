@@ -162,3 +162,9 @@ def session(world):
     with Session(engine) as s:
         yield s
     engine.dispose()
+
+
+@pytest.fixture()
+def writers():
+    """(write_touchstone_dir, write_metadata) for tests that build their own folders."""
+    return write_touchstone_dir, write_metadata
