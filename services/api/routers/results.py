@@ -111,25 +111,22 @@ def submission_scores(
     """Per-case scores. Organizers: any submission. Analysts: published ones. Inventors: their own
     team's submissions, public-sample cases only (hidden per-case results are never shown to them)."""
     submission = _submission_for_results(db, submission_id)
-    query = sa.select(Score, Case.case_id, Case.hospital).join(Case, Case.id == Score.case_id).where(
-        Score.submission_id == submission_id
-    )
+    columns = (Case.case_id, Case.hospital, Score.organ, Score.protocol_key, Score.dsc, Score.nsd, Score.hd95,
+               Score.assd, Score.status, Score.detail)
+    conditions = [Score.submission_id == submission_id]
     if user.role is Role.analyst:
         if submission.state is not SubmissionState.published:
             raise ApiError(f"no submission {submission_id} with results visible to you", 404)
     elif user.role is Role.inventor:
         if submission.team_id != user.team_id:
             raise ApiError(f"no submission {submission_id} with results visible to you", 404)
-        query = query.where(Case.public_sample.is_(True))
+        conditions.append(Case.public_sample.is_(True))
     if organ:
-        query = query.where(Score.organ == organ)
-    total = db.scalar(sa.select(sa.func.count()).select_from(query.subquery()))
-    rows = db.execute(query.order_by(Score.id).offset(offset).limit(limit)).all()
-    items = [
-        ScoreOut(
-            case_id=case_id, hospital=hospital, organ=s.organ, protocol_key=s.protocol_key, dsc=s.dsc, nsd=s.nsd,
-            hd95=s.hd95, assd=s.assd, status=s.status, detail=s.detail,
-        )
-        for s, case_id, hospital in rows
-    ]
+        conditions.append(Score.organ == organ)
+    total = db.scalar(sa.select(sa.func.count(Score.id)).join(Case, Case.id == Score.case_id).where(*conditions))
+    rows = db.execute(
+        sa.select(*columns).join(Case, Case.id == Score.case_id).where(*conditions)
+        .order_by(Score.id).offset(offset).limit(limit)
+    ).all()
+    items = [ScoreOut(**row._mapping) for row in rows]
     return ScorePage(submission_id=submission_id, total=total or 0, offset=offset, limit=limit, items=items)
