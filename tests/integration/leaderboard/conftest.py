@@ -168,3 +168,9 @@ def session(world):
 def writers():
     """(write_touchstone_dir, write_metadata) for tests that build their own folders."""
     return write_touchstone_dir, write_metadata
+
+
+@pytest.fixture()
+def world_builder():
+    """build_world(url, root) for tests on another database (PostgreSQL)."""
+    return build_world
