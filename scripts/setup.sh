@@ -7,7 +7,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 log() { printf '\033[1;34m[setup]\033[0m %s\n' "$*" >&2; }
 
-APT_PACKAGES=(docker.io redis-server postgresql mmdebstrap chromium python3-venv ca-certificates)
+APT_PACKAGES=(docker.io docker-compose redis-server postgresql mmdebstrap chromium python3-venv ca-certificates)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
