@@ -97,7 +97,11 @@ def label_boxes(label_map: np.ndarray, labels: list[int]) -> dict[int, Box | Non
         # negative values are rare, so a copy is acceptable there.
         if lm.dtype.itemsize > 4 or lm.dtype.kind == "i":
             lm = np.where((lm > 0) & (lm <= max_label), lm, 0).astype(np.int32)
-    objects = ndimage.find_objects(lm, max_label=max_label)
+    if lm.flags.f_contiguous and not lm.flags.c_contiguous:
+        # find_objects walks memory in C order: on a Fortran array use its C-ordered transpose
+        objects = [None if sl is None else sl[::-1] for sl in ndimage.find_objects(lm.T, max_label=max_label)]
+    else:
+        objects = ndimage.find_objects(lm, max_label=max_label)
     out: dict[int, Box | None] = {}
     for lab in labels:
         sl = objects[lab - 1] if 0 < lab <= len(objects) else None
@@ -151,20 +155,24 @@ def voxel_edge_grid(padded: np.ndarray) -> np.ndarray:
     return grid
 
 
-def neighbour_codes(padded: np.ndarray) -> np.ndarray:
+def neighbour_codes(padded: np.ndarray, reversed_axes: bool = False) -> np.ndarray:
     """DeepMind's 8-bit neighbour code of every voxel corner of the padded crop.
 
     For corner ``(i, j, k)`` (between voxels ``i-1`` and ``i`` of the unpadded crop on each axis)
     ``code = Σ_{a,b,c∈{0,1}} 2^(7-4a-2b-c) · m[i+a, j+b, k+c]`` over the padded mask ``m`` — the same
     value ``scipy.ndimage.correlate(mask, ENCODE_NEIGHBOURHOOD_3D_KERNEL, mode="constant")`` gives
-    in ``surface_distance.compute_surface_distances``, computed separably in three passes.
+    in ``surface_distance.compute_surface_distances``, computed separably in three passes
+    (offset 0 along axis 0, 1, 2 multiplies by 16, 4, 2). ``reversed_axes``: ``padded`` is the
+    transpose of the mask (a Fortran-ordered input seen in memory order); the codes are still
+    those of the untransposed mask.
     """
     m = padded
-    t = m[:, :, :-1] * np.uint8(2)
+    f0, f1, f2 = (2, 4, 16) if reversed_axes else (16, 4, 2)
+    t = m[:, :, :-1] * np.uint8(f2)
     t += m[:, :, 1:]
-    u = t[:, :-1, :] * np.uint8(4)
+    u = t[:, :-1, :] * np.uint8(f1)
     u += t[:, 1:, :]
-    code = u[:-1] * np.uint8(16)
+    code = u[:-1] * np.uint8(f0)
     code += u[1:]
     return code
 
@@ -179,13 +187,16 @@ def surfel_area_table(spacing_mm: tuple[float, float, float]) -> np.ndarray:
     return table
 
 
-def surfels(padded: np.ndarray, spacing_mm: tuple[float, float, float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def surfels(
+    padded: np.ndarray, spacing_mm: tuple[float, float, float], reversed_axes: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Surface elements of a padded crop: corner coordinates ``(n, 3)``, their areas (mm²) and the border grid.
 
     A corner carries a surfel when its 2x2x2 neighbourhood is neither all background (code 0) nor
     all foreground (code 255). The grid is boolean over all corners, ``True`` on surfels.
+    Coordinates are in the axis order of the grid (reverse them for ``reversed_axes``).
     """
-    code = neighbour_codes(padded)
+    code = neighbour_codes(padded, reversed_axes)
     border = code != 0
     border &= code != 255
     coords = np.argwhere(border)
@@ -276,6 +287,7 @@ def within_flat(
     radius_mm: float,
     definition: str,
     coord_origin: int = 0,
+    reversed_axes: bool = False,
 ) -> np.ndarray:
     """Boolean per query point: is a ``True`` voxel of ``target_grid`` within ``radius_mm`` of it?
 
@@ -284,8 +296,11 @@ def within_flat(
     are tried nearest first and resolved points drop out, so points on or next to the other
     surface cost one or two look-ups and only far points try the whole ball. ``coord_origin`` is
     subtracted from grid indices to get the oracle's coordinates (voxel mode, ambiguous offsets).
+    ``reversed_axes``: the grid is the transpose of the volume (offsets and spacing stay in the
+    volume's axis order; only the memory look-ups are transposed).
     """
     sure, ambiguous = ball_offsets(spacing_mm, float(radius_mm), definition)
+    flip = (lambda a: a[:, ::-1]) if reversed_axes else (lambda a: a)
     n = len(query_flat)
     hit = np.zeros(n, dtype=bool)
     if n == 0:
@@ -295,7 +310,7 @@ def within_flat(
     strides = np.array([shape[1] * shape[2], shape[2], 1], dtype=np.int64)
     remaining = np.arange(n)
     rem_lin = query_flat
-    for off in (sure @ strides).tolist():
+    for off in (flip(sure) @ strides).tolist():
         found = flat[rem_lin + off]
         if found.any():
             keep = ~found
@@ -307,10 +322,10 @@ def within_flat(
     if len(ambiguous) and len(remaining):
         s = np.asarray(spacing_mm, dtype=np.float64)
         r32 = np.float32(radius_mm)
-        for o, off in zip(ambiguous, (ambiguous @ strides).tolist()):
+        for o, off in zip(ambiguous, (flip(ambiguous) @ strides).tolist()):
             found = flat[rem_lin + off]
             if found.any():
-                q = np.stack(np.unravel_index(rem_lin[found], shape), axis=1).astype(np.float64) - coord_origin
+                q = flip(np.stack(np.unravel_index(rem_lin[found], shape), axis=1)).astype(np.float64) - coord_origin
                 d = kdtree_distance(q + o, q, s).astype(np.float32)
                 ok = np.zeros(len(remaining), bool)
                 ok[np.flatnonzero(found)[d <= r32]] = True

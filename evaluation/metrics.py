@@ -191,11 +191,16 @@ def _distances_from_padded(
     definition: SurfaceDefinition,
     max_distance_mm: float,
     nearest: NearestFn,
+    reversed_axes: bool = False,
 ) -> SurfaceDistances:
     bound = _bound_for(max_distance_mm)
+
+    def orient(coords: np.ndarray) -> np.ndarray:  # back to the volume's axis order
+        return np.ascontiguousarray(coords[:, ::-1]) if reversed_axes else coords
+
     if definition == "voxel":
-        pc = _surface.voxel_edges(pred_padded)
-        gc = _surface.voxel_edges(gt_padded)
+        pc = orient(_surface.voxel_edges(pred_padded))
+        gc = orient(_surface.voxel_edges(gt_padded))
         if len(pc) == 0 and len(gc) == 0:
             empty = np.zeros(0, np.float32)
             return SurfaceDistances("voxel", empty, empty, empty, empty)
@@ -211,8 +216,9 @@ def _distances_from_padded(
     if definition != "surfel":
         raise ValueError(f"unknown surface definition {definition!r}; use 'voxel' or 'surfel'")
     sp = (float(spacing[0]), float(spacing[1]), float(spacing[2]))
-    pc, pa, _ = _surface.surfels(pred_padded, sp)
-    gc, ga, _ = _surface.surfels(gt_padded, sp)
+    pc, pa, _ = _surface.surfels(pred_padded, sp, reversed_axes)
+    gc, ga, _ = _surface.surfels(gt_padded, sp, reversed_axes)
+    pc, gc = orient(pc), orient(gc)
     d_gp = _directed(gc, pc, spacing, "surfel", bound, nearest)
     d_pg = _directed(pc, gc, spacing, "surfel", bound, nearest)
     return SurfaceDistances("surfel", d_gp, d_pg, ga, pa)
@@ -225,6 +231,7 @@ def nsd_from_crops(
     definition: SurfaceDefinition,
     tolerance_mm: float,
     margin: int,
+    reversed_axes: bool = False,
 ) -> float:
     """NSD straight from the surfaces, without distances: only "is the other surface within τ?".
 
@@ -242,13 +249,13 @@ def nsd_from_crops(
         if len(p_flat) == 0 or len(g_flat) == 0:
             return 0.0
         origin = margin - 1  # MONAI's crop starts one voxel before the bounding box
-        ok = int(np.count_nonzero(_surface.within_flat(g_flat, p_grid, sp, tolerance_mm, "voxel", origin)))
-        ok += int(np.count_nonzero(_surface.within_flat(p_flat, g_grid, sp, tolerance_mm, "voxel", origin)))
+        ok = int(np.count_nonzero(_surface.within_flat(g_flat, p_grid, sp, tolerance_mm, "voxel", origin, reversed_axes)))
+        ok += int(np.count_nonzero(_surface.within_flat(p_flat, g_grid, sp, tolerance_mm, "voxel", origin, reversed_axes)))
         return ok / (len(p_flat) + len(g_flat))
     if definition != "surfel":
         raise ValueError(f"unknown surface definition {definition!r}; use 'voxel' or 'surfel'")
-    p_code = _surface.neighbour_codes(pred_padded)
-    g_code = _surface.neighbour_codes(gt_padded)
+    p_code = _surface.neighbour_codes(pred_padded, reversed_axes)
+    g_code = _surface.neighbour_codes(gt_padded, reversed_axes)
     p_flat = np.flatnonzero((p_code != 0) & (p_code != 255))
     g_flat = np.flatnonzero((g_code != 0) & (g_code != 255))
     table = _surface.surfel_area_table(sp)
@@ -259,8 +266,8 @@ def nsd_from_crops(
         return float("nan")
     p_grid = (p_code != 0) & (p_code != 255)
     g_grid = (g_code != 0) & (g_code != 255)
-    overlap_gt = np.sum(ga[_surface.within_flat(g_flat, p_grid, sp, tolerance_mm, "surfel")])
-    overlap_pred = np.sum(pa[_surface.within_flat(p_flat, g_grid, sp, tolerance_mm, "surfel")])
+    overlap_gt = np.sum(ga[_surface.within_flat(g_flat, p_grid, sp, tolerance_mm, "surfel", 0, reversed_axes)])
+    overlap_pred = np.sum(pa[_surface.within_flat(p_flat, g_grid, sp, tolerance_mm, "surfel", 0, reversed_axes)])
     return float((overlap_gt + overlap_pred) / total)
 
 
@@ -430,6 +437,10 @@ def average_symmetric_surface_distance(sd: SurfaceDistances) -> float:
 # --------------------------------------------------------------------------------------------
 # one call for all organs of a case
 # --------------------------------------------------------------------------------------------
+def _is_fortran(a: np.ndarray) -> bool:
+    return bool(a.flags.f_contiguous and not a.flags.c_contiguous)
+
+
 class _Source:
     """One side of a case (prediction or ground truth) in either layout, with per-organ access."""
 
@@ -527,9 +538,18 @@ class CaseScorer:
             if self._nsd_only:
                 sp = (float(spacing[0]), float(spacing[1]), float(spacing[2]))
                 margin = 1 + _surface.ball_reach(sp, protocol.nsd_tolerance_mm[organ], protocol.surface)
-            p_pad = _surface.padded_crop(p_arr, box, p_label, margin)
-            g_pad = _surface.padded_crop(g_arr, box, g_label, margin)
-            results[organ] = self._score_organ(organ, p_pad, g_pad, spacing, margin)
+            # Fortran-ordered volumes (as nibabel gives them) are cropped through their C-ordered
+            # transpose, so every copy reads memory in order; the geometry stays in volume axes.
+            rev = _is_fortran(g_arr) or (_is_fortran(p_arr) and not g_arr.flags.c_contiguous)
+            if rev:
+                tbox = (box[2], box[1], box[0])
+                p_pad = _surface.padded_crop(p_arr.T, tbox, p_label, margin)
+                g_pad = _surface.padded_crop(g_arr.T, tbox, g_label, margin)
+            else:
+                p_pad = _surface.padded_crop(p_arr, box, p_label, margin)
+                g_pad = _surface.padded_crop(g_arr, box, g_label, margin)
+            del p_arr, g_arr
+            results[organ] = self._score_organ(organ, p_pad, g_pad, spacing, margin, rev)
         return results
 
     @property
@@ -537,7 +557,7 @@ class CaseScorer:
         return [m for m in self.metrics if m in SURFACE_METRICS] == ["nsd"]
 
     def _score_organ(
-        self, organ: str, p_pad: np.ndarray, g_pad: np.ndarray, spacing: np.ndarray, margin: int
+        self, organ: str, p_pad: np.ndarray, g_pad: np.ndarray, spacing: np.ndarray, margin: int, rev: bool
     ) -> dict[str, float]:
         protocol = self.protocol
         out: dict[str, float] = {}
@@ -551,9 +571,9 @@ class CaseScorer:
             tol = protocol.nsd_tolerance_mm[organ]
             if wanted == ["nsd"]:
                 # only "within τ?" matters: offset look-ups, no nearest-point search
-                out["nsd"] = nsd_from_crops(p_pad, g_pad, spacing, protocol.surface, tol, margin)
+                out["nsd"] = nsd_from_crops(p_pad, g_pad, spacing, protocol.surface, tol, margin, rev)
                 return {m: out[m] for m in self.metrics}
-            sd = _distances_from_padded(p_pad, g_pad, spacing, protocol.surface, float("inf"), self.nearest)
+            sd = _distances_from_padded(p_pad, g_pad, spacing, protocol.surface, float("inf"), self.nearest, rev)
             if "nsd" in wanted:
                 out["nsd"] = normalized_surface_dice(sd, tol)
             if "hd95" in wanted:

@@ -1,0 +1,149 @@
+"""Protocols: presets, serialisation round trips, immutability, load errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pydantic
+import pytest
+import yaml
+
+from evaluation.labels import LABEL_IDS
+from evaluation.protocols import PRESETS, Protocol, list_presets, load_protocol
+
+FLARE22_MM = {
+    "liver": 5.0,
+    "kidney_left": 3.0,
+    "kidney_right": 3.0,
+    "spleen": 3.0,
+    "pancreas": 5.0,
+    "aorta": 2.0,
+    "postcava": 2.0,
+    "gall_bladder": 2.0,
+    "stomach": 5.0,
+}
+
+
+def test_presets_listed_and_loadable():
+    assert list_presets() == ["nsd-deepmind", "touchstone"]
+    assert set(PRESETS) == {"nsd-deepmind", "touchstone"}
+    for name in list_presets():
+        p = load_protocol(name)
+        assert p is PRESETS[name]
+        assert p.key == f"{name}@1"
+        assert p.organs == LABEL_IDS
+
+
+def test_touchstone_preset_reproduces_published_evaluation():
+    p = load_protocol("touchstone")
+    assert p.surface == "voxel"
+    assert p.dsc_variant == "touchstone"
+    assert p.metrics == ("dsc", "nsd")
+    assert p.nsd_tolerance_mm == {organ: 1.5 for organ in LABEL_IDS}
+    # organs absent from the ground truth were skipped (NaN) by Touchstone
+    assert all(math.isnan(v) for v in p.empty.gt_empty.values())
+    assert all(math.isnan(v) for v in p.empty.both_empty.values())
+    assert p.empty.pred_empty["dsc"] == 0.0 and p.empty.pred_empty["nsd"] == 0.0
+    assert p.worst["dsc"] == 0.0 and p.worst["nsd"] == 0.0
+
+
+def test_nsd_deepmind_preset_uses_flare22_tolerances_and_surfels():
+    p = load_protocol("nsd-deepmind")
+    assert p.surface == "surfel"
+    assert p.dsc_variant == "standard"
+    assert p.metrics == ("dsc", "nsd", "hd95", "assd")
+    assert p.nsd_tolerance_mm == FLARE22_MM
+    assert p.empty.both_empty == {"dsc": 1.0, "nsd": 1.0, "hd95": 0.0, "assd": 0.0}
+    assert p.empty.pred_empty["hd95"] == math.inf
+
+
+@pytest.mark.parametrize("name", ["touchstone", "nsd-deepmind"])
+def test_round_trip_json_and_yaml_keep_content_hash(name, tmp_path):
+    p = load_protocol(name)
+    from_json = Protocol.model_validate_json(p.to_json())
+    from_yaml = Protocol.model_validate(yaml.safe_load(p.to_yaml()))
+    assert from_json.content_hash == p.content_hash
+    assert from_yaml.content_hash == p.content_hash
+    (tmp_path / "p.json").write_text(p.to_json())
+    (tmp_path / "p.yaml").write_text(p.to_yaml())
+    assert load_protocol(tmp_path / "p.json").content_hash == p.content_hash
+    assert load_protocol(str(tmp_path / "p.yaml")).content_hash == p.content_hash
+
+
+def test_content_hash_is_stable_and_changes_with_any_field():
+    p = load_protocol("nsd-deepmind")
+    assert len(p.content_hash) == 64
+    assert Protocol.model_validate(p.to_dict()).content_hash == p.content_hash
+    tol = dict(p.nsd_tolerance_mm, liver=4.0)
+    changed = Protocol.model_validate({**p.to_dict(), "nsd_tolerance_mm": tol})
+    assert changed.content_hash != p.content_hash
+    bumped = Protocol.model_validate({**p.to_dict(), "version": 2})
+    assert bumped.content_hash != p.content_hash and bumped.key == "nsd-deepmind@2"
+
+
+def test_protocol_is_immutable():
+    p = load_protocol("touchstone")
+    with pytest.raises(pydantic.ValidationError):
+        p.version = 2
+    with pytest.raises(pydantic.ValidationError):
+        p.surface = "surfel"
+
+
+def test_metrics_are_validated_and_ordered():
+    data = load_protocol("nsd-deepmind").to_dict()
+    p = Protocol.model_validate({**data, "metrics": ["assd", "dsc"]})
+    assert p.metrics == ("dsc", "assd")
+    with pytest.raises(pydantic.ValidationError, match="unknown metrics"):
+        Protocol.model_validate({**data, "metrics": ["dice"]})
+
+
+def test_nsd_needs_a_tolerance_for_every_organ():
+    data = load_protocol("touchstone").to_dict()
+    tol = dict(data["nsd_tolerance_mm"])
+    del tol["liver"]
+    with pytest.raises(pydantic.ValidationError, match="liver"):
+        Protocol.model_validate({**data, "nsd_tolerance_mm": tol})
+
+
+def test_empty_rules_need_every_enabled_metric():
+    data = load_protocol("touchstone").to_dict()
+    data = {**data, "metrics": ["dsc", "nsd", "hd95"]}
+    data["empty"] = {**data["empty"], "pred_empty": {"dsc": 0.0, "nsd": 0.0}}
+    with pytest.raises(pydantic.ValidationError, match="empty.pred_empty needs a value for metrics"):
+        Protocol.model_validate(data)
+
+
+def test_load_unknown_preset_names_the_presets():
+    with pytest.raises(ValueError, match="unknown protocol 'flare'.*touchstone"):
+        load_protocol("flare")
+
+
+def test_load_missing_file_says_so(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        load_protocol(tmp_path / "nope.yaml")
+
+
+def test_load_broken_yaml_and_json(tmp_path):
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("name: [unclosed\n")
+    with pytest.raises(ValueError, match="cannot be read"):
+        load_protocol(bad_yaml)
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text("{not json")
+    with pytest.raises(ValueError, match="cannot be read"):
+        load_protocol(bad_json)
+    not_mapping = tmp_path / "list.yaml"
+    not_mapping.write_text("- a\n- b\n")
+    with pytest.raises(ValueError, match="mapping"):
+        load_protocol(not_mapping)
+
+
+def test_load_invalid_fields_names_the_field_and_the_fix(tmp_path):
+    data = load_protocol("touchstone").to_dict()
+    data["surface"] = "mesh"
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"surface.*fix those fields"):
+        load_protocol(path)
+
