@@ -27,7 +27,9 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
-def _progress() -> Progress:
+def _progress(auto_refresh: bool = True) -> Progress:
+    """A progress bar on stderr. ``auto_refresh=False`` runs no refresh thread (the caller refreshes),
+    so worker processes can be forked safely."""
     return Progress(
         TextColumn("[progress.description]{task.description}"),
         BarColumn(),
@@ -36,6 +38,7 @@ def _progress() -> Progress:
         TimeRemainingColumn(),
         console=_console,
         transient=False,
+        auto_refresh=auto_refresh,
     )
 
 
@@ -121,9 +124,14 @@ def evaluate(
 
     started = time.perf_counter()
     try:
-        with _progress() as bar:
+        with _progress(auto_refresh=False) as bar:
             task = bar.add_task(f"scoring ({proto.key}, {workers} worker(s))", total=len(todo))
-            rows = score_cases(todo, proto, workers=workers, progress=lambda case_id, _rows: bar.advance(task))
+
+            def advance(_case_id: str, _rows: list) -> None:
+                bar.advance(task)
+                bar.refresh()
+
+            rows = score_cases(todo, proto, workers=workers, progress=advance)
     except GroundTruthError as exc:
         _fail(f"{exc}\nFix the test set's labels (or leave the case out with --cases-from); nothing was written.")
     elapsed = time.perf_counter() - started

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import multiprocessing
 import os
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass
@@ -153,10 +154,12 @@ def _score_in_worker(case: CaseToScore) -> list[ScoreRow]:
 
 
 def _pool_context():
-    """forkserver where available: workers fork from a clean server process that has already
-    imported numpy/scipy/nibabel (fast start) and never inherit the parent's threads (the progress
-    bar's refresh thread) -- plain fork after threads can deadlock."""
+    """``fork`` when this process runs a single thread (workers start at once, modules already
+    imported); otherwise ``forkserver`` (workers fork from a clean server process that imported
+    the modules once), because forking a process with other threads can deadlock the child."""
     methods = multiprocessing.get_all_start_methods()
+    if "fork" in methods and threading.active_count() == 1:
+        return multiprocessing.get_context("fork")
     if "forkserver" in methods:
         ctx = multiprocessing.get_context("forkserver")
         ctx.set_forkserver_preload(["evaluation.scoring"])
