@@ -20,12 +20,19 @@ if ! docker image inspect "$STACK_BASE" >/dev/null 2>&1; then
   docker import "$tmp/rootfs.tar" "$STACK_BASE" >/dev/null
 fi
 PY=".venv/bin/python"; [ -x "$PY" ] || PY=python3
-if [ ! -f build/wheelhouse/.complete ] || [ pyproject.toml -nt build/wheelhouse/.complete ]; then
-  log "building the wheelhouse (build/wheelhouse)"
+# The dependencies' wheels are cached until pyproject.toml changes (its hash is kept in the
+# wheelhouse); Touchstone's own wheel is rebuilt every time, so the image has the current code.
+PYPROJECT_SHA="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+if [ "$(cat build/wheelhouse/.pyproject.sha256 2>/dev/null)" != "$PYPROJECT_SHA" ]; then
+  log "building the wheelhouse of the dependencies (build/wheelhouse; a few minutes the first time)"
   rm -rf build/wheelhouse; mkdir -p build/wheelhouse
   "$PY" -m pip wheel -q --wheel-dir build/wheelhouse '.[prod]' >&2
-  touch build/wheelhouse/.complete
+  echo "$PYPROJECT_SHA" > build/wheelhouse/.pyproject.sha256
 fi
+log "building the touchstone wheel"
+rm -f build/wheelhouse/touchstone-*.whl
+rm -rf build/lib build/bdist.* ./*.egg-info
+"$PY" -m pip wheel -q --no-deps --wheel-dir build/wheelhouse . >&2
 log "building touchstone/app:latest"
 docker build -q --build-arg BASE_IMAGE="$STACK_BASE" -t touchstone/app:latest . >&2
 log "building touchstone/postgres:local and touchstone/redis:local"
