@@ -440,6 +440,7 @@ def _run_shard(shard_id: int, owner: str, *, submission_id: int, index: int, att
     label = f"shard-{index}"
     # an earlier attempt's container may still run on this node (its worker was killed): stop it
     runtime.cancel(str(submission_id), label)
+    _remove_leftovers(runtime, submission_id, label)
     workdir = _fresh_run_dir(submission_id, label)
     try:
         try:
@@ -503,6 +504,21 @@ def _run_shard(shard_id: int, owner: str, *, submission_id: int, index: int, att
     if ready:
         finalize.apply_async(args=[submission_id], queue=CPU_QUEUE)
     return f"ran {len(cases)} case(s) in attempt {attempt}: {len(report.ok_cases)} ok"
+
+
+def _remove_leftovers(runtime: ContainerRuntime, submission_id: int, label: str) -> None:
+    """Remove the (killed) containers of earlier attempts whose worker died before removing them."""
+    client = getattr(runtime, "client", None)  # the Docker runtime's engine client
+    if client is None:
+        return
+    from worker.runtime.base import LABEL_SHARD, LABEL_SUBMISSION
+
+    try:
+        for container in client.containers.list(all=True, filters={
+                "label": [f"{LABEL_SUBMISSION}={submission_id}", f"{LABEL_SHARD}={label}"]}):
+            container.remove(force=True)
+    except Exception:  # noqa: BLE001 - clean-up must not stop the retry
+        log.exception("removing leftover containers of submission %s %s", submission_id, label)
 
 
 def _shard_error(shard_id: int, owner: str, message: str) -> str:
