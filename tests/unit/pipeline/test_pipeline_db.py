@@ -1,0 +1,135 @@
+"""worker.pipeline on a real SQLite database: shards, idempotent scores, ownership, completion."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import socket
+
+import pytest
+import sqlalchemy as sa
+
+from services.db.enums import Role, ShardState
+from services.db.enums import SubmissionState as S
+from services.db.models import Algorithm, Case, Score, Shard, Submission, Team, TestSet, User
+from worker import pipeline
+
+
+@pytest.fixture
+def session(tmp_path):
+    from services.db import migrate
+    from services.db.session import create_db_engine
+    from sqlalchemy.orm import Session
+
+    url = f"sqlite:///{tmp_path / 'unit.db'}"
+    migrate.upgrade("head", url)
+    engine = create_db_engine(url)
+    with Session(engine, expire_on_commit=False) as db:
+        yield db
+    engine.dispose()
+
+
+def _setup(db, n_hidden=5, n_public=1, shard_size=2):
+    team = Team(name="t")
+    db.add(team)
+    db.flush()
+    user = User(name="u", role=Role.inventor, team_id=team.id)
+    algo = Algorithm(team_id=team.id, name="a")
+    testset = TestSet(name="ts", protocol_name="touchstone", protocol_version="1", protocol_key="touchstone@1",
+                      protocol_json={}, manifest_sha256="0" * 64, root_path="/", time_per_case_s=10, memory_bytes=1 << 30,
+                      gpus=0, shm_bytes=1 << 26, pids_limit=64, shard_size=shard_size, quota_submissions=9,
+                      quota_period_days=7)
+    db.add_all([user, algo, testset])
+    db.flush()
+    for i in range(n_hidden + n_public):
+        db.add(Case(testset_id=testset.id, case_id=f"c{i}", image_path=f"/x/c{i}.nii.gz", labels_path="/x",
+                    public_sample=i >= n_hidden))
+    sub = Submission(algorithm_id=algo.id, testset_id=testset.id, team_id=team.id, state=S.queued)
+    db.add(sub)
+    db.commit()
+    return sub, testset
+
+
+def test_cut_into_shards():
+    assert pipeline.cut_into_shards(["a", "b", "c", "d", "e"], 2) == [["a", "b"], ["c", "d"], ["e"]]
+    assert pipeline.cut_into_shards(["a", "b"], 1) == [["a"], ["b"]]
+    assert pipeline.cut_into_shards([], 3) == []
+    with pytest.raises(ValueError):
+        pipeline.cut_into_shards(["a"], 0)
+
+
+def test_shards_cover_hidden_cases_once_and_are_idempotent(session):
+    sub, testset = _setup(session, n_hidden=5, shard_size=2)
+    shards = pipeline.create_shards(session, sub, testset)
+    assert [s.case_ids for s in shards] == [["c0", "c1"], ["c2", "c3"], ["c4"]]  # c5 is public
+    again = pipeline.create_shards(session, sub, testset)
+    assert [s.id for s in again] == [s.id for s in shards]
+
+
+def test_scores_insert_ignore_on_the_unique_key(session):
+    sub, testset = _setup(session)
+    case = session.scalar(sa.select(Case).where(Case.case_id == "c0"))
+    rows = [pipeline.ScoreValues("liver", 0.9, 0.8, None, None, "ok"),
+            pipeline.ScoreValues("spleen", float("nan"), 0.1, float("inf"), 1.0, "ok")]
+    assert pipeline.insert_scores_ignore(session, sub.id, case.id, "touchstone@1", rows) == 2
+    changed = [pipeline.ScoreValues("liver", 0.1, 0.1, None, None, "ok")]
+    assert pipeline.insert_scores_ignore(session, sub.id, case.id, "touchstone@1", changed) == 0
+    session.commit()
+    stored = {s.organ: s for s in session.scalars(sa.select(Score))}
+    assert len(stored) == 2 and stored["liver"].dsc == 0.9  # the first write wins, nothing doubled
+    assert stored["spleen"].dsc is None and stored["spleen"].hd95 is None  # NaN/inf stored as NULL
+    assert pipeline.scored_case_pks(session, sub.id, "touchstone@1") == {case.id}
+    assert pipeline.scored_case_pks(session, sub.id, "other@1") == set()
+
+
+def test_advance_walks_the_state_machine_and_waits_for_scores(session):
+    sub, testset = _setup(session, n_hidden=2, shard_size=2)
+    (shard,) = pipeline.create_shards(session, sub, testset)
+    sub = pipeline.lock_submission(session, sub.id)
+    assert pipeline.advance(session, sub) is False and sub.state is S.queued  # a shard is pending
+    shard.state = ShardState.succeeded
+    assert pipeline.advance(session, sub) is False  # no scores yet
+    assert sub.state is S.evaluating and sub.running_at and sub.evaluating_at
+    for case in session.scalars(sa.select(Case).where(Case.public_sample.is_(False))):
+        pipeline.insert_scores_ignore(session, sub.id, case.id, "touchstone@1",
+                                      [pipeline.ScoreValues("liver", 1.0, 1.0, 0.0, 0.0, "ok")])
+    assert pipeline.advance(session, sub) is True
+    sub.state = S.cancelled
+    assert pipeline.advance(session, sub) is False
+
+
+def test_owner_is_gone():
+    now = dt.datetime.now(dt.timezone.utc)
+    host = socket.gethostname()
+    fresh, stale = now - dt.timedelta(seconds=1), now - dt.timedelta(seconds=100)
+    assert not pipeline.owner_is_gone(f"{host}:{os.getpid()}", stale, now, 10)  # ourselves
+    dead_pid = 2**22 + 12345  # above pid_max on usual systems
+    assert pipeline.owner_is_gone(f"{host}:{dead_pid}", fresh, now, 10)  # dead process on this host
+    assert not pipeline.owner_is_gone("elsewhere:1", fresh, now, 10)  # another host: heartbeat decides
+    assert pipeline.owner_is_gone("elsewhere:1", stale, now, 10)
+    assert pipeline.owner_is_gone(None, None, now, 10)
+
+
+def test_stale_shards_and_heartbeat(session):
+    sub, testset = _setup(session, n_hidden=2, shard_size=1)
+    a, b = pipeline.create_shards(session, sub, testset)
+    now = dt.datetime.now(dt.timezone.utc)
+    a.state, a.worker_hostname, a.heartbeat_at = ShardState.running, "me:1", now - dt.timedelta(seconds=60)
+    b.state, b.worker_hostname, b.heartbeat_at = ShardState.running, "me:2", now
+    session.commit()
+    assert pipeline.stale_shards(session, now, 30) == [a.id]
+    assert pipeline.beat(session, a.id, "me:1") is True
+    assert pipeline.stale_shards(session, dt.datetime.now(dt.timezone.utc), 30) == []
+    assert pipeline.beat(session, a.id, "someone-else:3") is False  # reaped and given away: not ours
+
+
+def test_fail_submission_closes_open_shards(session):
+    sub, testset = _setup(session, n_hidden=3, shard_size=1)
+    shards = pipeline.create_shards(session, sub, testset)
+    shards[0].state = ShardState.succeeded
+    session.commit()
+    assert pipeline.fail_submission(session, sub, "because") is True
+    session.commit()
+    states = [s.state for s in session.scalars(sa.select(Shard).order_by(Shard.index))]
+    assert states == [ShardState.succeeded, ShardState.cancelled, ShardState.cancelled]
+    assert pipeline.fail_submission(session, sub, "again") is False
