@@ -16,7 +16,8 @@ Then, on the same in-memory masks (reading excluded; the per-organ boolean layou
 
 Ours is timed with the protocol narrowed to NSD (``CaseScorer(protocol, metrics=("nsd",))``), as the
 anchors compute NSD only. Also printed: ours from the label-map layout, ours with every metric of the
-preset, and our peak memory (a fresh subprocess scoring the cached case; ``ru_maxrss``).
+preset, and our peak memory (a fresh subprocess scoring the cached case: VmHWM, and tracemalloc for
+the scoring's own allocations).
 
 The last line is exactly ``ratio_vs_deepmind=<float> ratio_vs_monai=<float> max_abs_diff=<float>``,
 ratio = anchor seconds / our seconds for NSD of all 9 organs.
@@ -27,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -163,19 +163,31 @@ def run_monai(gt_m, pred_m, spacing, tolerances) -> dict[str, float]:
     return out
 
 
+def _vm_hwm_mib() -> float:
+    """Peak resident memory of this process (VmHWM; unlike ru_maxrss it is not inherited across exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def memory_probe(layout: str) -> None:
-    """Child process: load the cached case, score it once under both presets, print peak RSS (MiB)."""
+    """Child process: load the cached case, score it once under both presets, print peak memory (MiB)."""
+    import tracemalloc
+
     gt, pred, spacing, _ = load_case()
     if layout == "masks":
         gt_in, pred_in = masks_of(gt), masks_of(pred)
         del gt, pred
     else:
         gt_in, pred_in = gt, pred
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    before = _vm_hwm_mib()
+    tracemalloc.start()
     for name in ("touchstone", "nsd-deepmind"):
         CaseScorer(load_protocol(name))(pred_in, gt_in, spacing)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"inputs_and_imports_mib": before, "peak_mib": peak}))
+    _, scoring_peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    print(json.dumps({"inputs_and_imports_mib": before, "peak_mib": _vm_hwm_mib(), "scoring_alloc_peak_mib": scoring_peak / 2**20}))
 
 
 def main() -> None:
@@ -236,7 +248,8 @@ def main() -> None:
             mem = json.loads(probe.stdout.strip().splitlines()[-1])
             print(
                 f"peak memory, one process scoring the case from {layout} (both presets, all metrics): "
-                f"{mem['peak_mib']:.0f} MiB (inputs + imports before scoring: {mem['inputs_and_imports_mib']:.0f} MiB)"
+                f"{mem['peak_mib']:.0f} MiB (inputs + imports before scoring: {mem['inputs_and_imports_mib']:.0f} MiB; "
+                f"peak of the scoring's own allocations: {mem['scoring_alloc_peak_mib']:.0f} MiB)"
             )
         except (IndexError, ValueError, KeyError):
             print(f"memory probe ({layout}) failed: {probe.stderr.strip()[-500:]}")
