@@ -83,6 +83,9 @@ class Settings(BaseSettings):
         """
         if not str(self.broker_url).startswith("filesystem://"):
             return {}
+        from services.fsbroker import install  # kombu writes message files non-atomically
+
+        install()
         messages = self.broker_folder / "messages"
         processed = self.broker_folder / "processed"
         for folder in (messages, processed):

@@ -84,13 +84,18 @@ class DemoError(Exception):
 # --------------------------------------------------------------------------------------------------
 # the data folder and the subprocesses
 # --------------------------------------------------------------------------------------------------
-def prepare_folder(root: Path) -> None:
-    """Reset a demo folder (keeping the image cache); refuse a folder that is not one."""
+def check_folder(root: Path) -> None:
+    """Refuse a folder that is not a demo folder (nothing in it is touched)."""
     if root.exists() and not root.is_dir():
         raise DemoError(f"--data-dir {root} exists and is not a folder; choose another --data-dir")
     if root.is_dir() and any(root.iterdir()) and not (root / MARKER).exists():
         raise DemoError(f"--data-dir {root} is not empty and was not made by `touchstone demo`; "
                         "choose an empty or new folder (nothing in it was changed)")
+
+
+def prepare_folder(root: Path) -> None:
+    """Reset a demo folder (keeping the image cache)."""
+    check_folder(root)
     root.mkdir(parents=True, exist_ok=True)
     stop_stale_processes(root)
     for child in root.iterdir():
@@ -486,6 +491,7 @@ def run_demo(root: Path, n_cases: int, port: int, serve: bool, hospitals: int = 
     root = root.resolve()
     if n_cases < public + 2:
         raise DemoError(f"--cases must be at least {public + 2} (the public sample is {public} case(s))")
+    check_folder(root)
     check_docker([a.image for a in ALGORITHMS])
     prepare_folder(root)
     env = embedded_env(root)
