@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from services.api.deps import current_user, get_db, optional_user, require_organizer
 from services.api.errors import ApiError
-from services.api.schemas import AggregateOut, Leaderboard, LeaderboardEntry, ScoreOut, ScorePage
+from services.api.schemas import AggregateOut, Leaderboard, ScoreOut, ScorePage
 from services.db.aggregates import AVERAGE, compute_basic_aggregates
 from services.db.enums import Role, SubmissionState
 from services.db.models import Aggregate, Algorithm, AuditLog, Case, Score, Submission, Team, TestSet, User
@@ -25,7 +25,7 @@ def leaderboard(
     metric: str = Query("dsc", pattern="^(dsc|nsd|hd95|assd)$"),
     protocol: str | None = Query(None, description="protocol key name@version; default the test set's"),
     db: Session = Depends(get_db),
-) -> Leaderboard:
+) -> dict:
     """Published submissions of a test set ranked by the organ-average of ``metric`` (public)."""
     ts = db.scalar(sa.select(TestSet).where(TestSet.name == testset))
     if ts is None:
@@ -45,22 +45,26 @@ def leaderboard(
             Aggregate.metric == metric,
         )
     ).all()
-    entries: dict[int, LeaderboardEntry] = {}
+    # plain dicts: FastAPI validates the response against Leaderboard once
+    entries: dict[int, dict] = {}
     for submission_id, algorithm, team, is_baseline, organ, mean in rows:
-        entry = entries.setdefault(
-            submission_id,
-            LeaderboardEntry(rank=0, submission_id=submission_id, algorithm=algorithm, team=team,
-                             is_baseline=is_baseline, average=None, organs={}),
-        )
+        entry = entries.get(submission_id)
+        if entry is None:
+            entry = entries[submission_id] = {
+                "rank": 0, "submission_id": submission_id, "algorithm": algorithm, "team": team,
+                "is_baseline": is_baseline, "average": None, "organs": {},
+            }
         if organ == AVERAGE:
-            entry.average = mean
+            entry["average"] = mean
         else:
-            entry.organs[organ] = mean
+            entry["organs"][organ] = mean
     sign = 1 if metric in LOWER_IS_BETTER else -1
-    ordered = sorted(entries.values(), key=lambda e: (e.average is None, sign * (e.average or 0.0), e.submission_id))
+    ordered = sorted(
+        entries.values(), key=lambda e: (e["average"] is None, sign * (e["average"] or 0.0), e["submission_id"])
+    )
     for rank, entry in enumerate(ordered, start=1):
-        entry.rank = rank
-    return Leaderboard(testset=ts.name, protocol_key=protocol_key, metric=metric, entries=ordered)
+        entry["rank"] = rank
+    return {"testset": ts.name, "protocol_key": protocol_key, "metric": metric, "entries": ordered}
 
 
 def _submission_for_results(db: Session, submission_id: int) -> Submission:
@@ -123,7 +127,10 @@ def submission_scores(
         conditions.append(Case.public_sample.is_(True))
     if organ:
         conditions.append(Score.organ == organ)
-    total = db.scalar(sa.select(sa.func.count(Score.id)).join(Case, Case.id == Score.case_id).where(*conditions))
+    count = sa.select(sa.func.count(Score.id)).where(*conditions)
+    if user.role is Role.inventor:  # the public-sample condition needs the case
+        count = count.join(Case, Case.id == Score.case_id)
+    total = db.scalar(count)
     rows = db.execute(
         sa.select(*columns).join(Case, Case.id == Score.case_id).where(*conditions)
         .order_by(Score.id).offset(offset).limit(limit)
