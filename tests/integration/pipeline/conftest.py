@@ -193,6 +193,18 @@ class Stack:
             if process in self.workers:
                 self.workers.remove(process)
 
+    def containers(self, docker_client, submission_id: int, running: bool = False, shard: str | None = None) -> list:
+        """Containers of this stack's submission: found by label, and by a mount in this stack's
+        data folder (other test runs on the engine reuse submission ids)."""
+        labels = [f"touchstone.submission={submission_id}"] + ([f"touchstone.shard={shard}"] if shard else [])
+        filters = {"label": labels} | ({"status": "running"} if running else {})
+        found = []
+        for container in docker_client.containers.list(all=not running, filters=filters):
+            mounts = container.attrs.get("Mounts") or []
+            if any(str(m.get("Source", "")).startswith(str(self.data_dir)) for m in mounts):
+                found.append(container)
+        return found
+
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-6000:]}" for p in self.log_files if p.exists())
 

@@ -65,14 +65,14 @@ def test_cancel_stops_running_containers_within_seconds(redis_stack, phantom_man
     stack.start_workers()
     submission_id = stack.submit("slow", image_ref=example_images["slow"])
     deadline = time.monotonic() + 120
-    while not _running(docker_client, submission_id, shard=True):
+    while not _running(stack, docker_client, submission_id, shard=True):
         assert time.monotonic() < deadline, (stack.wait(submission_id, timeout=0.1), stack.logs())
         time.sleep(0.2)
     # what the API's cancel does: the state machine's transition, committed
     with session_scope() as session:
         transition(lock_submission(session, submission_id), SubmissionState.cancelled, reason="cancelled by the organizer")
     cancelled_at = time.monotonic()
-    while _running(docker_client, submission_id):
+    while _running(stack, docker_client, submission_id):
         assert time.monotonic() - cancelled_at < 10, "containers still running 10 s after the cancel\n" + stack.logs()
         time.sleep(0.1)
     stopped_after = time.monotonic() - cancelled_at
@@ -89,11 +89,11 @@ def test_cancel_stops_running_containers_within_seconds(redis_stack, phantom_man
     assert "cancelled" in summary["shards"].values()
     assert summary["scores"] < 6 * 9
     time.sleep(3)
-    assert not _running(docker_client, submission_id)
+    assert not _running(stack, docker_client, submission_id)
 
 
-def _running(docker_client, submission_id: int, shard: bool = False) -> list:
-    found = docker_client.containers.list(filters={"label": f"touchstone.submission={submission_id}", "status": "running"})
+def _running(stack, docker_client, submission_id: int, shard: bool = False) -> list:
+    found = stack.containers(docker_client, submission_id, running=True)
     if shard:
         found = [c for c in found if c.labels.get("touchstone.shard", "").startswith("shard-")]
     return found

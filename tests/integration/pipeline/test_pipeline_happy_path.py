@@ -41,6 +41,11 @@ def _check_scored(stack, submission_id: int, n_hidden: int, min_mean_dsc: float)
         assert len(runs) == n_hidden
         assert all(r.status == "ok" and r.wall_seconds is not None and r.wall_seconds >= 0 for r in runs)
         assert all(r.scoring_seconds is not None and r.scoring_seconds > 0 for r in runs)
+        # finalize called the statistics entry point: the submission's aggregates are stored
+        from services.db.models import Aggregate
+
+        n_aggregates = session.scalar(sa.select(sa.func.count(Aggregate.id)).where(Aggregate.submission_id == submission_id))
+        assert n_aggregates > 0, stack.logs()
         shards = session.scalars(sa.select(Shard).where(Shard.submission_id == submission_id)).all()
         assert shards and all(s.state.value == "succeeded" and s.attempts == 1 for s in shards)
         assert all(s.run_seconds > 0 and s.exit_code == 0 and s.log_tail for s in shards)
@@ -58,7 +63,7 @@ def test_classical_upload_scored_on_postgres_and_redis(redis_stack, phantom_mani
     assert summary["state"] == "scored", (summary, stack.logs())
     assert seen == [s for s in ORDER if s in seen]  # observed states never go backwards
     _check_scored(stack, submission_id, n_hidden=6, min_mean_dsc=0.5)
-    assert not [c for c in docker_client.containers.list(all=True, filters={"label": f"touchstone.submission={submission_id}"})]
+    assert not stack.containers(docker_client, submission_id)
 
 
 def test_embedded_filesystem_broker_via_cli(embedded_stack, phantom_manifest, example_images):

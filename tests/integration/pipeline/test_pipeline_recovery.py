@@ -14,14 +14,9 @@ pytestmark = [pytest.mark.docker, pytest.mark.redis, pytest.mark.slow]
 N_HIDDEN = 6
 
 
-def _running_shard(docker_client, submission_id: int, label: str) -> list:
-    return docker_client.containers.list(filters={
-        "label": [f"touchstone.submission={submission_id}", f"touchstone.shard={label}"], "status": "running"})
-
-
 def _wait_running(stack, docker_client, submission_id: int, label: str, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
-    while not _running_shard(docker_client, submission_id, label):
+    while not stack.containers(docker_client, submission_id, running=True, shard=label):
         assert time.monotonic() < deadline, (f"no running container for {label}", stack.logs())
         time.sleep(0.1)
 
@@ -57,7 +52,7 @@ def test_sigkill_of_the_gpu_worker_mid_shard(recovery_stack, phantom_manifest, e
     time.sleep(1.0)
     stack.kill(gpu_a, signal.SIGKILL)
     # the orphaned container goes on running on the engine: the next attempt must stop it
-    assert _running_shard(docker_client, submission_id, "shard-1")
+    assert stack.containers(docker_client, submission_id, running=True, shard="shard-1")
     with session_scope() as session:
         shard1 = session.scalar(sa.select(Shard).where(Shard.submission_id == submission_id, Shard.index == 1))
         assert shard1.state.value == "running" and shard1.attempts == 1
@@ -69,7 +64,7 @@ def test_sigkill_of_the_gpu_worker_mid_shard(recovery_stack, phantom_manifest, e
         shards = {s.index: s for s in session.scalars(sa.select(Shard).where(Shard.submission_id == submission_id))}
         assert shards[0].attempts == 1 and shards[1].attempts == 2
         assert all(s.state.value == "succeeded" for s in shards.values())
-    assert not docker_client.containers.list(all=True, filters={"label": f"touchstone.submission={submission_id}"})
+    assert not stack.containers(docker_client, submission_id)
 
 
 def test_redis_restart_mid_run(recovery_stack, phantom_manifest, example_images, docker_client):
