@@ -27,6 +27,16 @@ if [ "$(cat build/wheelhouse/.pyproject.sha256 2>/dev/null)" != "$PYPROJECT_SHA"
   log "building the wheelhouse of the dependencies (build/wheelhouse; a few minutes the first time)"
   rm -rf build/wheelhouse; mkdir -p build/wheelhouse
   "$PY" -m pip wheel -q --wheel-dir build/wheelhouse '.[prod]' >&2
+  # The image's python (Debian's 3.11.2) may differ from the host's: environment markers such as
+  # `python_full_version < "3.11.3"` then want wheels the host's pip skipped. pip evaluates markers
+  # with the interpreter it runs on, so let the image's own python add what it is missing (the
+  # host's CA bundle goes along for sites whose proxy re-signs TLS).
+  log "adding the wheels the python of $STACK_BASE needs"
+  WHEEL="$(basename "$(ls build/wheelhouse/touchstone-*.whl | head -1)")"
+  CA=(); [ -f /etc/ssl/certs/ca-certificates.crt ] && CA=(-v /etc/ssl/certs/ca-certificates.crt:/host-ca.crt:ro -e PIP_CERT=/host-ca.crt)
+  docker run --rm "${CA[@]}" -v "$PWD/build/wheelhouse:/wheelhouse" "$STACK_BASE" sh -c \
+    "python3 -m venv /tmp/venv && /tmp/venv/bin/pip download -q --disable-pip-version-check --only-binary=:all: \
+       --dest /wheelhouse --find-links /wheelhouse 'touchstone[prod] @ file:///wheelhouse/$WHEEL'" >&2
   echo "$PYPROJECT_SHA" > build/wheelhouse/.pyproject.sha256
 fi
 log "building the touchstone wheel"
