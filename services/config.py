@@ -88,12 +88,14 @@ class Settings(BaseSettings):
         install()
         messages = self.broker_folder / "messages"
         processed = self.broker_folder / "processed"
-        for folder in (messages, processed):
+        control = self.broker_folder / "control"  # kombu's exchange tables; default is ./control
+        for folder in (messages, processed, control):
             folder.mkdir(parents=True, exist_ok=True)
         return {
             "data_folder_in": str(messages),
             "data_folder_out": str(messages),
             "processed_folder": str(processed),
+            "control_folder": str(control),
             "store_processed": False,
         }
 
