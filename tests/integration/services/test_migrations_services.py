@@ -23,8 +23,20 @@ def _revisions() -> list[str]:
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def empty_url(request, tmp_path):
     if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'migrate.db'}"
-    return request.getfixturevalue("pg_fresh_url")
+        yield f"sqlite:///{tmp_path / 'migrate.db'}"
+        return
+    # a database of its own: the API tests' database is already at head
+    import uuid
+
+    base = request.getfixturevalue("postgres_url")
+    name = f"ts_migrations_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(base, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    yield sa.engine.make_url(base).set(database=name).render_as_string(hide_password=False)
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
 
 
 def _tables(url: str) -> set[str]:
