@@ -214,35 +214,3 @@ class ScorePage(BaseModel):
     offset: int
     limit: int
     items: list[ScoreOut]
-
-
-class AggregateOut(Out):
-    protocol_key: str
-    organ: str
-    metric: str
-    scope: str
-    group_value: str
-    n: int
-    mean: float | None
-    median: float | None
-    std: float | None
-    ci_low: float | None
-    ci_high: float | None
-    n_failed: int
-
-
-class LeaderboardEntry(BaseModel):
-    rank: int
-    submission_id: int
-    algorithm: str
-    team: str
-    is_baseline: bool
-    average: float | None
-    organs: dict[str, float | None]
-
-
-class Leaderboard(BaseModel):
-    testset: str
-    protocol_key: str
-    metric: str
-    entries: list[LeaderboardEntry]

@@ -1,6 +1,7 @@
 """The role matrix: every endpoint x every role (anonymous, organizer, inventor of team A, inventor of
 team B, analyst), on SQLite and PostgreSQL, and what each response contains: no other team's
-submission and no hidden per-case result may leak."""
+submission and no hidden per-case result may leak. The statistics are stored by the real entry point
+(``services.leaderboard.on_submission_scored``), as ``finalize`` does after scoring."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from services.db.aggregates import compute_basic_aggregates
 from services.db.enums import SubmissionState
 from services.db.models import Algorithm, Case, Score, Submission
 from services.db.session import create_db_engine
+from services.leaderboard import on_submission_scored
 
 ROLES = ("anon", "inv_a", "inv_b", "ana", "org")
 
@@ -42,7 +43,7 @@ def scene(world, settings):
                     s.add(Score(submission_id=sub.id, case_id=case.id, organ=organ, protocol_key="touchstone@1",
                                 dsc=base - case.id * 0.01, nsd=base, status="ok"))
             s.flush()
-            compute_basic_aggregates(s, sub.id)
+            on_submission_scored(s, sub.id)
         s.commit()
         ids = {"published": published.id, "unpublished": unpublished.id, "other": other.id,
                "algo_a": algos["algo-a"].id, "algo_b": algos["algo-b"].id,
@@ -91,12 +92,33 @@ def test_role_matrix(client, world, scene, manifest_csv):
         ("GET", f"/submissions/{P}/logs", None, {"anon": 401, "inv_a": 200, "inv_b": 404, "ana": 403, "org": 200}),
         ("GET", f"/submissions/{O}/logs", None, {"anon": 401, "inv_a": 404, "inv_b": 200, "ana": 404, "org": 200}),
         ("GET", f"/submissions/{P}/shards", None, org_only),
-        ("GET", "/results/leaderboard?testset=ts1", None, public),
-        ("GET", f"/results/submissions/{P}/aggregates", None, public),
-        ("GET", f"/results/submissions/{U}/aggregates", None, {"anon": 404, "inv_a": 404, "inv_b": 404, "ana": 404, "org": 200}),
+        # per-case scores of one submission (own team: public-sample cases only)
         ("GET", f"/results/submissions/{P}/scores", None, {"anon": 401, "inv_a": 200, "inv_b": 404, "ana": 200, "org": 200}),
         ("GET", f"/results/submissions/{U}/scores", None, {"anon": 401, "inv_a": 200, "inv_b": 404, "ana": 404, "org": 200}),
-        ("POST", f"/results/submissions/{U}/aggregates", None, org_only),
+        ("GET", f"/results/submissions/{O}/scores", None, {"anon": 401, "inv_a": 404, "inv_b": 200, "ana": 404, "org": 200}),
+        # the leaderboard (stored statistics): published to anyone, scope=all to organizers
+        ("GET", "/leaderboards", None, public),
+        ("GET", "/leaderboards?scope=all", None, org_only),
+        ("GET", "/leaderboards/ts1", None, public),
+        ("GET", "/leaderboards/ts1?scope=all", None, org_only),
+        ("GET", "/leaderboards/ts1?organ=liver&method=rank-mean", None, public),
+        ("GET", "/leaderboards/ts1/significance", None, public),
+        ("GET", "/leaderboards/ts1/significance?scope=all", None, org_only),
+        ("GET", "/leaderboards/ts1/stability", None, public),
+        ("GET", "/leaderboards/ts1/stability?scope=all", None, org_only),
+        ("GET", "/leaderboards/ts1/hospitals", None, public),
+        ("GET", "/leaderboards/ts1/hospitals?scope=all", None, org_only),
+        ("GET", "/leaderboards/ts1/subgroups/sex", None, public),
+        ("GET", "/leaderboards/ts1/subgroups/sex?scope=all", None, org_only),
+        ("GET", f"/leaderboards/ts1/submissions/{P}", None, public),
+        ("GET", f"/leaderboards/ts1/submissions/{U}", None, {"anon": 404, "inv_a": 403, "inv_b": 404, "ana": 404, "org": 200}),
+        ("GET", f"/leaderboards/ts1/submissions/{O}", None, {"anon": 404, "inv_a": 404, "inv_b": 403, "ana": 404, "org": 404}),
+        ("GET", f"/leaderboards/ts1/submissions/{P}/cases", None, {"anon": 401, "inv_a": 403, "inv_b": 403, "ana": 200, "org": 200}),
+        ("GET", f"/leaderboards/ts1/submissions/{U}/cases", None, {"anon": 401, "inv_a": 403, "inv_b": 403, "ana": 404, "org": 200}),
+        ("GET", "/exports", None, {"anon": 401, "inv_a": 403, "inv_b": 403, "ana": 200, "org": 200}),
+        ("GET", "/exports/ts1?level=case", None, {"anon": 401, "inv_a": 403, "inv_b": 403, "ana": 200, "org": 200}),
+        ("GET", "/exports/ts1?level=case&scope=all", None, org_only),
+        ("GET", "/exports/ts1?level=hospital", None, {"anon": 401, "inv_a": 403, "inv_b": 403, "ana": 200, "org": 200}),
         # state-changing organizer actions last (non-organizers first, so they act on the same state)
         ("POST", f"/submissions/{U}/publish", None, org_only),
         ("POST", f"/submissions/{U}/unpublish", None, org_only),
@@ -110,7 +132,8 @@ def test_role_matrix(client, world, scene, manifest_csv):
             response = _call(client, world, role, method, path, body(role) if callable(body) else body)
             if response.status_code != expected[role]:
                 mismatches.append(f"{role} {method} {path}: {response.status_code} != {expected[role]} {response.text[:200]}")
-            assert response.headers["content-type"].startswith("application/json"), (role, method, path)
+            media = "text/csv" if path.startswith("/exports/") and response.status_code == 200 else "application/json"
+            assert response.headers["content-type"].startswith(media), (role, method, path)
             if response.status_code >= 400:
                 assert isinstance(response.json().get("detail"), str) and response.json()["detail"]
     assert not mismatches, "\n".join(mismatches)
@@ -143,14 +166,39 @@ def test_lists_show_only_what_each_role_may_see(client, world, scene):
     analyst = ids("ana", f"/results/submissions/{P}/scores")
     assert analyst["total"] == 8 and len({i["case_id"] for i in analyst["items"]}) == 4
 
+    # per-case scores of another team's submission: not even its existence
+    for sub in (P, U):
+        assert _call(client, world, "inv_b", "GET", f"/results/submissions/{sub}/scores").status_code == 404
+
     # the public leaderboard: published only, with the right means
-    board = client.get("/api/v1/results/leaderboard", params={"testset": "ts1"}).json()
-    assert [e["submission_id"] for e in board["entries"]] == [P]
     expected_liver = sum(0.9 - cid * 0.01 for cid in _case_pks(world)) / 4
-    assert board["entries"][0]["organs"]["liver"] == pytest.approx(expected_liver)
-    assert board["entries"][0]["average"] == pytest.approx(expected_liver)  # both organs have equal dsc
-    # the leaderboard names no unpublished submission anywhere
-    assert str(U) not in {str(e["submission_id"]) for e in board["entries"]}
+    for role in ROLES:
+        board = ids(role, "/leaderboards/ts1?organ=liver")
+        assert [e["submission_id"] for e in board["entries"]] == [P], role
+        assert board["entries"][0]["mean"] == pytest.approx(expected_liver)
+        assert board["entries"][0]["organs"]["liver"] == pytest.approx(expected_liver)
+        average = ids(role, "/leaderboards/ts1")["entries"][0]
+        # per-case mean over liver and spleen, equal dsc: the average equals the liver mean
+        assert average["mean"] == pytest.approx(expected_liver)
+        for path in ("/leaderboards/ts1/significance", "/leaderboards/ts1/stability", "/leaderboards/ts1/hospitals",
+                     "/leaderboards/ts1/subgroups/sex", f"/leaderboards/ts1/submissions/{P}", "/leaderboards"):
+            text = _call(client, world, role, "GET", path).text
+            # the unpublished submission and its (lower) scores appear nowhere
+            assert f'"submission_id":{U}' not in text.replace(" ", ""), (role, path)
+            assert f'"b":{U}' not in text.replace(" ", "") and f'"a":{U}' not in text.replace(" ", ""), (role, path)
+        assert ids(role, "/leaderboards")[0]["n_submissions"] == 1
+    # organizers see both in scope=all, the scored one ranked below
+    everything = ids("org", "/leaderboards/ts1?scope=all&organ=liver")
+    assert [e["submission_id"] for e in everything["entries"]] == [P, U]
+    assert everything["entries"][1]["mean"] == pytest.approx(expected_liver - 0.4)
+    assert ids("org", f"/leaderboards/ts1/submissions/{U}")["aggregates"]
+    # per-case rows of the leaderboard router: analysts the published one, all 4 cases x 2 organs
+    assert ids("ana", f"/leaderboards/ts1/submissions/{P}/cases")["total"] == 8
+    # analysts' case-level export holds the published submission only
+    export = _call(client, world, "ana", "GET", "/exports/ts1?level=case").text.splitlines()
+    header = export[0].split(",")
+    column = header.index("submission_id")
+    assert {row.split(",")[column] for row in export[1:]} == {str(P)} and len(export) == 1 + 8
 
 
 def _case_pks(world):
@@ -223,4 +271,7 @@ def test_rerun_enqueues_validation(client, world, scene, sent_tasks):
 def test_openapi_docs_served(client):
     assert client.get("/docs").status_code == 200
     spec = client.get("/api/v1/openapi.json").json()
-    assert "/api/v1/submissions" in spec["paths"] and "/api/v1/results/leaderboard" in spec["paths"]
+    assert "/api/v1/submissions" in spec["paths"] and "/api/v1/leaderboards/{testset}" in spec["paths"]
+    # one leaderboard: the simple duplicate is gone
+    assert "/api/v1/results/leaderboard" not in spec["paths"]
+    assert not any(path.endswith("/aggregates") for path in spec["paths"])
