@@ -80,12 +80,14 @@ class WilcoxonOptions:
 def _sorted_ranks(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Rank each row of 2-D ``a`` in sorted order: ``(order, ranks, tie_size, valid)``.
 
-    ``order`` is the stable argsort of each row (NaN last); ``ranks[:, p]`` is the average rank
+    ``order`` is an argsort of each row (NaN last); ``ranks[:, p]`` is the average rank
     (1-based, among non-NaN) of the element ``a[:, order[:, p]]`` and ``tie_size`` the size of its
     tie group; NaN elements get rank NaN, tie size 0 and ``valid`` False.
     """
     rows, n = a.shape
-    order = np.argsort(a, axis=1, kind="stable")  # NaN sort last
+    # NaN sort last. Not a stable sort: the order inside a tie group does not matter (its members
+    # share one average rank and tie size), and numpy's default (SIMD) sort is ~3x faster.
+    order = np.argsort(a, axis=1)
     s = np.take_along_axis(a, order, axis=1)
     valid = ~np.isnan(s)
     starts = np.ones((rows, n), dtype=bool)
@@ -105,7 +107,7 @@ def average_ranks(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
     Returns ``(ranks, tie_size)`` of ``a``'s shape: ranks 1..m among the non-NaN entries of the
     row (ties get the mean of their ranks, as ``scipy.stats.rankdata(method="average")``); NaN
-    entries get rank NaN and tie size 0. One stable sort per row; no Python loop over rows.
+    entries get rank NaN and tie size 0. One sort per row; no Python loop over rows.
     """
     a = np.asarray(a, dtype=np.float64)
     shape = a.shape
@@ -301,7 +303,8 @@ def pairwise_wilcoxon(
         n_common[sl] = common.sum(axis=1)
         with np.errstate(invalid="ignore", divide="ignore"), _quiet():
             mean_d[sl] = np.nanmean(raw_d, axis=1)
-            median_d[sl] = np.nanmedian(raw_d, axis=1)
+            # np.nanmedian loops over rows in Python (apply_along_axis): only where NaN exist
+            median_d[sl] = np.nanmedian(raw_d, axis=1) if (~common).any() else np.median(raw_d, axis=1)
             sd_d[sl] = np.nanstd(raw_d, axis=1, ddof=1)
     no_test = ~np.isfinite(p_gt)
     stat[no_test] = np.nan  # no test: no statistic either
