@@ -9,7 +9,9 @@ last recomputation are filtered out here as well.
 
 from __future__ import annotations
 
-from collections import defaultdict
+import threading
+import time
+from collections import OrderedDict, defaultdict
 from typing import Any
 
 import sqlalchemy as sa
@@ -159,11 +161,64 @@ def _agg_dict(a: Aggregate) -> dict[str, Any]:
             "median_ci_low": a.median_ci_low, "median_ci_high": a.median_ci_high}
 
 
+class _BoardCache:
+    """In-process cache of built leaderboard tables (the API's and the pages' hot read).
+
+    A table is a pure function of the stored statistics, which every recomputation replaces (new
+    ``stats_runs`` rows: new ids and ``computed_at``), and of which submissions are in scope now.
+    The key holds both -- the newest run's (id, computed_at) of the (test set, protocol, scope)
+    and the in-scope submission ids -- so a recomputation, a publication or any state change is
+    seen by the next request, in every process. What no recomputation touches (algorithm and
+    team names, efficiency columns) is re-read after at most ``ttl_s``. Values are shared: callers
+    must not mutate them.
+    """
+
+    def __init__(self, max_entries: int = 256, ttl_s: float = 60.0) -> None:
+        self.max_entries, self.ttl_s = max_entries, ttl_s
+        self._entries: OrderedDict[tuple, tuple[float, dict[str, Any]]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple) -> dict[str, Any] | None:
+        with self._lock:
+            hit = self._entries.get(key)
+            if hit is None or hit[0] < time.monotonic():
+                return None
+            self._entries.move_to_end(key)
+            return hit[1]
+
+    def put(self, key: tuple, value: dict[str, Any]) -> None:
+        with self._lock:
+            self._entries[key] = (time.monotonic() + self.ttl_s, value)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+BOARD_CACHE = _BoardCache()
+
+
+def _stats_version(session: Session, testset: TestSet, scope: str) -> tuple:
+    """(newest stats run id, its computed_at) of the test set's protocol and scope: changes with
+    every recomputation (rows are replaced, never updated in place)."""
+    run_id, computed_at = session.execute(
+        sa.select(sa.func.max(StatsRun.id), sa.func.max(StatsRun.computed_at)).where(
+            StatsRun.testset_id == testset.id, StatsRun.protocol_key == testset.protocol_key,
+            StatsRun.scope == scope,
+        )
+    ).one()
+    return run_id, computed_at.isoformat() if computed_at is not None else None
+
+
 def leaderboard(
     session: Session, testset: TestSet, *, organ: str = "average", metric: str = "dsc", method: str = "mean",
     scope: str = "published",
 ) -> dict[str, Any]:
-    """The ranked table of one organ (or the average), metric and ranking method.
+    """The ranked table of one organ (or the average), metric and ranking method (cached, see
+    :class:`_BoardCache`; the result is shared and must not be mutated).
 
     Each entry: rank, value (what the method ranks, see :data:`METHOD_VALUE`), the submission
     (label, algorithm, team, is_baseline, state), its summary of this organ/metric (n, mean,
@@ -172,9 +227,30 @@ def leaderboard(
     the efficiency columns.
     """
     check_params(organ=organ, metric=metric, method=method, scope=scope)
+    visible = _in_scope(session, testset, scope)
+    key = (str(session.get_bind().url), testset.id, testset.name, testset.protocol_key, scope, organ, metric, method,
+           _stats_version(session, testset, scope), tuple(sorted(visible)))
+    board = BOARD_CACHE.get(key)
+    if board is None:
+        board = _build_leaderboard(session, testset, organ=organ, metric=metric, method=method, scope=scope,
+                                   visible=visible)
+        BOARD_CACHE.put(key, board)
+    return board
+
+
+def _build_leaderboard(
+    session: Session, testset: TestSet, *, organ: str, metric: str, method: str, scope: str, visible: set[int],
+) -> dict[str, Any]:
+    """The ranked table of one organ (or the average), metric and ranking method (uncached).
+
+    Each entry: rank, value (what the method ranks, see :data:`METHOD_VALUE`), the submission
+    (label, algorithm, team, is_baseline, state), its summary of this organ/metric (n, mean,
+    median, std, CIs, n_failed, n_missing), the mean of every organ, its bootstrap rank
+    stability (median rank and interval; for method ``test``/``median`` those of ``mean``), and
+    the efficiency columns.
+    """
     key = (RankingEntry.testset_id == testset.id, RankingEntry.protocol_key == testset.protocol_key,
            RankingEntry.scope == scope, RankingEntry.organ == organ, RankingEntry.metric == metric)
-    visible = _in_scope(session, testset, scope)
     ranking = [r for r in session.scalars(sa.select(RankingEntry).where(*key, RankingEntry.method == method))
                if r.submission_id in visible]
     ids = [r.submission_id for r in ranking]

@@ -13,10 +13,13 @@ Visibility (see docs/leaderboard.md):
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import sqlalchemy as sa
 from fastapi import APIRouter, Depends, Query
+from fastapi.encoders import jsonable_encoder
+from fastapi.responses import JSONResponse, Response
 from sqlalchemy.orm import Session
 
 from services.api.deps import get_db, optional_user
@@ -58,6 +61,17 @@ def _run(fn, *args, **kwargs) -> dict[str, Any]:
         raise ApiError(str(exc), 422) from exc
 
 
+def _json(payload: dict[str, Any]) -> Response:
+    """The payload (already JSON-ready: the queries map NaN to None) encoded once by ``json.dumps``
+    -- FastAPI's ``jsonable_encoder`` walks every value of a 100-entry table first (~10 ms). Any
+    value plain ``json`` refuses falls back to FastAPI's encoding."""
+    try:
+        body = json.dumps(payload, allow_nan=False, separators=(",", ":")).encode()
+    except (TypeError, ValueError):
+        return JSONResponse(jsonable_encoder(payload))
+    return Response(body, media_type="application/json")
+
+
 @router.get("")
 def list_leaderboards(scope: str = SCOPE, db: Session = Depends(get_db),
                       user: User | None = Depends(optional_user)) -> list[dict[str, Any]]:
@@ -73,7 +87,8 @@ def read_leaderboard(
 ) -> dict[str, Any]:
     """The ranked table of one organ (or the average), metric and ranking method."""
     scope = _scope(scope, user)
-    return _run(queries.leaderboard, db, _testset(db, testset), organ=organ, metric=metric, method=method, scope=scope)
+    return _json(_run(queries.leaderboard, db, _testset(db, testset), organ=organ, metric=metric, method=method,
+                      scope=scope))
 
 
 @router.get("/{testset}/significance")
@@ -135,7 +150,7 @@ def read_submission_results(testset: str, submission_id: int, db: Session = Depe
     ts = _testset(db, testset)
     submission = _visible_submission(db, ts, submission_id, user)
     scopes = ("published", "all") if user is not None and user.role is Role.organizer else ("published",)
-    return queries.submission_summary(db, ts, submission, scopes=scopes)
+    return _json(queries.submission_summary(db, ts, submission, scopes=scopes))
 
 
 @router.get("/{testset}/submissions/{submission_id}/cases")
