@@ -5,8 +5,10 @@ Run: ``touchstone serve`` or ``uvicorn services.api.app:create_app --factory``.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
+from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, FastAPI
 from sqlalchemy.orm import sessionmaker
@@ -18,6 +20,15 @@ from services.observability import configure_logging
 from services.db.session import get_engine
 
 API_PREFIX = "/api/v1"
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    # the imports (pandas, scipy, SQLAlchemy, matplotlib) leave ~10^6 long-lived objects; moved to
+    # the permanent generation, full collections no longer scan them during requests (p99)
+    gc.collect()
+    gc.freeze()
+    yield
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -33,6 +44,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "published aggregates."
         ),
         docs_url="/docs",
+        lifespan=_lifespan,
         openapi_url=f"{API_PREFIX}/openapi.json",
     )
     app.state.settings = settings
@@ -54,12 +66,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     from services.api.routers import metrics  # GET /metrics (Prometheus)
 
     metrics.install(app)
-
-    @app.on_event("startup")
-    def freeze_startup_objects() -> None:
-        # the imports (pandas, scipy, SQLAlchemy, matplotlib) leave ~10^6 long-lived objects; moved
-        # to the permanent generation, full collections no longer scan them during requests (p99)
-        gc.collect()
-        gc.freeze()
 
     return app

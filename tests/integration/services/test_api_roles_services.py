@@ -275,3 +275,19 @@ def test_openapi_docs_served(client):
     # one leaderboard: the simple duplicate is gone
     assert "/api/v1/results/leaderboard" not in spec["paths"]
     assert not any(path.endswith("/aggregates") for path in spec["paths"])
+
+
+def test_cached_leaderboard_follows_a_recomputation(client, world, scene, settings):
+    """The same submissions in scope, new statistics: the next read shows them (the cache key holds
+    the newest stats run, not only the in-scope ids)."""
+    P = scene["published"]
+    path = "/api/v1/leaderboards/ts1?organ=liver"
+    before = client.get(path).json()["entries"][0]["mean"]
+    assert client.get(path).json()["entries"][0]["mean"] == before  # served again (cached)
+    engine = create_db_engine(str(settings.database_url), poolclass=sa.pool.NullPool)
+    with Session(engine) as s:
+        s.execute(sa.update(Score).where(Score.submission_id == P, Score.organ == "liver").values(dsc=Score.dsc - 0.1))
+        on_submission_scored(s, P)
+        s.commit()
+    engine.dispose()
+    assert client.get(path).json()["entries"][0]["mean"] == pytest.approx(before - 0.1)
