@@ -76,11 +76,14 @@ class Compose:
                                  f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}\n{self.logs()}")
         return result
 
-    def logs(self) -> str:
-        result = subprocess.run(["docker-compose", "-p", self.project, "-f", str(ROOT / "docker-compose.yml"), "logs",
-                                 "--no-color", "--tail", "60"], cwd=ROOT, env=self.env, capture_output=True,
-                                text=True, timeout=120)
-        return result.stdout[-12000:]
+    def logs(self, services: tuple[str, ...] = ("api", "worker-cpu", "worker-containers"), tail: int = 30) -> str:
+        parts = []
+        for service in services:
+            result = subprocess.run(["docker-compose", "-p", self.project, "-f", str(ROOT / "docker-compose.yml"),
+                                     "logs", "--no-color", "--tail", str(tail), service], cwd=ROOT, env=self.env,
+                                    capture_output=True, text=True, timeout=120)
+            parts.append(f"--- {service}\n" + "\n".join(line[:400] for line in result.stdout.splitlines()))
+        return "\n".join(parts)
 
 
 @pytest.fixture
@@ -175,7 +178,7 @@ def test_compose_stack_scores_one_submission(compose_stack, trivial_tarball, doc
             if body["state"] in ("scored", "failed", "cancelled"):
                 break
             time.sleep(1)
-        assert body["state"] == "scored", (body, seen, compose.logs())
+        assert body["state"] == "scored", f"{body}\nstates seen: {seen}\n{compose.logs()}"
         assert body["image_digest"].startswith("sha256:")
 
         # 4 hidden cases x 9 organs, every one scored; the trivial threshold finds some liver
