@@ -41,3 +41,25 @@ def test_message_files_are_renamed_into_place_complete(tmp_path, monkeypatch):
         assert dst.endswith(".gpu.msg") and not existed
         assert json.loads(content)["body"]
     assert not [n for n in os.listdir(options["data_folder_in"]) if n.endswith(".partial")]
+
+
+def test_an_exchange_table_created_empty_by_another_worker_is_read_as_empty(tmp_path):
+    """Two workers starting together: one has created ``<exchange>.exchange`` but not written it yet
+    when the other binds -- that must not be an "Unrecoverable error"."""
+    from services.config import Settings
+
+    options = Settings(data_dir=tmp_path).broker_transport_options()
+    control = tmp_path / "control"
+    options = {**options, "control_folder": str(control)}
+    control.mkdir()
+    (control / "celery.pidbox.exchange").write_bytes(b"")  # created, not yet written
+    with Connection("filesystem://", transport_options=options) as conn:
+        channel = conn.default_channel
+        channel._queue_bind("celery.pidbox", "", "", "worker-b.celery.pidbox")
+        assert [q.queue for q in channel.get_table("celery.pidbox")] == ["worker-b.celery.pidbox"]
+        channel._queue_bind("celery.pidbox", "", "", "worker-a.celery.pidbox")
+        channel._queue_bind("celery.pidbox", "", "", "worker-b.celery.pidbox")  # already there
+        assert [q.queue for q in channel.get_table("celery.pidbox")] == ["worker-a.celery.pidbox",
+                                                                          "worker-b.celery.pidbox"]
+        (control / "empty.exchange").write_bytes(b"")
+        assert channel.get_table("empty") == []
