@@ -20,7 +20,6 @@ import datetime as dt
 import os
 import socket
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
@@ -31,6 +30,7 @@ from services.db.enums import ShardState
 from services.db.enums import SubmissionState as S
 from services.db.models import Case, CaseRun, Score, Shard, Submission, TestSet
 from services.db.states import transition
+from evaluation.scoring import ScoreRow
 
 TERMINAL_SHARD_STATES = frozenset({ShardState.succeeded, ShardState.failed, ShardState.cancelled})
 #: submission states in which inference work may go on
@@ -182,27 +182,15 @@ def stale_shards(session: Session, now: dt.datetime, stale_after_s: float) -> li
 # --------------------------------------------------------------------------------------------
 # scores
 # --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ScoreValues:
-    """One score row as the worker writes it (units: mm for hd95/assd)."""
-
-    organ: str
-    dsc: float | None
-    nsd: float | None
-    hd95: float | None
-    assd: float | None
-    status: str
-    detail: str | None = None
-
-
 def insert_scores_ignore(session: Session, submission_id: int, case_pk: int, protocol_key: str,
-                         rows: Iterable[ScoreValues]) -> int:
-    """Insert score rows, ignoring any that already exist under the UNIQUE key; returns how many
-    rows were new. ``INSERT ... ON CONFLICT DO NOTHING`` on both SQLite and PostgreSQL."""
+                         rows: Iterable[ScoreRow]) -> int:
+    """Insert one case's score rows (:class:`evaluation.scoring.ScoreRow`; units mm for hd95/assd),
+    ignoring any that already exist under the UNIQUE key; returns how many rows were new.
+    ``INSERT ... ON CONFLICT DO NOTHING`` on both SQLite and PostgreSQL."""
     values = [
         {"submission_id": submission_id, "case_id": case_pk, "organ": r.organ, "protocol_key": protocol_key,
          "dsc": _finite(r.dsc), "nsd": _finite(r.nsd), "hd95": _finite(r.hd95), "assd": _finite(r.assd),
-         "status": r.status[:32], "detail": r.detail}
+         "status": (r.status or "ok")[:32], "detail": r.detail or None}
         for r in rows
     ]
     if not values:

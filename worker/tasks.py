@@ -48,6 +48,7 @@ from services.db.session import get_sessionmaker, session_scope
 from services.db.states import transition
 from services.storage import Storage
 from evaluation.io import GroundTruthError
+from evaluation.scoring import ScoreRow
 from worker import pipeline
 from worker.app import CPU_QUEUE, GPU_QUEUE, app, worker_settings
 from worker.outputs import check_outputs
@@ -558,27 +559,19 @@ def protocol_of(testset: TestSet):
     return _protocols[key]
 
 
-def _values(rows) -> list[pipeline.ScoreValues]:
-    return [
-        pipeline.ScoreValues(organ=r.organ, dsc=r.dsc, nsd=r.nsd, hd95=r.hd95, assd=r.assd,
-                             status=r.status or "ok", detail=r.detail or None)
-        for r in rows
-    ]
-
-
-def worst_rows(case: Case, protocol, status: str, detail: str | None) -> list[pipeline.ScoreValues]:
+def worst_rows(case: Case, protocol, status: str, detail: str | None) -> list[ScoreRow]:
     """The protocol's worst score for every organ (a missing or invalid prediction)."""
     from evaluation.scoring import worst_rows as evaluation_worst_rows
 
-    return _values(evaluation_worst_rows(case.case_id, protocol, status, detail or ""))
+    return evaluation_worst_rows(case.case_id, protocol, status, detail or "")
 
 
-def prediction_rows(case: Case, prediction_dir: Path, protocol) -> list[pipeline.ScoreValues]:
+def prediction_rows(case: Case, prediction_dir: Path, protocol) -> list[ScoreRow]:
     """Score one prediction against the case's labels (:func:`evaluation.scoring.score_case`
     never raises for a bad prediction: it answers the worst score and a status)."""
     from evaluation.scoring import score_case
 
-    return _values(score_case(case.case_id, Path(case.labels_path), prediction_dir, protocol))
+    return score_case(case.case_id, Path(case.labels_path), prediction_dir, protocol)
 
 
 @app.task(name="touchstone.score")

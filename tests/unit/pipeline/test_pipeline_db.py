@@ -13,6 +13,7 @@ from services.db.enums import Role, ShardState
 from services.db.enums import SubmissionState as S
 from services.db.models import Algorithm, Case, Score, Shard, Submission, Team, TestSet, User
 from worker import pipeline
+from evaluation.scoring import ScoreRow
 
 
 @pytest.fixture
@@ -69,10 +70,10 @@ def test_shards_cover_hidden_cases_once_and_are_idempotent(session):
 def test_scores_insert_ignore_on_the_unique_key(session):
     sub, testset = _setup(session)
     case = session.scalar(sa.select(Case).where(Case.case_id == "c0"))
-    rows = [pipeline.ScoreValues("liver", 0.9, 0.8, None, None, "ok"),
-            pipeline.ScoreValues("spleen", float("nan"), 0.1, float("inf"), 1.0, "ok")]
+    rows = [ScoreRow("c1", "liver", 0.9, 0.8, None, None, "ok"),
+            ScoreRow("c1", "spleen", float("nan"), 0.1, float("inf"), 1.0, "ok")]
     assert pipeline.insert_scores_ignore(session, sub.id, case.id, "touchstone@1", rows) == 2
-    changed = [pipeline.ScoreValues("liver", 0.1, 0.1, None, None, "ok")]
+    changed = [ScoreRow("c1", "liver", 0.1, 0.1, None, None, "ok")]
     assert pipeline.insert_scores_ignore(session, sub.id, case.id, "touchstone@1", changed) == 0
     session.commit()
     stored = {s.organ: s for s in session.scalars(sa.select(Score))}
@@ -92,7 +93,7 @@ def test_advance_walks_the_state_machine_and_waits_for_scores(session):
     assert sub.state is S.evaluating and sub.running_at and sub.evaluating_at
     for case in session.scalars(sa.select(Case).where(Case.public_sample.is_(False))):
         pipeline.insert_scores_ignore(session, sub.id, case.id, "touchstone@1",
-                                      [pipeline.ScoreValues("liver", 1.0, 1.0, 0.0, 0.0, "ok")])
+                                      [ScoreRow("c1", "liver", 1.0, 1.0, 0.0, 0.0, "ok")])
     assert pipeline.advance(session, sub) is True
     sub.state = S.cancelled
     assert pipeline.advance(session, sub) is False
