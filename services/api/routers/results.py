@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from services.api.deps import current_user, get_db
 from services.api.errors import ApiError
-from services.api.schemas import ScoreOut, ScorePage
+from services.api.schemas import ScorePage
 from services.db.enums import Role, SubmissionState
 from services.db.models import Case, Score, Submission, User
 
@@ -31,7 +31,7 @@ def submission_scores(
     organ: str | None = None,
     offset: int = Query(0, ge=0),
     limit: int = Query(1000, ge=1, le=10000),
-) -> ScorePage:
+) -> dict:
     """Per-case scores (every protocol key stored). Organizers: any submission. Analysts: published
     ones. Inventors: their own team's submissions, public-sample cases only. Anything else: 404."""
     submission = db.get(Submission, submission_id)
@@ -54,9 +54,12 @@ def submission_scores(
     if user.role is Role.inventor:  # the public-sample condition needs the case
         count = count.join(Case, Case.id == Score.case_id)
     total = db.scalar(count)
+    # ordered as the unique index (submission, case, organ, protocol) is: a page is an index range
+    # scan; ordering by scores.id walked the primary key across every submission (0.7 s at 5.3 M rows)
     rows = db.execute(
         sa.select(*columns).join(Case, Case.id == Score.case_id).where(*conditions)
-        .order_by(Score.id).offset(offset).limit(limit)
+        .order_by(Score.case_id, Score.organ, Score.protocol_key).offset(offset).limit(limit)
     ).all()
-    items = [ScoreOut(**row._mapping) for row in rows]
-    return ScorePage(submission_id=submission_id, total=total or 0, offset=offset, limit=limit, items=items)
+    # plain dicts: the response model validates them once
+    items = [row._asdict() for row in rows]
+    return {"submission_id": submission_id, "total": total or 0, "offset": offset, "limit": limit, "items": items}
