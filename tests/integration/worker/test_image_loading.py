@@ -74,8 +74,16 @@ def test_load_streams_inspects_and_drops_new_tags(runtime, tiny_image, docker_cl
         docker_client.images.get(tag)
     assert check_image(info, max_size_bytes=10**6) is None
     assert check_image(info, max_size_bytes=1).code is FailureCode.IMAGE_TOO_LARGE
-    # loading the same tarball again is fine (a retried validation)
-    assert runtime.load_image(saved).image_id == image_id
+    # loading the same tarball again is fine (a retried validation), and the engine is not asked
+    # to read the archive again: it already holds that content address
+    calls = []
+    real_load = runtime.client.api.load_image
+    runtime.client.api.load_image = lambda *a, **k: calls.append(a) or real_load(*a, **k)
+    try:
+        assert runtime.load_image(saved).image_id == image_id
+    finally:
+        runtime.client.api.load_image = real_load
+    assert calls == []
     runtime.remove_image(image_id)
     with pytest.raises(docker.errors.ImageNotFound):
         docker_client.images.get(image_id)
