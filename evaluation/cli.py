@@ -75,6 +75,9 @@ def evaluate(
     cases_from: Optional[Path] = typer.Option(
         None, "--cases-from", help="Score only this manifest's cases, in its order; ground truth from its labels column unless --gt is given."
     ),
+    device: str = typer.Option(
+        "cpu", "--device", help="cpu (default) or a torch device (cuda, cuda:N) for the optional GPU path; needs touchstone[gpu]."
+    ),
 ) -> None:
     """Score predictions against ground truth, case by case and organ by organ.
 
@@ -90,6 +93,13 @@ def evaluate(
         proto = load_protocol(protocol)
     except ValueError as exc:
         _fail(str(exc))
+    if device != "cpu":
+        from evaluation.gpu import GpuUnavailableError, resolve_device
+
+        try:
+            resolve_device(device)
+        except GpuUnavailableError as exc:
+            _fail(str(exc))
     if gt is None and cases_from is None:
         _fail("give the ground truth: --gt DIR (one sub-folder per case) or --cases-from manifest.csv")
     if gt is not None and not gt.is_dir():
@@ -131,7 +141,7 @@ def evaluate(
                 bar.advance(task)
                 bar.refresh()
 
-            rows = score_cases(todo, proto, workers=workers, progress=advance)
+            rows = score_cases(todo, proto, workers=workers, progress=advance, device=device)
     except GroundTruthError as exc:
         _fail(f"{exc}\nFix the test set's labels (or leave the case out with --cases-from); nothing was written.")
     elapsed = time.perf_counter() - started

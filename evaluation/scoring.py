@@ -84,6 +84,7 @@ def score_case(
     limits: ReadLimits | None = None,
     *,
     tolerance: GeometryTolerance = GeometryTolerance(),
+    device: str = "cpu",
 ) -> list[ScoreRow]:
     """Score one case: one :class:`ScoreRow` per organ of the protocol, in the protocol's order.
 
@@ -91,6 +92,9 @@ def score_case(
     ``pred_case_dir``: the prediction's case folder (or None / not existing: ``missing_prediction``).
     Never raises for a bad prediction; raises :class:`GroundTruthError` for unusable ground truth.
     Spacing for the surface metrics is the ground truth's (mm, from its affine).
+    ``device``: "cpu" (numpy, the default) or a torch device such as "cuda" / "cuda:1" for the
+    optional GPU path (:mod:`evaluation.gpu`, same values; raises ``GpuUnavailableError`` when torch
+    or the device is missing).
     """
     protocol = load_protocol(protocol)
     organs = protocol.organs
@@ -112,7 +116,12 @@ def score_case(
         return worst_rows(case_id, protocol, STATUS_TOO_LARGE, "not enough memory to read the prediction; write uint8 labels")
 
     try:
-        values = compute_case_metrics(pred.metrics_input(), gt.metrics_input(), gt.geometry.spacing, protocol)
+        if device == "cpu":
+            values = compute_case_metrics(pred.metrics_input(), gt.metrics_input(), gt.geometry.spacing, protocol)
+        else:
+            from evaluation.gpu import compute_case_metrics as compute_on_device
+
+            values = compute_on_device(pred.metrics_input(), gt.metrics_input(), gt.geometry.spacing, protocol, device=device)
     except MemoryError:
         return worst_rows(case_id, protocol, STATUS_TOO_LARGE, "not enough memory to score the prediction")
     rows = []
@@ -142,14 +151,14 @@ def score_case(
 _worker_state: dict[str, object] = {}
 
 
-def _init_worker(protocol: Protocol, limits: ReadLimits | None, tolerance: GeometryTolerance) -> None:
-    _worker_state.update(protocol=protocol, limits=limits, tolerance=tolerance)
+def _init_worker(protocol: Protocol, limits: ReadLimits | None, tolerance: GeometryTolerance, device: str) -> None:
+    _worker_state.update(protocol=protocol, limits=limits, tolerance=tolerance, device=device)
 
 
 def _score_in_worker(case: CaseToScore) -> list[ScoreRow]:
     return score_case(
         case.case_id, case.gt, case.pred, _worker_state["protocol"], _worker_state["limits"],  # type: ignore[arg-type]
-        tolerance=_worker_state["tolerance"],  # type: ignore[arg-type]
+        tolerance=_worker_state["tolerance"], device=_worker_state["device"],  # type: ignore[arg-type]
     )
 
 
@@ -175,8 +184,10 @@ def score_cases(
     workers: int = 1,
     progress: Callable[[str, list[ScoreRow]], None] | None = None,
     tolerance: GeometryTolerance = GeometryTolerance(),
+    device: str = "cpu",
 ) -> list[ScoreRow]:
-    """Score many cases, with ``workers`` processes (1: in this process).
+    """Score many cases, with ``workers`` processes (1: in this process); ``device`` as in
+    :func:`score_case`.
 
     Rows come back in the order of ``cases``, then of the protocol's organs, whatever order the
     workers finish in. ``progress(case_id, rows)`` is called in this process as each case finishes.
@@ -187,13 +198,13 @@ def score_cases(
     results: list[list[ScoreRow] | None] = [None] * len(todo)
     if workers <= 1 or len(todo) <= 1:
         for i, case in enumerate(todo):
-            results[i] = score_case(case.case_id, case.gt, case.pred, protocol, limits, tolerance=tolerance)
+            results[i] = score_case(case.case_id, case.gt, case.pred, protocol, limits, tolerance=tolerance, device=device)
             if progress is not None:
                 progress(case.case_id, results[i])  # type: ignore[arg-type]
     else:
         with ProcessPoolExecutor(
             max_workers=min(workers, len(todo)), mp_context=_pool_context(),
-            initializer=_init_worker, initargs=(protocol, limits, tolerance),
+            initializer=_init_worker, initargs=(protocol, limits, tolerance, device),
         ) as pool:
             futures = {pool.submit(_score_in_worker, case): i for i, case in enumerate(todo)}
             pending = set(futures)

@@ -95,6 +95,7 @@ def test_cases_from_manifest(test_set, tmp_path):
         (["--pred", "{tmp}"], "give the ground truth"),
         (["--cases-from", "{tmp}/nope.csv", "--pred", "{tmp}"], "does not exist"),
         (["--gt", "{tmp}", "--pred", "{tmp}"], "no case folders with labels"),
+        (["--gt", "{gt}", "--pred", "{tmp}", "--device", "quantum"], "unknown device 'quantum'"),
     ],
 )
 def test_bad_usage_exits_2_with_a_message(test_set, tmp_path, args, message):
@@ -111,3 +112,31 @@ def test_phantoms_command_is_deterministic_and_validates_size(tmp_path):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
     result = _run("phantoms", "--out", tmp_path / "c", "--cases", "1", "--size", "huge")
     assert result.exit_code == 2 and "unknown --size" in result.output
+
+
+def test_device_path_gives_the_cpu_values(test_set, tmp_path, monkeypatch):
+    """``--device`` routes scoring through :mod:`evaluation.gpu` (torch); on this machine's CPU
+    torch the values must be those of the numpy path. The CUDA device itself is swapped for torch's
+    CPU device (no GPU here), so what is checked is the routing and the values."""
+    import evaluation.gpu as gpu
+    from evaluation.scoring import score_case
+
+    gt = test_set / "gt"
+    result = _run("phantom-predictions", "--gt", gt, "--out", tmp_path / "pred", "--kind", "realistic")
+    assert result.exit_code == 0, result.output
+    calls = []
+    real = gpu.compute_case_metrics
+
+    def on_torch_cpu(pred, truth, spacing, protocol, device="cuda"):
+        calls.append(device)
+        return real(pred, truth, spacing, protocol, device="cpu")
+
+    monkeypatch.setattr(gpu, "compute_case_metrics", on_torch_cpu)
+    case = sorted(p.name for p in gt.iterdir() if p.is_dir())[0]
+    on_cpu = score_case(case, gt / case, tmp_path / "pred" / case, "nsd-deepmind")
+    on_device = score_case(case, gt / case, tmp_path / "pred" / case, "nsd-deepmind", device="cuda:0")
+    assert calls == ["cuda:0"]
+    assert [r.organ for r in on_device] == [r.organ for r in on_cpu]
+    for a, b in zip(on_cpu, on_device):
+        for metric in ("dsc", "nsd", "hd95", "assd"):
+            assert getattr(a, metric) == pytest.approx(getattr(b, metric), abs=1e-9, nan_ok=True)
