@@ -8,9 +8,12 @@ bare `pytest` without the servers gets skips that name the missing component.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
+import uuid
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -63,6 +66,32 @@ def postgres_url() -> str:
     except Exception as exc:  # noqa: BLE001
         require("PostgreSQL", str(exc))
     return url
+
+
+@pytest.fixture(scope="session")
+def new_postgres_database(postgres_url) -> Callable[[str], contextlib.AbstractContextManager[str]]:
+    """``with new_postgres_database("prefix") as url:`` a fresh database of its own on the test
+    server (isolated from other tests and from concurrent runs), dropped afterwards."""
+
+    @contextlib.contextmanager
+    def fresh(prefix: str) -> Iterator[str]:
+        import sqlalchemy as sa
+
+        name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+        admin = sa.create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+        try:
+            yield sa.engine.make_url(postgres_url).set(database=name).render_as_string(hide_password=False)
+        finally:
+            from services.db.session import dispose_engines
+
+            dispose_engines()
+            with admin.connect() as conn:
+                conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            admin.dispose()
+
+    return fresh
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-import uuid
 
 import pytest
 import sqlalchemy as sa
@@ -13,20 +12,10 @@ pytestmark = pytest.mark.postgres
 
 
 @pytest.fixture(scope="module")
-def pg_database(postgres_url):
+def pg_database(new_postgres_database):
     """A fresh database next to the test database, dropped afterwards."""
-    name = f"touchstone_lb_{uuid.uuid4().hex[:10]}"
-    admin = sa.create_engine(postgres_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    url = postgres_url.rsplit("/", 1)[0] + "/" + name
-    yield url
-    from services.db.session import dispose_engines
-
-    dispose_engines()
-    with admin.connect() as c:
-        c.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    with new_postgres_database("touchstone_lb") as url:
+        yield url
 
 
 def test_recompute_and_streamed_export_on_postgres(pg_database, tmp_path, request):

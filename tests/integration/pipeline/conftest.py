@@ -76,20 +76,10 @@ def phantom_manifest(tmp_path_factory) -> Path:
 # databases and brokers
 # ------------------------------------------------------------------------------------------------
 @pytest.fixture
-def pg_database(postgres_url) -> Iterator[str]:
+def pg_database(new_postgres_database) -> Iterator[str]:
     """A fresh PostgreSQL database of our own on the test server (dropped afterwards)."""
-    name = f"ts_pipeline_{uuid.uuid4().hex[:10]}"
-    admin = sa.create_engine(postgres_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    url = sa.engine.make_url(postgres_url).set(database=name).render_as_string(hide_password=False)
-    yield url
-    from services.db.session import dispose_engines
-
-    dispose_engines()
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    with new_postgres_database("ts_pipeline") as url:
+        yield url
 
 
 def free_port() -> int:

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import tarfile
 import time
-import uuid
 from pathlib import Path
 
 import httpx
@@ -24,7 +23,7 @@ from services.api.app import create_app
 from services.config import Settings
 from services.db import migrate
 from services.db.accounts import create_user
-from services.db.session import create_db_engine, dispose_engines
+from services.db.session import create_db_engine
 from services.db.testsets import import_testset
 
 REPO = Path(__file__).resolve().parents[3]
@@ -32,18 +31,10 @@ REPO = Path(__file__).resolve().parents[3]
 
 # --- databases -----------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
-def pg_fresh_url(postgres_url):
+def pg_fresh_url(new_postgres_database):
     """A PostgreSQL database created for this test run (dropped afterwards)."""
-    name = f"ts_services_{uuid.uuid4().hex[:10]}"
-    admin = sa.create_engine(postgres_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    url = sa.engine.make_url(postgres_url).set(database=name).render_as_string(hide_password=False)
-    yield url
-    dispose_engines()
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    with new_postgres_database("ts_services") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
