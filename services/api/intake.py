@@ -126,8 +126,8 @@ def check_docker_save_tar(path: Path) -> ImageTarInfo:
         raise IntakeError(f"the tar is truncated or unreadable ({exc}); upload it again") from exc
     try:
         manifest = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise IntakeError(f"the tar's manifest.json is not valid JSON ({exc}); {hint}") from exc
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, deep nesting
+        raise IntakeError(f"the tar's manifest.json is not valid JSON ({type(exc).__name__}); {hint}") from None
     if not isinstance(manifest, list) or not all(isinstance(e, dict) for e in manifest):
         raise IntakeError(f"the tar's manifest.json is not a list of images; {hint}")
     if len(manifest) != 1:
@@ -144,7 +144,9 @@ def check_docker_save_tar(path: Path) -> ImageTarInfo:
         if name not in names:
             raise IntakeError(f"manifest.json names {name!r}, which is not in the tar (truncated or edited?); {hint}")
     tags = entry.get("RepoTags") or []
-    return ImageTarInfo(config=config, layers=layers, repo_tags=[str(t) for t in tags])
+    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+        raise IntakeError(f"the tar's manifest.json has RepoTags that are not a list of names; {hint}")
+    return ImageTarInfo(config=config, layers=layers, repo_tags=list(tags))
 
 
 # -----------------------------------------------------------------------------------------------

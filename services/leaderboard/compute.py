@@ -135,9 +135,14 @@ class RecomputeReport:
 
 
 def load_cases(session: Session, testset_id: int) -> pd.DataFrame:
-    """The test set's cases: ``case_pk`` (cases.id), ``case_id`` and the metadata columns."""
+    """The test set's hidden cases: ``case_pk`` (cases.id), ``case_id`` and the metadata columns.
+
+    Public-sample cases are left out: they are the inventors' validation run, not the benchmark,
+    and counting them would make every submission "miss" them."""
     columns = [Case.id, Case.case_id, *(getattr(Case, c) for c in CASE_METADATA)]
-    rows = session.execute(sa.select(*columns).where(Case.testset_id == testset_id).order_by(Case.id)).all()
+    rows = session.execute(
+        sa.select(*columns).where(Case.testset_id == testset_id, Case.public_sample.is_(False)).order_by(Case.id)
+    ).all()
     return pd.DataFrame(rows, columns=["case_pk", "case_id", *CASE_METADATA])
 
 

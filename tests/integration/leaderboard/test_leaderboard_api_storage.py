@@ -43,10 +43,16 @@ def test_aggregates_match_the_imported_files(world, session):
     assert sum(a.n for a in per_hospital) == 23
 
 
-def test_failed_prediction_is_counted(world, client):
+def test_failed_prediction_is_counted(world, client, session):
+    from services.db.models import Aggregate
+
     board = client.get(BASE, params={"organ": "liver", "scope": "all"}, headers=world.headers("org")).json()
     alpha = next(e for e in board["entries"] if e["submission_id"] == world.alpha_id)
     assert alpha["n_failed"] == 1 and alpha["n"] == 24
+    # the test set's public-sample case (the validation run) is not part of the statistics
+    rows = session.scalars(sa.select(Aggregate).where(
+        Aggregate.submission_id == world.alpha_id, Aggregate.scope == "overall")).all()
+    assert rows and all(r.n_missing == 0 for r in rows)
     assert alpha["seconds_per_case"] == pytest.approx(np.mean([10.0 + i for i in range(24)]))
     assert alpha["gpu_memory_peak_bytes"] == 3 * 1024**3
 

@@ -56,6 +56,8 @@ def test_accepts_a_single_image_with_legacy_layer_symlinks(tmp_path):
         ([("dev", b"", tarfile.CHRTYPE, "")], ONE, "device"),
         ([("c.json", b"{}", REG, "")], {"not": "a list"}, "not a list"),
         ([("c.json", b"{}", REG, "")], [{"Config": 3}], "lacks Config/Layers"),
+        ([("c.json", b"{}", REG, ""), ("l1/layer.tar", b"", REG, ""), ("l2/layer.tar", b"", REG, "")],
+         [{**ONE[0], "RepoTags": 7}], "RepoTags"),
     ],
 )
 def test_refusals_name_the_problem(tmp_path, members, manifest, words):
@@ -90,3 +92,16 @@ def test_empty_and_garbage(tmp_path):
                                      ("a b", False), ("x:", False)])
 def test_image_reference_format(ref, ok):
     assert bool(IMAGE_REF.match(ref)) is ok
+
+
+def test_a_deeply_nested_manifest_is_refused_not_a_crash(tmp_path):
+    """json.loads raises RecursionError (not a JSONDecodeError) on deep nesting: still a 422."""
+    raw = b"[" * 200_000
+    path = tmp_path / "deep.tar"
+    with tarfile.open(path, "w") as archive:
+        info = tarfile.TarInfo("manifest.json")
+        info.size = len(raw)
+        archive.addfile(info, io.BytesIO(raw))
+    with pytest.raises(IntakeError, match="not valid JSON") as caught:
+        check_docker_save_tar(path)
+    assert caught.value.status_code == 422
