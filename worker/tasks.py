@@ -448,8 +448,14 @@ def _run_shard(shard_id: int, owner: str, *, submission_id: int, index: int, att
             info = ensure_image(runtime, source)
             staged = stage_shard([(case_id, ct) for _, case_id, ct in cases], workdir / "input")
             output = prepare_output_dir(workdir / "output")
-        except (ImageRejected, StagingError, OSError) as exc:
-            return _shard_error(shard_id, owner, f"could not prepare the run: {exc}")
+        except ImageRejected as exc:
+            return _shard_error(shard_id, owner, f"could not prepare the run: {exc.reason.message}")
+        except (StagingError, OSError):
+            # an infrastructure error on hidden cases: its text names organizer storage paths, so
+            # it goes to the worker log, and the reason (which the team can read) stays generic
+            log.exception("staging shard %s of submission %s failed", label, submission_id)
+            return _shard_error(shard_id, owner, "could not prepare the run on the worker (an infrastructure "
+                                "error, not the image's fault; details are in the worker log)")
         spec = RunSpec(
             image=info.image_id, input_dir=staged.input_dir, output_dir=output,
             time_limit_s=shard_time_limit(per_case_s, len(cases), worker_settings().startup_s),
@@ -597,13 +603,15 @@ def score(submission_id: int, shard_id: int | None, items: list[list[Any]]) -> s
             else:
                 rows = worst_rows(cases[case_pk], protocol, status, detail)
         except GroundTruthError as exc:
-            # the organizer's data, not the submission: stop and say which case to fix
+            # the organizer's data, not the submission: stop; the case and the error (which name
+            # hidden cases and organizer paths) go to the log, the team reads a generic reason
+            log.error("ground truth of case %s (test set case pk %s) cannot be used: %s", case_id, case_pk, exc)
             with session_scope() as session:
                 sub = pipeline.lock_submission(session, submission_id)
                 if sub is not None:
                     pipeline.fail_submission(session, sub, (
-                        f"The ground truth of case {case_id} cannot be used ({exc}); an organizer must fix the "
-                        "test set and re-run the submission."))
+                        "The ground truth of a hidden case cannot be used (not the submission's fault); an "
+                        "organizer must fix the test set (see the worker log) and re-run the submission."))
             return f"failed: ground truth of {case_id}"
         seconds = time.perf_counter() - started
         with session_scope() as session:
