@@ -295,13 +295,17 @@ def validate_run(submission_id: int) -> str:
         if sub is None or sub.state is not S.validating:
             return "skipped: not validating"
         testset = sub.testset
-        cases = [(c.case_id, Path(c.image_path)) for c in pipeline.public_cases(session, testset.id)]
+        public = pipeline.public_cases(session, testset.id)
+        cases = [(c.case_id, Path(c.image_path)) for c in public]
+        labels = {c.id: (c.case_id, Path(c.labels_path)) for c in public}
+        protocol, protocol_key = protocol_of(testset), testset.protocol_key
         source = _image_source(sub)
         per_case_s, limits, gpus = testset.time_per_case_s, _limits(testset), _gpu_ids(testset)
     runtime = get_runtime()
     failure: FailureReason | None = None
     run_log = ""
     cancelled = False
+    public_rows: dict[int, list[ScoreRow]] = {}
     try:
         info = ensure_image(runtime, source)
     except ImageRejected as exc:
@@ -323,6 +327,10 @@ def validate_run(submission_id: int) -> str:
             report = check_outputs(output, dict(cases))
             failure = _public_sample_failure(result, report)
             run_log = _format_log(f"public sample ({len(cases)} case(s))", result, report)
+            if failure is None and not cancelled:
+                # the team's own feedback: its public-sample cases scored like hidden ones (they are
+                # left out of the benchmark's statistics); the hidden cases are never shown per case
+                public_rows = _score_public_sample(labels, output, protocol)
         finally:
             shutil.rmtree(workdir / "input", ignore_errors=True)
 
@@ -338,6 +346,8 @@ def validate_run(submission_id: int) -> str:
             _audit(session, "submission.validate.failed", submission_id, code=failure.code.value)
             return f"failed: {failure.code.value}"
         transition(sub, S.queued)
+        for case_pk, rows in public_rows.items():
+            pipeline.insert_scores_ignore(session, submission_id, case_pk, protocol_key, rows)
         shards = pipeline.create_shards(session, sub, sub.testset)
         pending = [s.id for s in shards if s.state is ShardState.pending]
         ready = not shards
@@ -346,6 +356,20 @@ def validate_run(submission_id: int) -> str:
     if ready:
         finalize.apply_async(args=[submission_id], queue=CPU_QUEUE)
     return f"queued {len(pending)} shard(s)"
+
+
+def _score_public_sample(labels: dict[int, tuple[str, Path]], output: Path, protocol) -> dict[int, list[ScoreRow]]:
+    """Score rows of each public-sample case (pk → rows); a case whose ground truth is unusable is
+    left unscored and logged (the organizer's data, not the submission's fault)."""
+    from evaluation.scoring import score_case
+
+    rows: dict[int, list[ScoreRow]] = {}
+    for case_pk, (case_id, labels_path) in labels.items():
+        try:
+            rows[case_pk] = score_case(case_id, labels_path, output / case_id, protocol)
+        except GroundTruthError as exc:
+            log.error("public-sample case %s: ground truth cannot be used: %s", case_id, exc)
+    return rows
 
 
 # --------------------------------------------------------------------------------------------

@@ -147,14 +147,16 @@ def load_cases(session: Session, testset_id: int) -> pd.DataFrame:
 
 
 def load_scores(session: Session, submission_ids: Sequence[int], protocol_key: str) -> pd.DataFrame:
-    """Long score table of the submissions under ``protocol_key``: algorithm (submission id as
-    str), case_pk, organ, dsc, nsd, failed."""
+    """Long score table of the submissions under ``protocol_key`` on hidden cases (as
+    :func:`load_cases`): algorithm (submission id as str), case_pk, organ, dsc, nsd, failed."""
     columns = ["algorithm", "case_pk", "organ", *METRICS, "failed"]
     if not submission_ids:
         return pd.DataFrame(columns=columns)
     stmt = sa.select(
         Score.submission_id, Score.case_id, Score.organ, *(getattr(Score, m) for m in METRICS), Score.status
-    ).where(Score.submission_id.in_(list(submission_ids)), Score.protocol_key == protocol_key)
+    ).join(Case, Case.id == Score.case_id).where(
+        Score.submission_id.in_(list(submission_ids)), Score.protocol_key == protocol_key, Case.public_sample.is_(False)
+    )
     frame = pd.DataFrame(session.execute(stmt).all(), columns=["algorithm", "case_pk", "organ", *METRICS, "status"])
     frame["algorithm"] = frame["algorithm"].astype(str)
     frame["failed"] = frame["status"].map(is_failure).astype(bool)

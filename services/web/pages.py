@@ -147,8 +147,9 @@ def submission_page(
     per_organ: dict[str, list[float]] = {o: [] for o in ORGANS}
     column = getattr(Score, metric)
     for organ_name, value in db.execute(
-        sa.select(Score.organ, column).where(Score.submission_id == submission_id,
-                                             Score.protocol_key == ts.protocol_key)
+        sa.select(Score.organ, column).join(Case, Case.id == Score.case_id)
+        .where(Score.submission_id == submission_id, Score.protocol_key == ts.protocol_key,
+               Case.public_sample.is_(False))  # the benchmark's cases, as in the statistics
     ):
         if organ_name in per_organ and value is not None:
             per_organ[organ_name].append(value)

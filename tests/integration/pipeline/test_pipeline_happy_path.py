@@ -28,12 +28,19 @@ def _check_scored(stack, submission_id: int, n_hidden: int, min_mean_dsc: float)
         public = session.scalars(sa.select(Case.case_id).where(Case.testset_id == sub.testset_id,
                                                                Case.public_sample.is_(True))).all()
         assert public and all(f"case {case_id}: ok" in sub.validation_log for case_id in public)
-        scores = session.scalars(sa.select(Score).where(Score.submission_id == submission_id)).all()
-        assert len(scores) == n_hidden * len(ORGANS)
-        scored_cases = {s.case_id for s in scores}
+        all_scores = session.scalars(sa.select(Score).where(Score.submission_id == submission_id)).all()
         hidden = set(session.scalars(sa.select(Case.id).where(Case.testset_id == sub.testset_id,
                                                              Case.public_sample.is_(False))))
-        assert scored_cases == hidden  # the public sample is not in the scores
+        public_pks = set(session.scalars(sa.select(Case.id).where(Case.testset_id == sub.testset_id,
+                                                                 Case.public_sample.is_(True))))
+        scores = [s for s in all_scores if s.case_id in hidden]
+        assert len(scores) == n_hidden * len(ORGANS)
+        assert {s.case_id for s in scores} == hidden
+        # the public sample is scored too (the team's own per-case feedback), every organ once
+        public_scores = [s for s in all_scores if s.case_id in public_pks]
+        assert {s.case_id for s in public_scores} == public_pks
+        assert len(public_scores) == len(public_pks) * len(ORGANS)
+        assert len(all_scores) == len(scores) + len(public_scores)
         assert {s.protocol_key for s in scores} == {"touchstone@1"}
         dscs = [s.dsc for s in scores if s.dsc is not None]
         assert dscs and sum(dscs) / len(dscs) > min_mean_dsc
