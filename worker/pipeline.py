@@ -20,12 +20,11 @@ import datetime as dt
 import os
 import socket
 from collections.abc import Iterable, Sequence
-from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from services.db.base import utcnow
+from services.db.base import finite_or_none, utcnow
 from services.db.enums import ShardState
 from services.db.enums import SubmissionState as S
 from services.db.models import Case, CaseRun, Score, Shard, Submission, TestSet
@@ -189,7 +188,7 @@ def insert_scores_ignore(session: Session, submission_id: int, case_pk: int, pro
     ``INSERT ... ON CONFLICT DO NOTHING`` on both SQLite and PostgreSQL."""
     values = [
         {"submission_id": submission_id, "case_id": case_pk, "organ": r.organ, "protocol_key": protocol_key,
-         "dsc": _finite(r.dsc), "nsd": _finite(r.nsd), "hd95": _finite(r.hd95), "assd": _finite(r.assd),
+         **{metric: finite_or_none(getattr(r, metric)) for metric in ("dsc", "nsd", "hd95", "assd")},
          "status": (r.status or "ok")[:32], "detail": r.detail or None}
         for r in rows
     ]
@@ -206,14 +205,6 @@ def insert_scores_ignore(session: Session, submission_id: int, case_pk: int, pro
         index_elements=["submission_id", "case_id", "organ", "protocol_key"]
     )
     return session.execute(statement).rowcount or 0
-
-
-def _finite(value: Any) -> float | None:
-    """NaN and infinities are stored as NULL (the status says why there is no number)."""
-    if value is None:
-        return None
-    value = float(value)
-    return value if value == value and value not in (float("inf"), float("-inf")) else None
 
 
 def upsert_case_run(session: Session, submission_id: int, case_pk: int, shard_id: int | None,

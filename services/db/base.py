@@ -7,6 +7,7 @@ mode on SQLite included) can drop and alter them by name on SQLite and PostgreSQ
 from __future__ import annotations
 
 import datetime as dt
+import math
 from typing import Any
 
 import sqlalchemy as sa
@@ -66,3 +67,13 @@ class Base(DeclarativeBase):
         dict[str, Any]: PortableJSON,
         list[str]: PortableJSON,
     }
+
+
+def finite_or_none(value: Any) -> float | None:
+    """``value`` as a float, or ``None`` for NaN, infinities and non-numbers: SQL columns store
+    no NaN/inf portably, and JSON has neither (the row's status says why there is no number)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None

@@ -53,7 +53,7 @@ from evaluation.stats import (
 )
 from evaluation.stats.subgroups import UNKNOWN_GROUP, group_labels
 from evaluation.stats.summary import bootstrap_distribution, percentile_interval
-from services.db.base import utcnow
+from services.db.base import finite_or_none, utcnow
 from services.db.enums import SubmissionState
 from services.db.leaderboard_models import SCOPES, PairwiseTest, RankingEntry, RankStability, StatsRun
 from services.db.models import Aggregate, Case, Score, Submission, TestSet
@@ -229,13 +229,13 @@ def summary_row(values: np.ndarray, failed: np.ndarray, *, n_resamples: int, see
     )
     return {
         "n": n,
-        "mean": _finite(x.mean()) if n else None,
-        "median": _finite(np.median(x)) if n else None,
-        "std": _finite(x.std(ddof=1)) if n > 1 else None,
-        "ci_low": _finite(mean_lo),
-        "ci_high": _finite(mean_hi),
-        "median_ci_low": _finite(median_lo),
-        "median_ci_high": _finite(median_hi),
+        "mean": finite_or_none(x.mean()) if n else None,
+        "median": finite_or_none(np.median(x)) if n else None,
+        "std": finite_or_none(x.std(ddof=1)) if n > 1 else None,
+        "ci_low": finite_or_none(mean_lo),
+        "ci_high": finite_or_none(mean_hi),
+        "median_ci_low": finite_or_none(median_lo),
+        "median_ci_high": finite_or_none(median_hi),
         "n_failed": int(failed.sum()),
         "n_missing": int(values.size - n),
     }
@@ -305,14 +305,6 @@ def store_submission_aggregates(
 # --------------------------------------------------------------------------------------------
 
 
-def _finite(value) -> float | None:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        return None
-    return v if np.isfinite(v) else None
-
-
 @contextmanager
 def _frozen_gc() -> Iterator[None]:
     """statsmodels' Holm adjustment calls ``gc.collect()`` on every call, which scans every object
@@ -349,11 +341,11 @@ def _comparative_rows(
                 "submission_a_id": int(row.algorithm),
                 "submission_b_id": int(row.opponent),
                 "n_common": int(row.n_common),
-                "statistic": _finite(row.statistic),
-                "p_value": _finite(row.p_value),
-                "p_adjusted": _finite(row.p_adjusted),
+                "statistic": finite_or_none(row.statistic),
+                "p_value": finite_or_none(row.p_value),
+                "p_adjusted": finite_or_none(row.p_adjusted),
                 "significant": bool(row.significant),
-                "mean_difference": _finite(row.mean_difference),
+                "mean_difference": finite_or_none(row.mean_difference),
                 "method": method_name,
             })
         for method in RANKING_METHODS:
@@ -361,13 +353,13 @@ def _comparative_rows(
                          options=options.wilcoxon)
             for row in table.itertuples(index=False):
                 rankings.append({**key, "method": method, "submission_id": int(row.algorithm),
-                                 "value": _finite(row.value), "rank": int(row.rank)})
+                                 "value": finite_or_none(row.value), "rank": int(row.rank)})
         tau: dict[str, dict] = {}
         if matrix.n_cases and matrix.n_algorithms:
             for method in STABILITY_METHODS:
                 stab = bootstrap_rank_stability(matrix, method, n_resamples=options.n_resamples, seed=options.seed,
                                                 confidence=options.confidence)
-                tau[method] = {k: _finite(v) for k, v in stab.tau_summary().items()}
+                tau[method] = {k: finite_or_none(v) for k, v in stab.tau_summary().items()}
                 for row in stab.to_frame().itertuples(index=False):
                     stability_rows.append({
                         **key,
