@@ -735,7 +735,8 @@ def reap() -> str:
 
 
 def submission_summary(submission_id: int) -> dict[str, Any]:
-    """State, shard states and score count of a submission (tests and the benchmark read it)."""
+    """State, shard states and score count on hidden cases of a submission (tests and the
+    benchmark read it)."""
     with session_scope() as session:
         sub = session.get(Submission, submission_id)
         if sub is None:
@@ -743,7 +744,10 @@ def submission_summary(submission_id: int) -> dict[str, Any]:
         shards = list(session.scalars(sa.select(Shard).where(Shard.submission_id == submission_id)))
         from services.db.models import Score
 
-        n_scores = session.scalar(sa.select(sa.func.count(Score.id)).where(Score.submission_id == submission_id)) or 0
+        n_scores = session.scalar(
+            sa.select(sa.func.count(Score.id)).join(Case, Case.id == Score.case_id)
+            .where(Score.submission_id == submission_id, Case.public_sample.is_(False))
+        ) or 0
         return {"state": sub.state.value, "failure_reason": sub.failure_reason,
                 "shards": {s.index: s.state.value for s in shards}, "scores": n_scores,
                 "at": dt.datetime.now(dt.timezone.utc).isoformat()}

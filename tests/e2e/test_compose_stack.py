@@ -181,12 +181,12 @@ def test_compose_stack_scores_one_submission(compose_stack, trivial_tarball, doc
         assert body["state"] == "scored", f"{body}\nstates seen: {seen}\n{compose.logs()}"
         assert body["image_digest"].startswith("sha256:")
 
-        # 4 hidden cases x 9 organs, every one scored; the trivial threshold finds some liver
+        # 4 hidden + 1 public-sample case x 9 organs, every one scored; the trivial threshold finds some liver
         scores = client.get(f"/results/submissions/{sid}/scores", headers=org_h, params={"limit": 1000}).json()
-        assert scores["total"] == 4 * len(ORGANS)
+        assert scores["total"] == 5 * len(ORGANS)
         assert {s["status"] for s in scores["items"]} <= {"ok", "empty_reference", "empty_prediction"}
         liver = [s["dsc"] for s in scores["items"] if s["organ"] == "liver"]
-        assert len(liver) == 4 and all(0.0 <= d <= 1.0 for d in liver) and max(liver) > 0.0
+        assert len(liver) == 5 and all(0.0 <= d <= 1.0 for d in liver) and max(liver) > 0.0
         # the hidden cases ran in 2 shards, algorithm containers started by the containerised worker
         shards = client.get(f"/submissions/{sid}/shards", headers=org_h).json()
         assert len(shards) == 2 and all(s["state"] == "succeeded" and s["exit_code"] == 0 for s in shards)

@@ -30,7 +30,8 @@ def _assert_scored_exactly_once(submission_id: int) -> None:
         sub = session.get(Submission, submission_id)
         hidden = set(session.scalars(sa.select(Case.id).where(Case.testset_id == sub.testset_id,
                                                              Case.public_sample.is_(False))))
-        rows = session.execute(sa.select(Score.case_id, Score.organ).where(Score.submission_id == submission_id)).all()
+        rows = session.execute(sa.select(Score.case_id, Score.organ).where(
+            Score.submission_id == submission_id, Score.case_id.in_(hidden))).all()
         assert len(rows) == len(set(rows)) == len(hidden) * len(ORGANS)  # no case lost, none twice
         assert {case for case, _ in rows} == hidden
         runs = session.scalars(sa.select(CaseRun).where(CaseRun.submission_id == submission_id)).all()
