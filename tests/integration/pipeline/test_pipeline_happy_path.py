@@ -98,8 +98,9 @@ def test_embedded_filesystem_broker_via_cli(embedded_stack, phantom_manifest, ex
     finally:
         cli.send_signal(signal.SIGTERM)  # forwarded by the CLI to its Celery workers
         try:
-            # a clean stop: the CLI forwarded SIGTERM and its workers shut down warm
-            assert cli.wait(timeout=60) in (0, -signal.SIGTERM), stack.logs()
+            # a stop, not a crash: the CLI forwarded SIGTERM; it exits 0, or with its workers'
+            # -SIGTERM status (which a process exit code carries as 256 - 15 = 241)
+            assert cli.wait(timeout=60) in (0, -signal.SIGTERM, 256 - signal.SIGTERM), stack.logs()
         finally:
             try:
                 os.killpg(cli.pid, signal.SIGKILL)
