@@ -339,23 +339,4 @@ class AuditLog(Base):
 
 
 # the leaderboard statistics tables (services/leaderboard owns them) share this metadata
-from services.db.leaderboard_models import PairwiseTest, RankingEntry, RankStability, StatsRun  # noqa: E402
-
-__all__ = [
-    "Aggregate",
-    "Algorithm",
-    "ApiToken",
-    "AuditLog",
-    "Base",
-    "Case",
-    "CaseRun",
-    "Role",
-    "Score",
-    "Shard",
-    "ShardState",
-    "Submission",
-    "SubmissionState",
-    "Team",
-    "TestSet",
-    "User",
-]
+from services.db.leaderboard_models import PairwiseTest, RankingEntry, RankStability, StatsRun  # noqa: E402, F401
