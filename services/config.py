@@ -45,6 +45,35 @@ class Settings(BaseSettings):
     api_url: str = Field("http://127.0.0.1:8000", description="Base URL the CLI talks to.")
     max_upload_bytes: int = Field(20 * GIB, gt=0, description="Largest accepted image tarball.")
     log_level: str = "INFO"
+    max_request_body_bytes: int = Field(
+        1 * MIB, gt=0, le=2**40,
+        description="Largest body of any request but an image upload (413 before it is buffered).")
+    metrics_public: bool = Field(
+        False, description="Serve /metrics to anyone; default: organizers only (or metrics_port).")
+    metrics_port: int | None = Field(
+        None, ge=1, le=65535, description="Also serve /metrics unauthenticated on this internal port.")
+
+    # --- trust boundaries -------------------------------------------------------------------------
+    deployment_id: str = Field(
+        "touchstone", pattern=r"^[A-Za-z0-9_.-]{1,63}$",
+        description="Label on every container this deployment starts; clean-up touches only its own.")
+    import_roots: list[Path] = Field(
+        default_factory=list,
+        description="Folders organizers may import manifests and result folders from through the API "
+        "(JSON list or comma-separated); never the data directory.")
+    allowed_registries: list[str] = Field(
+        default_factory=list,
+        description="Registries an image_ref may name (the worker pulls it for that submission).")
+    default_min_group_size: int = Field(
+        10, ge=1, le=1_000_000, description="Small-cell threshold k of a new test set.")
+    max_team_storage_bytes: int = Field(
+        200 * GIB, gt=0, description="Storage a team's submissions may hold (tarballs + outputs).")
+    keep_failed_outputs: bool = Field(
+        False, description="Keep the outputs of failed runs (debugging); default: deleted.")
+    failed_tarball_grace_s: float = Field(
+        24 * 3600.0, ge=0, description="Seconds a failed validation's tarball is kept before deletion.")
+    failed_validations_per_day: int = Field(
+        10, ge=0, description="Failed validations a team may have per test set per day before intake refuses.")
 
     # --- default limits of a new test set (organizers change them per test set) ------------------
     default_time_per_case_s: float = Field(600.0, gt=0, description="Wall-clock seconds per case.")

@@ -100,6 +100,9 @@ class TestSet(Base):
     #: accepting submissions
     is_open: Mapped[bool] = mapped_column(default=True, server_default=sa.true())
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    #: small-cell suppression (0004_security): a breakdown group with fewer hidden cases than this
+    #: shows no statistic to anyone but organizers
+    min_group_size: Mapped[int] = mapped_column(default=10, server_default="10")
 
     cases: Mapped[list[Case]] = relationship(back_populates="testset", order_by="Case.id")
 
@@ -204,6 +207,16 @@ class Submission(Base):
     is_baseline: Mapped[bool] = mapped_column(default=False, server_default=sa.false())
     #: how many times an organizer asked to run it again
     rerun_count: Mapped[int] = mapped_column(default=0, server_default="0")
+    # added by 0004_security
+    #: bytes this submission holds in storage now (tarball + kept outputs); a team's sum is capped
+    storage_bytes: Mapped[int] = mapped_column(sa.BigInteger, default=0, server_default="0")
+    #: when the uploaded tarball was deleted (failed validation past the grace period)
+    image_deleted_at: Mapped[dt.datetime | None]
+    #: the worker running its validation and that worker's last sign of life (the reaper
+    #: re-queues a validation whose heartbeat went stale, like a shard)
+    worker_hostname: Mapped[str | None] = mapped_column(sa.String(255))
+    heartbeat_at: Mapped[dt.datetime | None]
+    validation_attempts: Mapped[int] = mapped_column(default=0, server_default="0")
 
     algorithm: Mapped[Algorithm] = relationship(back_populates="submissions")
     testset: Mapped[TestSet] = relationship()
