@@ -31,6 +31,7 @@ from starlette.requests import ClientDisconnect, Request
 from services.api.errors import ApiError
 from services.db.base import utcnow
 from services.db.enums import SubmissionState
+from services.db import images
 from services.db.models import Algorithm, AuditLog, Submission, Team, TestSet, User
 from services.storage import Storage, StreamingWrite, UploadTooLarge
 
@@ -358,6 +359,77 @@ def check_duplicate(db: Session, algorithm: Algorithm, testset: TestSet, sha256:
         )
 
 
+def check_image_ref(db: Session, team_id: int, image_ref: str, allowed_registries) -> None:
+    """An ``image_ref`` runs only an image the team supplied (services/db/images.py); the refusal
+    reads the same for another team's image and for one that does not exist."""
+    if not images.image_ref_allowed(db, team_id, image_ref, allowed_registries):
+        raise ApiError(images.refusal(allowed_registries), 422)
+
+
+def _failed_validation(team_id: int, testset: TestSet):
+    """Submissions of the team on the test set that failed before they were queued (validation)."""
+    return (
+        Submission.team_id == team_id,
+        Submission.testset_id == testset.id,
+        Submission.state == SubmissionState.failed,
+        Submission.queued_at.is_(None),
+        Submission.is_baseline.is_(False),
+    )
+
+
+def check_failed_resubmission(db: Session, team_id: int, testset: TestSet, sha256: str | None, ref: str | None) -> None:
+    """The identical tarball (same sha256) or reference that already failed validation for this
+    team is refused: running it again would fail again and cost storage without costing quota."""
+    same = Submission.image_sha256 == sha256 if sha256 else Submission.image_ref == ref
+    earlier = db.scalars(
+        sa.select(Submission).where(*_failed_validation(team_id, testset), same).order_by(Submission.id.desc()).limit(1)
+    ).first()
+    if earlier is not None:
+        raise ApiError(
+            f"this exact image already failed validation on {testset.name!r} (submission {earlier.id}: "
+            f"{earlier.failure_reason or 'see its validation log'}); fix the image and submit the changed one, "
+            "or ask an organizer to re-run submission "
+            f"{earlier.id} if the failure was not the image's fault",
+            409,
+        )
+
+
+def check_failed_validation_rate(db: Session, team_id: int, testset: TestSet, now: dt.datetime, per_day: int) -> None:
+    """At most ``per_day`` failed validations per team and test set in any 24 hours (they do not
+    count against the quota, so without this a team could fill storage without limit)."""
+    since = now - dt.timedelta(days=1)
+    failed = db.scalar(
+        sa.select(sa.func.count(Submission.id)).where(*_failed_validation(team_id, testset), Submission.failed_at >= since)
+    ) or 0
+    if failed >= per_day:
+        first = db.scalar(
+            sa.select(sa.func.min(Submission.failed_at)).where(*_failed_validation(team_id, testset), Submission.failed_at >= since)
+        )
+        when = f"; try again after {(first + dt.timedelta(days=1)).isoformat()}" if first else ""
+        raise ApiError(
+            f"your team had {failed} failed validations on {testset.name!r} in the last 24 hours (at most "
+            f"{per_day}){when}; test the image locally first (see docs/container-contract.md)",
+            429,
+        )
+
+
+def team_storage_bytes(db: Session, team_id: int) -> int:
+    """Bytes the team's submissions hold in storage now (tarballs and kept outputs)."""
+    return int(db.scalar(sa.select(sa.func.coalesce(sa.func.sum(Submission.storage_bytes), 0)).where(
+        Submission.team_id == team_id)) or 0)
+
+
+def check_team_storage(db: Session, team_id: int, new_bytes: int, cap: int) -> None:
+    used = team_storage_bytes(db, team_id)
+    if used + new_bytes > cap:
+        raise ApiError(
+            f"your team's submissions hold {used / 2**30:.2f} GiB in storage; this image "
+            f"({new_bytes / 2**30:.2f} GiB) would pass the team's cap of {cap / 2**30:.2f} GiB; "
+            "wait until failed submissions' images are deleted, or ask an organizer",
+            413,
+        )
+
+
 def record_submission(
     db: Session,
     user: User,
@@ -368,13 +440,24 @@ def record_submission(
     image_sha256: str | None,
     image_size: int | None,
     image_ref: str | None,
+    settings=None,
 ) -> Submission:
-    """Quota and duplicate checks and the insert, in one serialised transaction (committed here)."""
+    """Ownership, quota, duplicate, failed-resubmission, failure-rate and storage checks and the
+    insert, in one serialised transaction (committed here)."""
+    if settings is None:
+        from services.config import get_settings
+
+        settings = get_settings()
     now = utcnow()
     try:
         lock_team(db, algorithm.team_id)
+        if image_ref is not None:
+            check_image_ref(db, algorithm.team_id, image_ref, settings.allowed_registries)
+        check_failed_resubmission(db, algorithm.team_id, testset, image_sha256, image_ref)
+        check_failed_validation_rate(db, algorithm.team_id, testset, now, settings.failed_validations_per_day)
         check_quota(db, algorithm.team_id, testset, now)
         check_duplicate(db, algorithm, testset, image_sha256, image_ref)
+        check_team_storage(db, algorithm.team_id, image_size or 0, settings.max_team_storage_bytes)
         submission = Submission(
             algorithm_id=algorithm.id,
             testset_id=testset.id,
@@ -386,6 +469,7 @@ def record_submission(
             image_sha256=image_sha256,
             image_size_bytes=image_size,
             image_ref=image_ref,
+            storage_bytes=image_size or 0,
         )
         db.add(submission)
         db.flush()

@@ -109,6 +109,7 @@ async def _finish(request, user, fields, upload, relative_path, image_ref) -> Su
                 image_sha256=upload.sha256 if upload is not None else None,
                 image_size=upload.size if upload is not None else None,
                 image_ref=image_ref,
+                settings=request.app.state.settings,
             )
             out = submission_out(submission)
         try:
