@@ -272,7 +272,8 @@ def import_touchstone(
             sa.select(Submission).where(Submission.algorithm_id == algorithm.id, Submission.testset_id == testset.id,
                                         Submission.is_baseline.is_(True))
         )
-        provenance = (f"imported from {model.folder} (dsc.csv sha256 {model.sha256['dsc']}, "
+        # the team reads this log: the folder's own name only; the server path is in the audit log
+        provenance = (f"imported from {Path(model.folder).name}/ (dsc.csv sha256 {model.sha256['dsc']}, "
                       f"nsd.csv sha256 {model.sha256['nsd']}) at {now.isoformat()}")
         combined = hashlib.sha256((model.sha256["dsc"] + model.sha256["nsd"]).encode()).hexdigest()
         if submission is None:

@@ -88,7 +88,26 @@ def test_empty_folder_and_wrong_level(db, tmp_path, writers):
     write_touchstone_dir = writers[0]
     (tmp_path / "empty").mkdir()
     result = CliRunner().invoke(cli, ["results", "import-touchstone", str(tmp_path / "empty"), "--testset", "x"])
-    assert result.exit_code == 1 and "no model folder" in result.output
+    assert result.exit_code == 1 and "no model folder" in " ".join(result.output.split())
     one = write_touchstone_dir(tmp_path / "one", {"A": 0.8}, n_cases=3) / "A"
     result = CliRunner().invoke(cli, ["results", "import-touchstone", str(one), "--testset", "x"])
     assert result.exit_code == 1 and "give its parent folder" in " ".join(result.output.split())
+
+
+def test_baseline_log_names_no_server_path(db, tmp_path, writers):
+    """The imported baseline's log is read by its team: it names the model folder, not where the
+    organizer keeps it (that is in the audit log, which only organizers read)."""
+    write_touchstone_dir, _ = writers
+    from services.db.models import AuditLog, Submission
+
+    folder = write_touchstone_dir(tmp_path / "organizer-secret-dir" / "res", {"A": 0.8}, n_cases=3)
+    result = CliRunner().invoke(cli, ["results", "import-touchstone", str(folder), "--testset", "ts1"])
+    assert result.exit_code == 0, result.output
+    engine = sa.create_engine(db)
+    with engine.connect() as c:
+        logs = c.scalars(sa.select(Submission.validation_log)).all()
+        audit = c.scalars(sa.select(AuditLog.details)).all()
+    engine.dispose()
+    assert logs and all("imported from A/" in log for log in logs)
+    assert not any(str(tmp_path) in log or "organizer-secret-dir" in log for log in logs)
+    assert any(str(folder) in str(details) for details in audit)
