@@ -12,7 +12,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from services.db.base import Base, BigIntPK, utcnow
+from services.db.base import Base, BigIntPK, PortableJSON, utcnow
 from services.db.enums import Role, ShardState, SubmissionState, enum_column_type
 
 # --------------------------------------------------------------------------------------------
@@ -103,6 +103,12 @@ class TestSet(Base):
     #: small-cell suppression (0004_security): a breakdown group with fewer hidden cases than this
     #: shows no statistic to anyone but organizers
     min_group_size: Mapped[int] = mapped_column(default=10, server_default="10")
+    # added by 0005_stats_policy: how the statistics treat missing cases ("worst" | "common"), the
+    # statistical options (services/leaderboard; {} = the defaults) and the subgroup variables
+    # (None = the typed metadata columns)
+    missing_policy: Mapped[str] = mapped_column(sa.String(20), default="worst", server_default="worst")
+    stats_options: Mapped[dict[str, Any]] = mapped_column(default=dict, server_default=sa.text("'{}'"))
+    subgroup_variables: Mapped[list[str] | None] = mapped_column(PortableJSON)
 
     cases: Mapped[list[Case]] = relationship(back_populates="testset", order_by="Case.id")
 
@@ -336,6 +342,9 @@ class Aggregate(Base):
     median_ci_low: Mapped[float | None]
     median_ci_high: Mapped[float | None]
     n_missing: Mapped[int] = mapped_column(default=0, server_default="0")
+    # added by 0005_stats_policy: fewer cases than the test set's min_group_size; the interval method
+    too_small: Mapped[bool] = mapped_column(default=False, server_default=sa.false())
+    ci_method: Mapped[str | None] = mapped_column(sa.String(20))
 
 
 class AuditLog(Base):
