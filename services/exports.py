@@ -9,6 +9,12 @@ submission's image digest (``image_digest``: the Docker image id recorded at val
 result files); case rows also carry the CT's sha256 (``case_image_sha256``).
 
 Levels and columns: see :data:`COLUMNS` (and docs/leaderboard.md).
+
+Who gets what (:mod:`services.leaderboard.suppression`): ``scope=all`` is the organizers' export,
+every number, each group row flagged ``suppressed``. Any other export (analysts) holds, at case
+level, the public-sample cases only (hidden per-case scores never leave for non-organizers), and
+at hospital / subgroup level, for a group with fewer than the test set's ``min_group_size`` hidden
+cases, ``n`` = ``"< k"`` (CSV; null in Parquet, whose ``n`` is an integer column) and no statistic.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from services.db.models import Aggregate, Algorithm, Case, Score, Submission, Team, TestSet
+from services.leaderboard import suppression
 from services.leaderboard.compute import BREAKDOWNS, SCOPE_STATES
 
 LEVELS = ("case", "hospital", "subgroup")
@@ -47,7 +54,7 @@ _GROUP = [
     ("variable", pa.string()), ("group", pa.string()), ("organ", pa.string()), ("metric", pa.string()),
     ("n", pa.int64()), ("n_failed", pa.int64()), ("n_missing", pa.int64()), ("mean", pa.float64()),
     ("median", pa.float64()), ("std", pa.float64()), ("mean_ci_low", pa.float64()), ("mean_ci_high", pa.float64()),
-    ("median_ci_low", pa.float64()), ("median_ci_high", pa.float64()),
+    ("median_ci_low", pa.float64()), ("median_ci_high", pa.float64()), ("suppressed", pa.bool_()),
 ]
 SCHEMAS: dict[str, pa.Schema] = {
     "case": pa.schema(_SUBMISSION + _CASE),
@@ -79,6 +86,8 @@ def _statement(testset: TestSet, level: str, scope: str) -> sa.Select:
     ]
     in_scope = (Submission.testset_id == testset.id, Submission.state.in_(SCOPE_STATES[scope]))
     if level == "case":
+        # hidden cases' per-case scores: organizers only (scope=all); anyone else the public sample
+        visible_cases = () if suppression.reveals(scope) else (Case.public_sample.is_(True),)
         return (
             sa.select(*submission_cols, Case.case_id, Case.image_sha256, Case.hospital, Case.age, Case.sex, Case.race,
                       Case.manufacturer, Case.scanner, Case.contrast_phase, Case.diagnosis, Score.organ, Score.dsc,
@@ -88,7 +97,7 @@ def _statement(testset: TestSet, level: str, scope: str) -> sa.Select:
             .join(Algorithm, Algorithm.id == Submission.algorithm_id)
             .join(Team, Team.id == Submission.team_id)
             .join(Case, Case.id == Score.case_id)
-            .where(*in_scope, Score.protocol_key == testset.protocol_key)
+            .where(*in_scope, Score.protocol_key == testset.protocol_key, *visible_cases)
             .order_by(Submission.id, Case.case_id, Score.organ)
         )
     variables = ["hospital"] if level == "hospital" else [v for v in BREAKDOWNS if v != "hospital"]
@@ -106,17 +115,31 @@ def _statement(testset: TestSet, level: str, scope: str) -> sa.Select:
     )
 
 
+def _suppressor(testset: TestSet, level: str, scope: str):
+    """Row -> row of a group level: the ``suppressed`` column added and, outside ``scope=all``,
+    small groups blanked by :func:`services.leaderboard.suppression.suppress_group`."""
+    names = COLUMNS[level]
+    k, reveal = int(testset.min_group_size or 1), suppression.reveals(scope)
+
+    def apply(row: tuple) -> tuple:
+        out = suppression.suppress_group(dict(zip(names[:-1], row)), k, reveal)
+        return tuple(out[name] for name in names)
+
+    return apply
+
+
 def iter_row_chunks(session: Session, testset: TestSet, level: str, scope: str = "published",
                     chunk: int = ROW_GROUP) -> Iterator[list[tuple]]:
     """Lists of at most ``chunk`` rows (tuples in :data:`COLUMNS` order), streamed from the database."""
     state_index = COLUMNS[level].index("state")
+    suppress = _suppressor(testset, level, scope) if level != "case" else None
     result = session.execute(_statement(testset, level, scope).execution_options(yield_per=min(chunk, 5000)))
     batch: list[tuple] = []
     for row in result:
         row = tuple(row)
         state = row[state_index]
         row = row[:state_index] + (getattr(state, "value", state),) + row[state_index + 1:]
-        batch.append(row)
+        batch.append(suppress(row) if suppress else row)
         if len(batch) >= chunk:
             yield batch
             batch = []
@@ -166,13 +189,19 @@ class _ChunkSink(io.RawIOBase):
 
 def _table(rows: Sequence[tuple], schema: pa.Schema) -> pa.Table:
     columns = list(zip(*rows)) if rows else [[] for _ in schema.names]
-    return pa.Table.from_arrays([pa.array(list(col), type=field.type) for col, field in zip(columns, schema)],
-                                schema=schema)
+    arrays = []
+    for col, field in zip(columns, schema):
+        values = list(col)
+        if pa.types.is_integer(field.type):  # a suppressed count ("< k") is null in an integer column
+            values = [None if isinstance(v, str) else v for v in values]
+        arrays.append(pa.array(values, type=field.type))
+    return pa.Table.from_arrays(arrays, schema=schema)
 
 
 def _metadata(testset: TestSet, level: str, scope: str) -> dict[bytes, bytes]:
     return {b"touchstone.testset": testset.name.encode(), b"touchstone.protocol_key": testset.protocol_key.encode(),
-            b"touchstone.level": level.encode(), b"touchstone.scope": scope.encode()}
+            b"touchstone.level": level.encode(), b"touchstone.scope": scope.encode(),
+            b"touchstone.min_group_size": str(int(testset.min_group_size or 1)).encode()}
 
 
 def stream_parquet(session: Session, testset: TestSet, level: str, scope: str = "published",

@@ -2,7 +2,9 @@
 
 They read (and, for the import, write) the database of the settings (``TOUCHSTONE_DATABASE_URL``)
 directly, through the same functions the API uses, so ``--format json`` prints exactly what the
-corresponding API endpoint returns. ``--scope all`` (unpublished results) is the organizers' view.
+corresponding API endpoint returns. ``--scope all`` (unpublished results) is the organizers' view;
+any other scope applies small-cell suppression as the API does (``services.leaderboard.suppression``:
+no statistic of a group, or of a whole test set, with fewer than ``min_group_size`` hidden cases).
 """
 
 from __future__ import annotations
@@ -56,6 +58,13 @@ def _emit(rows: list[dict[str, Any]], columns: list[str], fmt: str, title: str, 
         _fail(f"unknown format {fmt!r}; choose one of table, csv, json")
 
 
+def _suppression_note(payload: dict[str, Any], fmt: str, scope: str) -> None:
+    """Say (on stderr, table format only: csv/json stay the API's bytes) why numbers are missing."""
+    if fmt == "table" and payload.get("suppressed") and scope != "all":
+        err.print(f"[yellow]note:[/yellow] fewer than {payload.get('min_group_size')} hidden cases in this test set: "
+                  "statistics suppressed (small-cell rule; organizers: --scope all)")
+
+
 def _with_testset(testset: str, fn):
     from services.db.session import session_scope
     from services.leaderboard import queries
@@ -86,6 +95,7 @@ def leaderboard_command(
     board = _with_testset(testset, lambda s, ts: queries.leaderboard(s, ts, organ=organ, metric=metric, method=method,
                                                                       scope=scope))
     title = f"{board['testset']} · {organ} · {metric.upper()} · ranked by {method} ({board['protocol_key']}, {scope})"
+    _suppression_note(board, format, scope)
     _emit(board["entries"], LEADERBOARD_COLUMNS, format, title, board)
 
 
@@ -116,6 +126,7 @@ def stats_command(
         _emit(rows, ["table", *pair_columns, *stab_columns[:1], *stab_columns[2:], "label"], "csv", "", payload)
         return
     sig = payload["significance"]
+    _suppression_note(sig, format, scope)
     _emit(pairs, pair_columns, format,
           f"{testset} · {organ} · {metric.upper()}: one-sided paired Wilcoxon 'a better than b', "
           f"{sig['correction']}-adjusted (alpha {sig['alpha']})", payload)

@@ -5,6 +5,10 @@ returns plain JSON-ready dicts, so the API, the pages and ``touchstone leaderboa
 print the same numbers. Visibility is decided by the caller through ``scope``: ``published``
 (anyone) or ``all`` (organizers only); rows of a submission whose state left the scope since the
 last recomputation are filtered out here as well.
+
+Small-cell suppression (:mod:`.suppression`) is applied here, after the cache, for every reader:
+outside ``scope=all`` a group with fewer than ``TestSet.min_group_size`` hidden cases shows no
+statistic, and neither does anything of a test set with fewer hidden cases than that.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from sqlalchemy.orm import Session
 from evaluation.labels import ORGANS
 from services.db.leaderboard_models import SCOPES, PairwiseTest, RankingEntry, RankStability, StatsRun
 from services.db.models import Aggregate, Algorithm, Case, CaseRun, Shard, Submission, Team, TestSet
+from services.leaderboard import suppression
 from services.leaderboard.compute import (
     BREAKDOWNS,
     METRICS,
@@ -116,6 +121,22 @@ def _in_scope(session: Session, testset: TestSet, scope: str) -> set[int]:
             )
         )
     )
+
+
+def n_hidden_cases(session: Session, testset: TestSet, run: dict[str, Any] | None = None) -> int:
+    """Hidden (not public-sample) cases of the test set; with a stats run's info, the smaller of
+    that and the run's case count (the cases its statistics were computed over)."""
+    n = session.scalar(
+        sa.select(sa.func.count(Case.id)).where(Case.testset_id == testset.id, Case.public_sample.is_(False))
+    ) or 0
+    if run and run.get("n_cases") is not None:
+        n = min(n, int(run["n_cases"]))
+    return int(n)
+
+
+def min_group_size(testset: TestSet) -> int:
+    """The test set's small-cell threshold k (``testsets.min_group_size``)."""
+    return int(testset.min_group_size or 1)
 
 
 def efficiency(session: Session, ids: list[int]) -> dict[int, dict[str, float | None]]:
@@ -224,8 +245,28 @@ def leaderboard(
     (label, algorithm, team, is_baseline, state), its summary of this organ/metric (n, mean,
     median, std, CIs, n_failed, n_missing), the mean of every organ, its bootstrap rank
     stability (median rank and interval; for method ``test``/``median`` those of ``mean``), and
-    the efficiency columns.
+    the efficiency columns. ``suppressed``: the test set has fewer than ``min_group_size`` hidden
+    cases; outside ``scope=all`` its entries then carry no score-derived number (ordered by label).
     """
+    board = _cached_board(session, testset, organ=organ, metric=metric, method=method, scope=scope)
+    k = min_group_size(testset)
+    small = suppression.is_small(n_hidden_cases(session, testset, board["run"]), k)
+    out = {**board, "min_group_size": k, "suppressed": small}
+    if small and not suppression.reveals(scope):
+        out["entries"] = sorted((suppression.suppress_entry(e, k) for e in board["entries"]),
+                                key=lambda e: (e["label"], e["submission_id"]))
+        out["run"] = _suppress_run(board["run"])
+    return out
+
+
+def _suppress_run(run: dict[str, Any] | None) -> dict[str, Any] | None:
+    return None if run is None else {**run, "kendall_tau": None}
+
+
+def _cached_board(
+    session: Session, testset: TestSet, *, organ: str, metric: str, method: str, scope: str,
+) -> dict[str, Any]:
+    """The unsuppressed table of :func:`leaderboard`, from the cache (shared: never mutate)."""
     check_params(organ=organ, metric=metric, method=method, scope=scope)
     visible = _in_scope(session, testset, scope)
     key = (str(session.get_bind().url), testset.id, testset.name, testset.protocol_key, scope, organ, metric, method,
@@ -306,7 +347,9 @@ def significance(session: Session, testset: TestSet, *, organ: str = "average", 
     """Pairwise one-sided Wilcoxon tests: the K x K matrix of Holm-adjusted p-values of "row better
     than column" (algorithms ordered by mean rank) and the list of tests."""
     check_params(organ=organ, metric=metric, scope=scope)
-    board = leaderboard(session, testset, organ=organ, metric=metric, method="mean", scope=scope)
+    board = _cached_board(session, testset, organ=organ, metric=metric, method="mean", scope=scope)
+    k = min_group_size(testset)
+    small = suppression.is_small(n_hidden_cases(session, testset, board["run"]), k)
     order = [e["submission_id"] for e in board["entries"]]
     labels = {e["submission_id"]: e["label"] for e in board["entries"]}
     tests = [
@@ -330,10 +373,17 @@ def significance(session: Session, testset: TestSet, *, organ: str = "average", 
                       "p_value": t.p_value, "p_adjusted": t.p_adjusted, "significant": t.significant,
                       "mean_difference": t.mean_difference, "method": t.method})
     run = board["run"] or {}
+    if small and not suppression.reveals(scope):
+        # fewer hidden cases than k: no test, no difference, not even the order by mean
+        order = sorted(order, key=lambda sid: (labels[sid], sid))
+        p = [[None] * len(order) for _ in order]
+        sig = [[None] * len(order) for _ in order]
+        pairs = []
     return {
         "testset": testset.name, "protocol_key": testset.protocol_key, "scope": scope, "organ": organ,
         "metric": metric, "alpha": (run.get("options") or {}).get("alpha"),
         "correction": (run.get("options") or {}).get("correction"), "method": run.get("pairwise_method"),
+        "min_group_size": k, "suppressed": small,
         "submissions": [{"submission_id": sid, "label": labels[sid]} for sid in order],
         "p_adjusted": p, "significant": sig, "pairs": pairs,
     }
@@ -357,26 +407,42 @@ def stability(session: Session, testset: TestSet, *, organ: str = "average", met
     ]
     info = _submission_info(session, [s.submission_id for s in rows])
     run = _run_info(session, testset, scope, organ, metric) or {}
+    k = min_group_size(testset)
+    small = suppression.is_small(n_hidden_cases(session, testset, run), k)
+    entries = [
+        {**info[s.submission_id], "full_rank": s.full_rank, "median_rank": s.median_rank, "mean_rank": s.mean_rank,
+         "rank_ci_low": s.rank_ci_low, "rank_ci_high": s.rank_ci_high, "p_best": s.p_best,
+         "rank_counts": list(s.rank_counts)}
+        for s in sorted(rows, key=lambda s: (s.full_rank, s.mean_rank, s.submission_id))
+    ]
+    tau = (run.get("kendall_tau") or {}).get(method)
+    if small and not suppression.reveals(scope):
+        entries = sorted(
+            ({**e, **dict.fromkeys(STABILITY_STATISTICS), "rank_counts": []} for e in entries),
+            key=lambda e: (e["label"], e["submission_id"]),
+        )
+        tau = None
     return {
         "testset": testset.name, "protocol_key": testset.protocol_key, "scope": scope, "organ": organ,
         "metric": metric, "method": method, "n_resamples": (run.get("options") or {}).get("n_resamples"),
-        "kendall_tau": (run.get("kendall_tau") or {}).get(method),
-        "entries": [
-            {**info[s.submission_id], "full_rank": s.full_rank, "median_rank": s.median_rank, "mean_rank": s.mean_rank,
-             "rank_ci_low": s.rank_ci_low, "rank_ci_high": s.rank_ci_high, "p_best": s.p_best,
-             "rank_counts": list(s.rank_counts)}
-            for s in sorted(rows, key=lambda s: (s.full_rank, s.mean_rank, s.submission_id))
-        ],
+        "min_group_size": k, "suppressed": small, "kendall_tau": tau, "entries": entries,
     }
+
+
+#: the numbers of a rank-stability entry, blanked for a test set with fewer than k hidden cases
+STABILITY_STATISTICS = ("full_rank", "median_rank", "mean_rank", "rank_ci_low", "rank_ci_high", "p_best")
 
 
 def breakdown(session: Session, testset: TestSet, *, variable: str = "hospital", organ: str = "average",
               metric: str = "dsc", scope: str = "published", submission_ids: list[int] | None = None) -> dict[str, Any]:
-    """Per-group aggregates (hospital or a subgroup variable) of every submission in scope."""
+    """Per-group aggregates (hospital or a subgroup variable) of every submission in scope, each
+    row with ``suppressed`` (fewer than ``min_group_size`` hidden cases; outside ``scope=all`` such
+    a row's ``n`` reads ``"< k"`` and its statistics are ``None``, see :mod:`.suppression`)."""
     check_params(variable=variable, organ=organ, metric=metric, scope=scope)
     visible = _in_scope(session, testset, scope)
     ids = sorted(visible if submission_ids is None else visible & set(submission_ids))
     info = _submission_info(session, ids)
+    k, reveal = min_group_size(testset), suppression.reveals(scope)
     rows = []
     if ids:
         for a in session.scalars(
@@ -385,18 +451,25 @@ def breakdown(session: Session, testset: TestSet, *, variable: str = "hospital",
                 Aggregate.scope == variable, Aggregate.organ == organ, Aggregate.metric == metric,
             ).order_by(Aggregate.group_value, Aggregate.submission_id)
         ):
-            rows.append({**info[a.submission_id], "group": a.group_value, **_agg_dict(a)})
+            rows.append(suppression.suppress_group({**info[a.submission_id], "group": a.group_value,
+                                                    **_agg_dict(a)}, k, reveal))
     return {"testset": testset.name, "protocol_key": testset.protocol_key, "scope": scope, "variable": variable,
-            "organ": organ, "metric": metric, "rows": rows}
+            "organ": organ, "metric": metric, "min_group_size": k, "rows": rows}
 
 
 def submission_summary(session: Session, testset: TestSet, submission: Submission,
                        scopes: tuple[str, ...] = ("published",)) -> dict[str, Any]:
     """Everything stored about one submission's results: overall aggregates per organ x metric,
-    its ranks in each scope it belongs to, efficiency."""
+    its ranks in each scope it belongs to, efficiency. Unless ``scopes`` holds ``all`` (the
+    organizers' view), a test set with fewer than ``min_group_size`` hidden cases shows no
+    aggregate statistic and no rank (``suppressed``)."""
     info = _submission_info(session, [submission.id])[submission.id]
+    k, reveal = min_group_size(testset), "all" in scopes
+    small = suppression.is_small(n_hidden_cases(session, testset), k)
     aggregates = [
-        {"organ": a.organ, "metric": a.metric, **_agg_dict(a)}
+        # an overall row stands for every hidden case: suppressed exactly when the test set is small
+        suppression.suppress_group({"organ": a.organ, "metric": a.metric, **_agg_dict(a)}, k, reveal,
+                                   n_hidden=0 if small else None)
         for a in session.scalars(
             sa.select(Aggregate).where(
                 Aggregate.submission_id == submission.id, Aggregate.protocol_key == testset.protocol_key,
@@ -415,5 +488,8 @@ def submission_summary(session: Session, testset: TestSet, submission: Submissio
             ).order_by(RankingEntry.scope, RankingEntry.metric, RankingEntry.organ, RankingEntry.method)
         )
     ]
-    return {"testset": testset.name, "protocol_key": testset.protocol_key, **info,
-            "aggregates": aggregates, "ranks": ranks, **efficiency(session, [submission.id])[submission.id]}
+    if small and not reveal:
+        ranks = [{**r, "rank": None, "value": None} for r in ranks]
+    return {"testset": testset.name, "protocol_key": testset.protocol_key, **info, "min_group_size": k,
+            "suppressed": small, "aggregates": aggregates, "ranks": ranks,
+            **efficiency(session, [submission.id])[submission.id]}

@@ -9,6 +9,10 @@
                                             box plots per organ, significance heatmap, rank blob
                                             plot, per-hospital bars
     /static/...                             CSS
+
+Small-cell suppression (services.leaderboard.suppression) comes with the query results: a
+hospital with fewer than the test set's ``min_group_size`` hidden cases reads "< k" and has no
+number and no bar; a test set with fewer hidden cases than that shows no statistic and no figure.
 """
 
 from __future__ import annotations
@@ -105,7 +109,7 @@ def leaderboard_page(
         "leaderboard.html",
         {"ts": ts, "board": board, "organs": ORGANS_AND_AVERAGE, "metrics": METRICS, "methods": RANKING_METHODS,
          "method_names": METHOD_NAMES, "organ": organ, "metric": metric, "method": method, "organ_columns": ORGANS,
-         "hospital_groups": groups, "hospital_rows": by_submission},
+         "hospital_groups": groups, "hospital_rows": by_submission, "min_group_size": queries.min_group_size(ts)},
     )
 
 
@@ -131,22 +135,24 @@ def submission_page(
     summary = queries.submission_summary(db, ts, submission, scopes=("published",))
     label = None
     significance = queries.significance(db, ts, organ=organ, metric=metric, scope="published")
+    # fewer hidden cases than k: no statistic of the test set at all, so no figure either
+    tiny = significance["suppressed"]
     labels = [s["label"] for s in significance["submissions"]]
     for s in significance["submissions"]:
         if s["submission_id"] == submission_id:
             label = s["label"]
     heatmap = (plots.significance_heatmap(labels, significance["p_adjusted"], significance["significant"],
                                           significance["alpha"] or 0.05, highlight=label)
-               if len(labels) > 1 else None)
+               if len(labels) > 1 and not tiny else None)
     stab = queries.stability(db, ts, organ=organ, metric=metric, method="mean", scope="published")
     blobs = plots.rank_blob_plot(
         [e["label"] for e in stab["entries"]], [e["rank_counts"] for e in stab["entries"]],
         [e["median_rank"] for e in stab["entries"]], [e["rank_ci_low"] for e in stab["entries"]],
         [e["rank_ci_high"] for e in stab["entries"]], highlight=label,
-    ) if stab["entries"] else None
+    ) if stab["entries"] and not tiny else None
     per_organ: dict[str, list[float]] = {o: [] for o in ORGANS}
     column = getattr(Score, metric)
-    for organ_name, value in db.execute(
+    for organ_name, value in () if tiny else db.execute(
         sa.select(Score.organ, column).join(Case, Case.id == Score.case_id)
         .where(Score.submission_id == submission_id, Score.protocol_key == ts.protocol_key,
                Case.public_sample.is_(False))  # the benchmark's cases, as in the statistics
@@ -157,10 +163,12 @@ def submission_page(
     boxes = plots.box_plots(per_organ, metric) if per_organ else None
     hospitals = queries.breakdown(db, ts, variable="hospital", organ=organ, metric=metric, scope="published",
                                   submission_ids=[submission_id])["rows"]
-    bars = plots.group_bars([r["group"] for r in hospitals], [r["mean"] for r in hospitals],
-                            [r["mean_ci_low"] for r in hospitals], [r["mean_ci_high"] for r in hospitals],
-                            [r["n"] for r in hospitals], metric,
-                            f"{organ.replace('_', ' ')}: mean {metric.upper()} per hospital") if hospitals else None
+    shown = [r for r in hospitals if not r["suppressed"]]  # a suppressed hospital gets no bar
+    suppressed_hospitals = [r["group"] for r in hospitals if r["suppressed"]]
+    bars = plots.group_bars([r["group"] for r in shown], [r["mean"] for r in shown],
+                            [r["mean_ci_low"] for r in shown], [r["mean_ci_high"] for r in shown],
+                            [r["n"] for r in shown], metric,
+                            f"{organ.replace('_', ' ')}: mean {metric.upper()} per hospital") if shown else None
     n_cases = db.scalar(sa.select(sa.func.count(Case.id)).where(Case.testset_id == ts.id))
     overall = {(a["organ"], a["metric"]): a for a in summary["aggregates"]}
     return templates.TemplateResponse(
@@ -169,7 +177,8 @@ def submission_page(
         {"ts": ts, "s": summary, "organ": organ, "metric": metric, "organs": ORGANS_AND_AVERAGE, "metrics": METRICS,
          "overall": overall, "heatmap": heatmap, "blobs": blobs, "boxes": boxes, "bars": bars,
          "hospitals": hospitals, "significance": significance, "stability": stab, "n_cases": n_cases,
-         "label": label},
+         "label": label, "suppressed_hospitals": suppressed_hospitals, "tiny": tiny,
+         "min_group_size": queries.min_group_size(ts)},
     )
 
 

@@ -8,6 +8,10 @@ pyplot state, so concurrent requests do not share figures) as inline SVG with te
   rank) a circle at every rank it took in the bootstrap samples, area proportional to the share of
   samples, with the median rank (cross) and the 95 % interval (line);
 * :func:`group_bars` -- mean per hospital (or subgroup) with its bootstrap interval.
+
+Names (hospitals, algorithms, teams) are data, never markup: every text drawn from them is set
+with ``parse_math=False`` (:data:`PLAIN`), so "St. $x^2$ Hospital" shows literally instead of being
+parsed as mathtext (which fails on an unbalanced ``$`` and would turn the page into a 500).
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from matplotlib import rc_context  # noqa: E402
 from matplotlib.colors import LinearSegmentedColormap  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+#: text properties of every label that comes from data: no mathtext parsing of "$...$"
+PLAIN = {"parse_math": False}
 ACCENT = "#1f6feb"
 HIGHLIGHT = "#d1242f"
 RC = {"svg.fonttype": "none", "font.size": 9, "font.family": "DejaVu Sans", "svg.hashsalt": "touchstone",
@@ -61,7 +67,8 @@ def box_plots(per_organ: dict[str, Sequence[float]], metric: str, element_id: st
             ax.boxplot([d if d.size else [np.nan] for d in data], showfliers=True, widths=0.6, patch_artist=True,
                        boxprops={"facecolor": "#dbe9ff", "edgecolor": ACCENT}, medianprops={"color": HIGHLIGHT},
                        flierprops={"marker": ".", "markersize": 3, "markeredgecolor": "#888"})
-        ax.set_xticks(range(1, len(organs) + 1), [o.replace("_", " ") for o in organs], rotation=20, ha="right")
+        ax.set_xticks(range(1, len(organs) + 1), [o.replace("_", " ") for o in organs], rotation=20, ha="right",
+                      **PLAIN)
         ax.set_ylabel(metric.upper())
         ax.set_ylim(-0.02, 1.02)
         ax.grid(axis="y", color="#eee")
@@ -82,8 +89,8 @@ def significance_heatmap(labels: Sequence[str], p_adjusted: Sequence[Sequence[fl
         ax = fig.subplots()
         shown = np.ma.masked_invalid(p)
         image = ax.imshow(shown, cmap=cmap, vmin=0, vmax=1, aspect="equal")
-        ax.set_xticks(range(k), labels, rotation=45, ha="right")
-        ax.set_yticks(range(k), labels)
+        ax.set_xticks(range(k), labels, rotation=45, ha="right", **PLAIN)
+        ax.set_yticks(range(k), labels, **PLAIN)
         ax.set_xlabel("is worse than … (column)")
         ax.set_ylabel("algorithm (row) is better than …")
         ax.spines[:].set_visible(False)
@@ -129,7 +136,7 @@ def rank_blob_plot(labels: Sequence[str], rank_counts: Sequence[Sequence[int]], 
             ax.vlines(x, ci_low, ci_high, color="black", linewidth=1)
             ax.scatter(x, median_rank, marker="x", color="black", s=30, zorder=3)
             ax.plot([0.5, k + 0.5], [0.5, k + 0.5], color="#bbb", linewidth=0.8, linestyle=":")
-            ax.set_xticks(x, labels, rotation=45, ha="right")
+            ax.set_xticks(x, labels, rotation=45, ha="right", **PLAIN)
             ax.set_yticks(x)
             ax.set_xlim(0.4, k + 0.6)
             ax.set_ylim(k + 0.6, 0.4)
@@ -158,10 +165,10 @@ def group_bars(groups: Sequence[str], means: Sequence[float | None], lows: Seque
         err = np.vstack([np.nan_to_num(m - lo), np.nan_to_num(hi - m)])
         ax.errorbar(np.nan_to_num(m), y, xerr=np.clip(err, 0, None), fmt="none", ecolor="black", capsize=2,
                     linewidth=0.8)
-        ax.set_yticks(y, [f"{g} (n={n})" for g, n in zip(groups, ns)])
+        ax.set_yticks(y, [f"{g} (n={n})" for g, n in zip(groups, ns)], **PLAIN)
         ax.invert_yaxis()
         ax.set_xlim(0, 1.0)
         ax.set_xlabel(f"mean {metric.upper()} (95 % bootstrap interval)")
         ax.grid(axis="x", color="#eee")
-        ax.set_title(title, loc="left")
+        ax.set_title(title, loc="left", **PLAIN)
     return _svg(fig, element_id)

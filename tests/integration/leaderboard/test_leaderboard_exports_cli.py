@@ -43,13 +43,24 @@ def test_export_visibility(world, client, who, status):
 
 
 def test_case_export_csv_streams_every_published_score(world, client, session):
+    # analysts: the public-sample cases only (none scored in this world): hidden per-case scores
+    # stay with the organizers
     with client.stream("GET", EXPORTS, params={"level": "case"}, headers=world.headers("ana")) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/csv")
         body = b"".join(response.iter_bytes()).decode()
+    assert body.strip().split(",") == COLUMNS["case"]
+    # organizers (scope=all, their view): every score of the hidden cases, published or not
+    with client.stream("GET", EXPORTS, params={"level": "case", "scope": "all"},
+                       headers=world.headers("org")) as response:
+        assert response.status_code == 200
+        body = b"".join(response.iter_bytes()).decode()
     rows = list(csv.DictReader(io.StringIO(body)))
     assert list(rows[0].keys()) == COLUMNS["case"]
-    assert len(rows) == _n_scores(session, world.baseline_ids)  # published only: Alpha is not there
+    assert len(rows) == _n_scores(session, world.baseline_ids + [world.alpha_id])
+    published = [r for r in rows if r["state"] == "published"]
+    assert len(published) == _n_scores(session, world.baseline_ids)  # Alpha is scored, not published
+    rows = published
     assert {r["protocol_key"] for r in rows} == {"touchstone@1"}
     assert all(len(r["image_sha256"]) == 64 for r in rows)
     assert {r["hospital"] for r in rows} == {"hospital-A", "hospital-B", "hospital-C"}
