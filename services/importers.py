@@ -208,6 +208,7 @@ def _get_or_create_testset(session: Session, name: str, directory: Path, setting
         gpus=settings.default_gpus, shm_bytes=settings.default_shm_bytes, pids_limit=settings.default_pids_limit,
         shard_size=settings.default_shard_size, quota_submissions=settings.default_quota_submissions,
         quota_period_days=settings.default_quota_period_days, is_open=False,
+        min_group_size=settings.default_min_group_size,
     )
     session.add(testset)
     session.flush()

@@ -84,6 +84,9 @@ class TestSetUpdate(BaseModel):
     quota_submissions: int | None = Field(None, ge=0)
     quota_period_days: int | None = Field(None, gt=0, le=3660)
     is_open: bool | None = None
+    min_group_size: int | None = Field(
+        None, ge=1, le=1_000_000,
+        description="small-cell threshold k: groups with fewer hidden cases show no statistic to non-organizers")
 
 
 class TestSetOut(Out):
@@ -104,6 +107,7 @@ class TestSetOut(Out):
     quota_submissions: int
     quota_period_days: int
     is_open: bool
+    min_group_size: int = 10
     created_at: dt.datetime
 
 

@@ -107,6 +107,7 @@ def import_testset(
         shard_size=settings.default_shard_size,
         quota_submissions=settings.default_quota_submissions,
         quota_period_days=settings.default_quota_period_days,
+        min_group_size=settings.default_min_group_size,
     )
     session.add(testset)
     session.flush()

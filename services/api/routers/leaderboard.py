@@ -5,8 +5,12 @@ Visibility (see docs/leaderboard.md):
 - ``scope=published`` (default): anyone, no token needed -- published aggregates only;
 - ``scope=all`` (hidden, scored-but-unpublished results included): organizers only (401 without a
   token, 403 for other roles);
-- per-case scores of a submission: organizers (any), analysts (published ones); inventors and
-  the public never (403 / 401), since hidden per-case results would let a team tune to the test set;
+- per-case scores of a submission: organizers (any), analysts (published ones, public-sample
+  cases only); inventors and the public never (403 / 401), since hidden per-case results would let
+  a team tune to the test set;
+- small-cell suppression (``services.leaderboard.suppression``): outside ``scope=all``, a group
+  (hospital, subgroup) or a whole test set with fewer than ``min_group_size`` hidden cases shows
+  no statistic;
 - a submission's results page: published -> anyone; unpublished -> organizers; its own team
   gets 403 ("hidden until published"); anybody else 404, as if it did not exist.
 """
@@ -159,7 +163,8 @@ def read_submission_cases(
     offset: int = Query(0, ge=0), limit: int = Query(1000, ge=1, le=10000),
     db: Session = Depends(get_db), user: User | None = Depends(optional_user),
 ) -> dict[str, Any]:
-    """Per-case scores (with case metadata): organizers, and analysts for published submissions."""
+    """Per-case scores (with case metadata): organizers (every case), and analysts for published
+    submissions (public-sample cases only: hidden per-case scores stay with the organizers)."""
     if user is None:
         raise ApiError("per-case results need an analyst's or organizer's token", 401,
                        headers={"WWW-Authenticate": "Bearer"})
@@ -172,6 +177,9 @@ def read_submission_cases(
         .join(Case, Case.id == Score.case_id)
         .where(Score.submission_id == submission.id, Score.protocol_key == ts.protocol_key)
     )
+    if user.role is not Role.organizer:
+        # hidden cases' per-case scores are for organizers; analysts get the public sample's
+        query = query.where(Case.public_sample.is_(True))
     if organ:
         query = query.where(Score.organ == organ)
     total = db.scalar(sa.select(sa.func.count()).select_from(query.subquery())) or 0
