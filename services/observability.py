@@ -31,6 +31,9 @@ counted in memory by the workers. Families (all gauges unless noted):
                                     priority lists; the filesystem broker: its message files)
 ``touchstone_queue_unacked``        Redis only: messages taken by a worker but not yet acknowledged
 ``touchstone_scrape_errors``        parts of this scrape that could not be read, by ``part``
+``touchstone_team_storage_bytes``   bytes a ``team``'s submissions hold (SUM of
+                                    ``submissions.storage_bytes``); organizers' scrapes and the
+                                    internal metrics port only (it names teams)
 ==================================  =========================================================
 
 A part that cannot be read (the broker is down) is left out of that scrape and counted in
@@ -158,6 +161,10 @@ FAILURE_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
         ("nonzero_exit", r"exited with code"),
         ("no_output", r"wrote nothing to /output|no prediction for public case"),
         ("invalid_output", r"unreadable or mis-shaped"),
+        ("too_many_files", r"files and folders in /output and was stopped"),
+        ("output_too_deep", r"nested folders more than \d+ levels"),
+        ("forbidden_output", r"only plain files and folders are allowed"),
+        ("pids_limit", r"process limit reached"),
         ("output_too_large", r"to /output and was stopped"),
         ("wrong_architecture", r"the image is built for"),
         ("image_too_large", r"uncompressed, more than the limit"),
@@ -231,8 +238,9 @@ class TouchstoneCollector:
     """A prometheus_client custom collector: every ``collect()`` reads the database and the broker."""
 
     def __init__(self, sessionmaker: Callable, settings, *, window_min: float = RATE_WINDOW_MIN,
-                 now: Callable[[], dt.datetime] | None = None):
+                 now: Callable[[], dt.datetime] | None = None, team_metrics: bool = True):
         self.sessionmaker = sessionmaker
+        self.team_metrics = team_metrics
         self.settings = settings
         self.window_min = window_min
         self._now = now or (lambda: dt.datetime.now(dt.timezone.utc))
@@ -265,9 +273,13 @@ class TouchstoneCollector:
         import sqlalchemy as sa
 
         from services.db.enums import ShardState, SubmissionState
-        from services.db.models import CaseRun, Shard, Submission
+        from services.db.models import CaseRun, Shard, Submission, Team
 
         with self.sessionmaker() as session:
+            team_storage = session.execute(
+                sa.select(Team.name, sa.func.coalesce(sa.func.sum(Submission.storage_bytes), 0))
+                .join(Submission, Submission.team_id == Team.id, isouter=True)
+                .group_by(Team.id, Team.name).order_by(Team.name)).all() if self.team_metrics else []
             by_state = dict(session.execute(
                 sa.select(Submission.state, sa.func.count()).group_by(Submission.state)).all())
             shard_states = dict(session.execute(
@@ -307,6 +319,12 @@ class TouchstoneCollector:
             for code, count in sorted(counts.items()):
                 family.add_metric([code], count)
             yield family
+        if self.team_metrics:
+            storage = Gauge("touchstone_team_storage_bytes",
+                            "Bytes held by a team's submissions (image tarballs and outputs).", labels=["team"])
+            for team, total in team_storage:
+                storage.add_metric([team], int(total or 0))
+            yield storage
 
     # -- broker ------------------------------------------------------------------------------------
     def _queue_metrics(self, Gauge):
@@ -326,13 +344,14 @@ class TouchstoneCollector:
         # other brokers: no depth is exposed (not an error)
 
 
-def make_registry(sessionmaker: Callable, settings, *, process_metrics: bool = True):
+def make_registry(sessionmaker: Callable, settings, *, process_metrics: bool = True, team_metrics: bool = True):
     """A registry of its own (not prometheus_client's global one, so that several apps in one
-    process -- the tests -- do not collide) with the Touchstone collector and process metrics."""
+    process -- the tests -- do not collide) with the Touchstone collector and process metrics.
+    ``team_metrics=False``: without the families that name teams (the public scrape)."""
     from prometheus_client import CollectorRegistry, ProcessCollector
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(TouchstoneCollector(sessionmaker, settings))
+    registry.register(TouchstoneCollector(sessionmaker, settings, team_metrics=team_metrics))
     if process_metrics:
         ProcessCollector(registry=registry)
     return registry

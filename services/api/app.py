@@ -13,7 +13,8 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, FastAPI
 from sqlalchemy.orm import sessionmaker
 
-from services.api.errors import install_error_handlers
+from services.api.errors import ERROR_RESPONSES, install_error_handlers
+from services.api.middleware import BodyLimitMiddleware, SecurityHeadersMiddleware
 from services.api.routers import algorithms, exports, leaderboard, results, submissions, testsets, users
 from services.config import Settings, get_settings
 from services.observability import configure_logging
@@ -50,8 +51,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.sessionmaker = sessionmaker(bind=get_engine(settings), expire_on_commit=False)
     install_error_handlers(app)
+    # outermost last: the security headers also reach the body limit's own 413 and 422 answers
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_request_body_bytes)
+    app.add_middleware(SecurityHeadersMiddleware)
 
-    api = APIRouter(prefix=API_PREFIX)
+    api = APIRouter(prefix=API_PREFIX, responses=ERROR_RESPONSES)
 
     @api.get("/health", tags=["health"])
     def health() -> dict[str, str]:
@@ -67,4 +71,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     metrics.install(app)
 
+    return app
+
+
+def create_metrics_app(settings: Settings | None = None) -> FastAPI:
+    """``/metrics`` alone, unauthenticated, with every family (team storage included): what
+    ``touchstone serve`` runs on ``TOUCHSTONE_METRICS_PORT``, an internal port for Prometheus that the
+    reverse proxy must not publish."""
+    settings = settings or get_settings()
+    configure_logging("api", settings.log_level)
+    app = FastAPI(title="Touchstone metrics", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.settings = settings
+    app.state.sessionmaker = sessionmaker(bind=get_engine(settings), expire_on_commit=False)
+    app.state.metrics_internal = True
+    install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_request_body_bytes)
+    app.add_middleware(SecurityHeadersMiddleware)
+    from services.api.routers import metrics
+
+    metrics.install(app)
     return app

@@ -5,6 +5,9 @@
 - a database integrity error (a race lost on a unique key) -> 409;
 - :class:`ApiError` subclasses raised by services -> their status;
 - anything else -> logged with a reference id, answered 500 with that id and no traceback.
+
+:data:`ERROR_RESPONSES` documents these bodies (:class:`ErrorOut`) in the OpenAPI document for every
+route, so that clients (and the schemathesis test) can rely on the shape of every answer.
 """
 
 from __future__ import annotations
@@ -15,10 +18,35 @@ import uuid
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from sqlalchemy.exc import IntegrityError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("touchstone.api")
+
+
+class ErrorOut(BaseModel):
+    """Every error answer: one sentence saying what is wrong and what to do."""
+
+    detail: str
+
+
+def _error(description: str) -> dict:
+    return {"model": ErrorOut, "description": description}
+
+
+#: the error answers of any route (added to every route of the API, see services/api/app.py)
+ERROR_RESPONSES: dict[int | str, dict] = {
+    400: _error("Malformed request (a header or body that cannot be parsed)"),
+    401: _error("No token, or an unknown or revoked token"),
+    403: _error("The token's role may not do this"),
+    404: _error("No such resource visible to the caller"),
+    409: _error("Conflicts with a stored record"),
+    413: _error("Request body too large"),
+    422: _error("Invalid input (the message names each bad field)"),
+    429: _error("Quota or rate limit reached"),
+    503: _error("The database is busy or unavailable"),
+}
 
 
 class ApiError(Exception):
@@ -72,8 +100,12 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+        # Starlette runs this handler outside every middleware: the security headers are added here
+        from services.api.middleware import security_headers
+
         reference = uuid.uuid4().hex[:12]
         log.exception("unhandled error [%s] on %s %s", reference, request.method, request.url.path)
         return JSONResponse(
-            {"detail": f"internal error; tell the organizers the reference {reference}"}, status_code=500
+            {"detail": f"internal error; tell the organizers the reference {reference}"}, status_code=500,
+            headers=security_headers(request.url.path),
         )

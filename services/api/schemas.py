@@ -5,11 +5,31 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator
 
 from services.db.enums import Role, ShardState, SubmissionState
 
 NAME = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._@+-]*$")
+#: upper bounds of the limits an organizer sets (the columns are 64-bit for bytes, 32-bit otherwise)
+MAX_BYTES = 2**44  # 16 TiB
+MAX_COUNT = 1_000_000
+
+
+class In(BaseModel):
+    """A request body: text fields must be valid Unicode without NUL characters (PostgreSQL refuses
+    NUL in text, and a lone surrogate cannot be stored as UTF-8) -- 422 instead of a database error."""
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _clean_text(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            if "\x00" in value:
+                raise ValueError("contains a NUL character; remove it")
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("is not valid Unicode text (a lone surrogate); send UTF-8 text") from None
+        return value
 
 
 class Out(BaseModel):
@@ -17,7 +37,7 @@ class Out(BaseModel):
 
 
 # --- teams, users, tokens ------------------------------------------------------------------------
-class TeamCreate(BaseModel):
+class TeamCreate(In):
     name: str = NAME
 
 
@@ -27,7 +47,7 @@ class TeamOut(Out):
     created_at: dt.datetime
 
 
-class UserCreate(BaseModel):
+class UserCreate(In):
     name: str = NAME
     role: Role
     team: str | None = Field(None, min_length=1, max_length=200, description="team name; created if new")
@@ -42,7 +62,7 @@ class UserOut(Out):
     created_at: dt.datetime
 
 
-class TokenCreate(BaseModel):
+class TokenCreate(In):
     label: str | None = Field(None, max_length=200)
 
 
@@ -64,24 +84,27 @@ class TokenCreated(BaseModel):
 
 
 # --- test sets ------------------------------------------------------------------------------------
-class TestSetImport(BaseModel):
+class TestSetImport(In):
     __test__ = False
     name: str = NAME
-    manifest_path: str = Field(min_length=1, description="path of the manifest CSV on the server")
-    protocol: str | None = Field(None, description="protocol name or name@version (default touchstone)")
-    description: str | None = None
+    manifest_path: str = Field(min_length=1, max_length=4096,
+                               description="path of the manifest CSV on the server, inside TOUCHSTONE_IMPORT_ROOTS")
+    protocol: str | None = Field(None, min_length=1, max_length=4096,
+                                 description="protocol name or name@version (default touchstone), or a protocol "
+                                 "file inside TOUCHSTONE_IMPORT_ROOTS")
+    description: str | None = Field(None, max_length=10000)
 
 
-class TestSetUpdate(BaseModel):
+class TestSetUpdate(In):
     __test__ = False
-    description: str | None = None
+    description: str | None = Field(None, max_length=10000)
     time_per_case_s: float | None = Field(None, gt=0, le=86400)
-    memory_bytes: int | None = Field(None, gt=0)
+    memory_bytes: int | None = Field(None, gt=0, le=MAX_BYTES)
     gpus: int | None = Field(None, ge=0, le=16)
-    shm_bytes: int | None = Field(None, gt=0)
-    pids_limit: int | None = Field(None, gt=0)
-    shard_size: int | None = Field(None, gt=0)
-    quota_submissions: int | None = Field(None, ge=0)
+    shm_bytes: int | None = Field(None, gt=0, le=MAX_BYTES)
+    pids_limit: int | None = Field(None, gt=0, le=MAX_COUNT)
+    shard_size: int | None = Field(None, gt=0, le=100_000)
+    quota_submissions: int | None = Field(None, ge=0, le=MAX_COUNT)
     quota_period_days: int | None = Field(None, gt=0, le=3660)
     is_open: bool | None = None
     min_group_size: int | None = Field(
@@ -126,12 +149,12 @@ class CaseOut(Out):
 
 
 # --- algorithms -------------------------------------------------------------------------------------
-class AlgorithmCreate(BaseModel):
+class AlgorithmCreate(In):
     name: str = NAME
     description: str | None = Field(None, max_length=10000)
     paper_url: HttpUrl | None = None
     code_url: HttpUrl | None = None
-    team: str | None = Field(None, description="organizers only: the owning team")
+    team: str | None = Field(None, min_length=1, max_length=200, description="organizers only: the owning team")
 
 
 class AlgorithmOut(Out):
@@ -194,7 +217,7 @@ class ShardOut(Out):
     log_tail: str | None
 
 
-class ReasonIn(BaseModel):
+class ReasonIn(In):
     reason: str | None = Field(None, max_length=2000)
 
 

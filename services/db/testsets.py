@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+import os
+import stat
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,178 @@ DEFAULT_PROTOCOL = "touchstone"
 
 class ManifestError(ValueError):
     """The manifest or protocol cannot be imported (the message names the row/column and the fix)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# server paths named through the API: confined to settings.import_roots
+# --------------------------------------------------------------------------------------------------
+class PathRefused(ManifestError):
+    """A server path given through the API that is not a readable file inside the import roots.
+
+    One wording for every reason (missing, unreadable, a folder, outside the roots, the database, a
+    NUL byte, binary content): the answer must not tell which files exist on the server."""
+
+
+def refused_message(field: str, what: str = "manifest", given: str = "") -> str:
+    shown = repr(given if len(given) <= 300 else given[:300] + "...")
+    return (f"{field}: no readable {what} at the given path {shown} inside the import roots "
+            f"(a file under TOUCHSTONE_IMPORT_ROOTS, outside the data directory); put the {what} under one of "
+            "TOUCHSTONE_IMPORT_ROOTS")
+
+
+def _sqlite_file(url: str | None) -> str | None:
+    text = str(url or "")
+    if text.startswith("db+"):
+        text = text[3:]
+    if not text.startswith("sqlite"):
+        return None
+    from sqlalchemy.engine import make_url
+
+    database = make_url(text).database
+    return None if not database or database == ":memory:" else database
+
+
+def protected_paths(settings: Settings) -> tuple[list[str], list[str]]:
+    """(folders, files) that no import may name or contain: the data directory, the storage, the
+    broker folder, and the SQLite databases with their -wal/-shm/-journal companions."""
+    folders = [Path(settings.data_dir), Path(settings.storage_dir), settings.broker_folder]  # type: ignore[arg-type]
+    files = []
+    for database in (_sqlite_file(settings.database_url), _sqlite_file(settings.result_backend)):
+        if database:
+            files += [database + suffix for suffix in ("", "-wal", "-shm", "-journal")]
+    return [os.path.realpath(f) for f in folders], [os.path.realpath(f) for f in files]
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def usable_import_roots(settings: Settings) -> list[str]:
+    """The import roots that neither lie in nor contain the data directory, the storage or a database."""
+    folders, files = protected_paths(settings)
+    roots = []
+    for root in settings.import_roots:
+        real = os.path.realpath(root)
+        if any(_inside(real, f) or _inside(f, real) for f in folders) or any(_inside(f, real) for f in files):
+            continue
+        roots.append(real)
+    return roots
+
+
+def _same_file_as_protected(st: os.stat_result, files: list[str]) -> bool:
+    """A hard link to a database has another path but the same inode (``os.stat`` opens nothing)."""
+    for name in files:
+        try:
+            other = os.stat(name)
+        except OSError:
+            continue
+        if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
+            return True
+    return False
+
+
+def confine_path(raw: str | Path, settings: Settings, *, base: Path | None = None, folder_ok: bool = False) -> Path:
+    """``raw`` resolved (every link followed, strictly) if it is a readable file -- or, with
+    ``folder_ok``, a folder whose every entry passes too -- inside a usable import root and not
+    the data directory, storage or a database; :class:`PathRefused` (no message) otherwise.
+
+    Only ``stat``/``realpath`` run here: nothing is opened before the check passed (an SQLite
+    database loses its POSIX locks when any descriptor of its file is closed)."""
+    text = os.fspath(raw)
+    try:
+        if not text or "\x00" in text:
+            raise PathRefused("")
+        text.encode("utf-8")  # a lone surrogate from JSON is no path
+        path = Path(text)
+        if not path.is_absolute():
+            if base is None:
+                raise PathRefused("")
+            path = base / path
+        real = path.resolve(strict=True)
+        st = os.stat(real)
+    except (OSError, RuntimeError, ValueError):  # missing, loop, permission, NUL, undecodable
+        raise PathRefused("") from None
+    resolved = str(real)
+    folders, files = protected_paths(settings)
+    roots = usable_import_roots(settings)
+    if not any(_inside(resolved, root) and resolved != root for root in roots):
+        raise PathRefused("")
+    if any(_inside(resolved, f) for f in folders) or resolved in files or _same_file_as_protected(st, files):
+        raise PathRefused("")
+    if stat.S_ISREG(st.st_mode):
+        if not os.access(real, os.R_OK):
+            raise PathRefused("")
+        return real
+    if folder_ok and stat.S_ISDIR(st.st_mode) and os.access(real, os.R_OK | os.X_OK):
+        for entry in _walk(real):
+            confine_path(entry, settings, folder_ok=True)
+        return real
+    raise PathRefused("")
+
+
+def _walk(folder: Path) -> Iterator[str]:
+    """Every entry under ``folder`` (links not followed: each is checked where it points)."""
+    try:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                yield entry.path
+    except OSError:
+        raise PathRefused("") from None
+
+
+def confined_manifest(raw: str, settings: Settings, field: str = "manifest_path") -> Path:
+    """The manifest named through the API, checked before anything reads it: inside the import
+    roots, UTF-8 text without NUL bytes, and every image/labels path it names inside the roots too."""
+    try:
+        path = confine_path(raw, settings)
+        with open(path, "rb") as handle:
+            data = handle.read(64 * 1024 * 1024 + 1)
+        if len(data) > 64 * 1024 * 1024 or b"\x00" in data:
+            raise PathRefused("")
+        data.decode("utf-8-sig")
+    except (PathRefused, OSError, UnicodeDecodeError):
+        raise PathRefused(refused_message(field, given=raw)) from None
+    try:
+        listed = ev_manifest.read_manifest(path, check_files=False)
+    except ev_manifest.ManifestError as exc:
+        raise ManifestError(str(exc)) from exc
+    except Exception:  # noqa: BLE001 - csv.Error and the like: not a manifest
+        raise PathRefused(refused_message(field, given=raw)) from None
+    problems = []
+    for line, row in enumerate(listed.rows, start=2):
+        for column, value, folder_ok in (("image", row.image, False), ("labels", row.labels, True)):
+            try:
+                confine_path(value, settings, base=path.parent, folder_ok=folder_ok)
+            except PathRefused:
+                problems.append(f"case {row.case_id!r}, column {column}: no readable file at {value!r} inside the "
+                                "import roots (paths are relative to the manifest's folder)")
+    if problems:
+        raise PathRefused(f"{field}: {len(problems)} problem(s): " + "; ".join(problems[:20])
+                          + "; put the test set's files under one of TOUCHSTONE_IMPORT_ROOTS")
+    return path
+
+
+def confined_protocol(spec: str | None, settings: Settings) -> str | None:
+    """A protocol given through the API: a preset (``name`` / ``name@version``) as is; a protocol file
+    only inside the import roots (the same wording for every refusal)."""
+    if spec is None:
+        return None
+    from evaluation.protocols import PRESETS
+
+    name = spec.strip().partition("@")[0]
+    if name in PRESETS:
+        return spec
+    try:
+        path = confine_path(spec.strip(), settings)
+        with open(path, "rb") as handle:
+            data = handle.read(1024 * 1024 + 1)
+        if len(data) > 1024 * 1024 or b"\x00" in data:
+            raise PathRefused("")
+        data.decode("utf-8")
+    except (PathRefused, OSError, UnicodeDecodeError):
+        raise PathRefused(refused_message("protocol", "protocol file", spec) + f", or name a preset ({', '.join(PRESETS)})"
+                          ) from None
+    return str(path)
 
 
 def json_safe(value: Any) -> Any:
@@ -76,9 +250,17 @@ def import_testset(
     actor: User | None = None,
     progress: Callable[[int, int], None] | None = None,
     description: str | None = None,
+    confine: bool = False,
 ) -> TestSet:
-    """Create test set ``name`` with one Case per manifest row (checksums computed). The caller commits."""
+    """Create test set ``name`` with one Case per manifest row (checksums computed). The caller commits.
+
+    ``confine`` (the API): the manifest, the files it names and a protocol file must lie inside
+    ``settings.import_roots`` (:func:`confined_manifest`); the CLI, run on the server by the
+    organizer, reads local paths as given."""
     settings = settings or get_settings()
+    if confine:
+        manifest = confined_manifest(str(manifest), settings)
+        protocol = confined_protocol(protocol, settings)
     manifest = Path(manifest).resolve()
     if session.scalar(sa.select(TestSet.id).where(TestSet.name == name)) is not None:
         raise ManifestError(f"a test set named {name!r} already exists; choose another name")

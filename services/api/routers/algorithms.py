@@ -8,6 +8,7 @@ from sqlalchemy.orm import Session
 
 from services.api.deps import current_user, get_db, require_role
 from services.api.errors import ApiError
+from services.api.params import IdPath
 from services.api.schemas import AlgorithmCreate, AlgorithmOut
 from services.api.visibility import visible_algorithms
 from services.db.accounts import get_or_create_team
@@ -36,7 +37,7 @@ def list_algorithms(db: Session = Depends(get_db), user: User = Depends(current_
 
 
 @router.get("/{algorithm_id}", response_model=AlgorithmOut)
-def read_algorithm(algorithm_id: int, db: Session = Depends(get_db), user: User = Depends(current_user)) -> AlgorithmOut:
+def read_algorithm(algorithm_id: IdPath, db: Session = Depends(get_db), user: User = Depends(current_user)) -> AlgorithmOut:
     algorithm = db.scalar(visible_algorithms(sa.select(Algorithm).where(Algorithm.id == algorithm_id), user))
     if algorithm is None:
         raise ApiError(f"no algorithm with id {algorithm_id} visible to you", 404)

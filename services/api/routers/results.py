@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from services.api.deps import current_user, get_db
 from services.api.errors import ApiError
+from services.api.params import IdPath, Offset, PageLimit10000
 from services.api.schemas import ScorePage
 from services.db.enums import Role, SubmissionState
 from services.db.models import Case, Score, Submission, User
@@ -25,12 +26,12 @@ router = APIRouter(prefix="/results", tags=["results"])
 
 @router.get("/submissions/{submission_id}/scores", response_model=ScorePage)
 def submission_scores(
-    submission_id: int,
+    submission_id: IdPath,
     db: Session = Depends(get_db),
     user: User = Depends(current_user),
-    organ: str | None = None,
-    offset: int = Query(0, ge=0),
-    limit: int = Query(1000, ge=1, le=10000),
+    organ: str | None = Query(None, max_length=200),
+    offset: Offset = 0,
+    limit: PageLimit10000 = 1000,
 ) -> dict:
     """Per-case scores (every protocol key stored). Organizers: any submission. Analysts: published
     ones. Inventors: their own team's submissions, public-sample cases only. Anything else: 404."""

@@ -4,11 +4,12 @@ case metadata is for organizers and analysts (inventors see the public-sample ca
 from __future__ import annotations
 
 import sqlalchemy as sa
-from fastapi import APIRouter, Depends, Query, Request, status
+from fastapi import APIRouter, Depends, Request, status
 from sqlalchemy.orm import Session
 
 from services.api.deps import current_user, get_db, require_organizer
 from services.api.errors import ApiError
+from services.api.params import Offset, PageLimit10000
 from services.api.schemas import CaseOut, TestSetImport, TestSetOut, TestSetUpdate
 from services.db.enums import Role
 from services.db.models import AuditLog, Case, TestSet, User
@@ -47,7 +48,10 @@ def import_testset_endpoint(
     db: Session = Depends(get_db),
     organizer: User = Depends(require_organizer),
 ) -> TestSetOut:
-    """Import a test set from a manifest CSV that lies on the server (files are checksummed)."""
+    """Import a test set from a manifest CSV that lies on the server, inside one of
+    TOUCHSTONE_IMPORT_ROOTS (files are checksummed). Any path that is not a readable file there --
+    missing, unreadable, a folder, outside the roots, the data directory or the database -- is
+    answered with the same 422."""
     try:
         testset = import_testset(
             db,
@@ -57,6 +61,7 @@ def import_testset_endpoint(
             settings=request.app.state.settings,
             actor=organizer,
             description=body.description,
+            confine=True,
         )
     except ManifestError as exc:
         db.rollback()
@@ -91,8 +96,8 @@ def list_cases(
     name: str,
     db: Session = Depends(get_db),
     user: User = Depends(current_user),
-    offset: int = Query(0, ge=0),
-    limit: int = Query(1000, ge=1, le=10000),
+    offset: Offset = 0,
+    limit: PageLimit10000 = 1000,
 ) -> list[Case]:
     """Organizers and analysts: every case with its metadata. Inventors: the public sample only."""
     testset = get_testset(db, name)

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import sqlalchemy as sa
-from fastapi import APIRouter, Depends, status
+from fastapi import APIRouter, Depends, Response, status
 from sqlalchemy.orm import Session
 
 from services.api.deps import current_user, get_db, require_organizer
 from services.api.errors import ApiError
+from services.api.params import IdPath
 from services.api.schemas import TeamCreate, TeamOut, TokenCreate, TokenCreated, TokenOut, UserCreate, UserOut
 from services.db.accounts import AccountError, create_token, create_user, revoke_token
 from services.db.models import ApiToken, AuditLog, Team, User
 
 router = APIRouter(tags=["users"])
+
+#: a response that shows a plain token must not be kept by any cache (browser, proxy)
+NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 
 
 def user_out(user: User) -> UserOut:
@@ -45,7 +49,7 @@ def list_users(db: Session = Depends(get_db), _: User = Depends(require_organize
 
 @router.post("/users", response_model=TokenCreated, status_code=status.HTTP_201_CREATED)
 def create_user_endpoint(
-    body: UserCreate, db: Session = Depends(get_db), organizer: User = Depends(require_organizer)
+    body: UserCreate, response: Response, db: Session = Depends(get_db), organizer: User = Depends(require_organizer)
 ) -> TokenCreated:
     """Create a user (and its team if new). The response holds the user's token -- shown only once."""
     try:
@@ -55,6 +59,7 @@ def create_user_endpoint(
         raise ApiError(str(exc), 409 if "already exists" in str(exc) else 422) from exc
     db.commit()
     token = user.tokens[-1]
+    response.headers.update(NO_STORE)
     return TokenCreated(token=plain, token_info=TokenOut.model_validate(token), user=user_out(user))
 
 
@@ -76,24 +81,25 @@ def create_team(body: TeamCreate, db: Session = Depends(get_db), organizer: User
 
 
 @router.get("/users/{user_id}/tokens", response_model=list[TokenOut])
-def list_tokens(user_id: int, db: Session = Depends(get_db), _: User = Depends(require_organizer)) -> list[ApiToken]:
+def list_tokens(user_id: IdPath, db: Session = Depends(get_db), _: User = Depends(require_organizer)) -> list[ApiToken]:
     return list(_user(db, user_id).tokens)
 
 
 @router.post("/users/{user_id}/tokens", response_model=TokenCreated, status_code=status.HTTP_201_CREATED)
 def new_token(
-    user_id: int, body: TokenCreate, db: Session = Depends(get_db), organizer: User = Depends(require_organizer)
+    user_id: IdPath, body: TokenCreate, response: Response, db: Session = Depends(get_db), organizer: User = Depends(require_organizer)
 ) -> TokenCreated:
     """A new token for the user; the plain value is in this response only."""
     user = _user(db, user_id)
     token, plain = create_token(db, user, body.label)
     db.add(AuditLog(actor_id=organizer.id, action="token.create", target=f"user:{user.id}", details={"prefix": token.prefix}))
     db.commit()
+    response.headers.update(NO_STORE)
     return TokenCreated(token=plain, token_info=TokenOut.model_validate(token), user=user_out(user))
 
 
 @router.delete("/tokens/{token_id}", response_model=TokenOut)
-def revoke(token_id: int, db: Session = Depends(get_db), organizer: User = Depends(require_organizer)) -> ApiToken:
+def revoke(token_id: IdPath, db: Session = Depends(get_db), organizer: User = Depends(require_organizer)) -> ApiToken:
     token = db.get(ApiToken, token_id)
     if token is None:
         raise ApiError(f"no token with id {token_id}", 404)
