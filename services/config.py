@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 GIB = 1024**3
 MIB = 1024**2
@@ -57,7 +57,7 @@ class Settings(BaseSettings):
     deployment_id: str = Field(
         "touchstone", pattern=r"^[A-Za-z0-9_.-]{1,63}$",
         description="Label on every container this deployment starts; clean-up touches only its own.")
-    import_roots: list[Path] = Field(
+    import_roots: Annotated[list[Path], NoDecode] = Field(
         default_factory=list,
         description="Folders organizers may import manifests and result folders from through the API "
         "(JSON list or comma-separated); never the data directory.")
@@ -84,6 +84,19 @@ class Settings(BaseSettings):
     default_shard_size: int = Field(50, gt=0, description="Cases per container run.")
     default_quota_submissions: int = Field(3, ge=0, description="Counting submissions per team per period.")
     default_quota_period_days: int = Field(7, gt=0, description="Length of the quota period in days.")
+
+    @field_validator("import_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value: Any) -> Any:
+        """``TOUCHSTONE_IMPORT_ROOTS=/srv/a,/srv/b`` or a JSON list; empty entries are dropped."""
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                import json
+
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
 
     @model_validator(mode="after")
     def _derive_defaults(self) -> "Settings":

@@ -26,6 +26,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy.orm import Session
 
+from services.api.params import IdPath, Offset, PageLimit10000
 from services.api.deps import get_db, optional_user
 from services.api.errors import ApiError
 from services.db.enums import Role, SubmissionState
@@ -148,7 +149,7 @@ def _visible_submission(db: Session, ts: TestSet, submission_id: int, user: User
 
 
 @router.get("/{testset}/submissions/{submission_id}")
-def read_submission_results(testset: str, submission_id: int, db: Session = Depends(get_db),
+def read_submission_results(testset: str, submission_id: IdPath, db: Session = Depends(get_db),
                             user: User | None = Depends(optional_user)) -> dict[str, Any]:
     """A submission's aggregates per organ and metric and its ranks."""
     ts = _testset(db, testset)
@@ -159,8 +160,8 @@ def read_submission_results(testset: str, submission_id: int, db: Session = Depe
 
 @router.get("/{testset}/submissions/{submission_id}/cases")
 def read_submission_cases(
-    testset: str, submission_id: int, organ: str | None = None,
-    offset: int = Query(0, ge=0), limit: int = Query(1000, ge=1, le=10000),
+    testset: str, submission_id: IdPath, organ: str | None = None,
+    offset: Offset = 0, limit: PageLimit10000 = 1000,
     db: Session = Depends(get_db), user: User | None = Depends(optional_user),
 ) -> dict[str, Any]:
     """Per-case scores (with case metadata): organizers (every case), and analysts for published

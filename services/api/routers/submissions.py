@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 
 import sqlalchemy as sa
-from fastapi import APIRouter, Body, Depends, Query, Request, status
+from fastapi import APIRouter, Body, Depends, Request, status
 from sqlalchemy.orm import Session
 
 from services import queue
 from services.api import intake
+from services.api.params import IdPath, Offset, PageLimit1000
 from services.api.deps import current_user, get_db, require_organizer, require_role
 from services.api.errors import ApiError
 from services.api.schemas import ReasonIn, ShardOut, SubmissionLogs, SubmissionOut
@@ -127,8 +128,8 @@ def list_submissions(
     user: User = Depends(current_user),
     testset: str | None = None,
     state: SubmissionState | None = None,
-    offset: int = Query(0, ge=0),
-    limit: int = Query(100, ge=1, le=1000),
+    offset: Offset = 0,
+    limit: PageLimit1000 = 100,
 ) -> list[SubmissionOut]:
     query = visible_submissions(sa.select(Submission), user)
     if testset:
@@ -140,12 +141,12 @@ def list_submissions(
 
 
 @router.get("/{submission_id}", response_model=SubmissionOut)
-def read_submission(submission_id: int, db: Session = Depends(get_db), user: User = Depends(current_user)) -> SubmissionOut:
+def read_submission(submission_id: IdPath, db: Session = Depends(get_db), user: User = Depends(current_user)) -> SubmissionOut:
     return submission_out(get_visible(db, user, submission_id))
 
 
 @router.get("/{submission_id}/logs", response_model=SubmissionLogs)
-def read_logs(submission_id: int, db: Session = Depends(get_db), user: User = Depends(current_user)) -> SubmissionLogs:
+def read_logs(submission_id: IdPath, db: Session = Depends(get_db), user: User = Depends(current_user)) -> SubmissionLogs:
     """The public-sample (validation) run's log: the owning team and organizers."""
     submission = get_visible(db, user, submission_id)
     if user.role is Role.analyst:
@@ -159,7 +160,7 @@ def read_logs(submission_id: int, db: Session = Depends(get_db), user: User = De
 
 
 @router.get("/{submission_id}/shards", response_model=list[ShardOut])
-def read_shards(submission_id: int, db: Session = Depends(get_db), _: User = Depends(require_organizer)) -> list:
+def read_shards(submission_id: IdPath, db: Session = Depends(get_db), _: User = Depends(require_organizer)) -> list:
     """Per-shard runs over the hidden cases (organizers only: their logs may describe hidden cases)."""
     submission = db.get(Submission, submission_id)
     if submission is None:
@@ -182,7 +183,7 @@ def _organizer_action(db: Session, organizer: User, submission_id: int, new_stat
 
 @router.post("/{submission_id}/cancel", response_model=SubmissionOut)
 def cancel(
-    submission_id: int,
+    submission_id: IdPath,
     body: ReasonIn = Body(default_factory=ReasonIn),
     db: Session = Depends(get_db),
     organizer: User = Depends(require_organizer),
@@ -193,7 +194,7 @@ def cancel(
 
 @router.post("/{submission_id}/rerun", response_model=SubmissionOut, status_code=status.HTTP_202_ACCEPTED)
 def rerun(
-    submission_id: int,
+    submission_id: IdPath,
     body: ReasonIn = Body(default_factory=ReasonIn),
     db: Session = Depends(get_db),
     organizer: User = Depends(require_organizer),
@@ -205,14 +206,14 @@ def rerun(
 
 
 @router.post("/{submission_id}/publish", response_model=SubmissionOut)
-def publish(submission_id: int, db: Session = Depends(get_db), organizer: User = Depends(require_organizer)) -> SubmissionOut:
+def publish(submission_id: IdPath, db: Session = Depends(get_db), organizer: User = Depends(require_organizer)) -> SubmissionOut:
     submission = _organizer_action(db, organizer, submission_id, SubmissionState.published, "submission.publish", None)
     _refresh_leaderboard(db, submission.id)
     return submission_out(submission)
 
 
 @router.post("/{submission_id}/unpublish", response_model=SubmissionOut)
-def unpublish(submission_id: int, db: Session = Depends(get_db), organizer: User = Depends(require_organizer)) -> SubmissionOut:
+def unpublish(submission_id: IdPath, db: Session = Depends(get_db), organizer: User = Depends(require_organizer)) -> SubmissionOut:
     submission = _organizer_action(db, organizer, submission_id, SubmissionState.scored, "submission.unpublish", None)
     _refresh_leaderboard(db, submission.id)
     return submission_out(submission)

@@ -78,6 +78,7 @@ def settings(tmp_path, database_url) -> Settings:
         database_url=database_url,
         max_upload_bytes=1024 * 1024,
         default_quota_submissions=3,
+        import_roots=[tmp_path / "testset"],  # where manifest_csv lies (POST /testsets is confined to these)
     )
 
 
@@ -212,6 +213,8 @@ def live_server(settings):
         "TOUCHSTONE_DATABASE_URL": str(settings.database_url),
         "TOUCHSTONE_MAX_UPLOAD_BYTES": str(settings.max_upload_bytes),
         "TOUCHSTONE_LOG_LEVEL": "WARNING",
+        "TOUCHSTONE_IMPORT_ROOTS": ",".join(str(root) for root in settings.import_roots),
+        "TOUCHSTONE_MAX_REQUEST_BODY_BYTES": str(settings.max_request_body_bytes),
     }
     process = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "services.api.app:create_app", "--factory", "--host", "127.0.0.1",

@@ -95,6 +95,16 @@ def _populate(sessionmaker) -> None:
         s.commit()
 
 
+def _organizer(app) -> dict[str, str]:
+    """/metrics on the API port is for organizers (services/api/routers/metrics.py)."""
+    from services.db.accounts import create_user
+
+    with app.state.sessionmaker() as session:
+        _, token = create_user(session, "metrics-org", "organizer")
+        session.commit()
+    return {"Authorization": f"Bearer {token}"}
+
+
 def test_metrics_reports_the_database_and_the_filesystem_broker(app_and_db):
     app, settings = app_and_db
     _populate(app.state.sessionmaker)
@@ -105,7 +115,7 @@ def test_metrics_reports_the_database_and_the_filesystem_broker(app_and_db):
     (messages / "1010_def.cpu.msg").write_bytes(b"{}")
     (messages / "1011_x.other.msg").write_bytes(b"{}")  # not one of ours: not counted
 
-    response = TestClient(app).get("/metrics")
+    response = TestClient(app).get("/metrics", headers=_organizer(app))
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
     m = _samples(response.text)
@@ -138,8 +148,9 @@ def test_metrics_answers_when_the_database_is_gone(app_and_db):
 
     from services.observability import make_registry
 
+    headers = _organizer(app)
     app.state.metrics_registry = make_registry(broken, settings, process_metrics=False)
-    response = TestClient(app).get("/metrics")
+    response = TestClient(app).get("/metrics", headers=headers)
     assert response.status_code == 200
     m = _samples(response.text)
     assert m[("touchstone_scrape_errors", (("part", "database"),))] == 1
@@ -157,6 +168,8 @@ def test_failure_codes_match_the_worker_sentences():
         FailureReason.output_too_large(1 << 30), FailureReason.wrong_architecture("arm64"),
         FailureReason.image_too_large(50 << 30, 40 << 30), FailureReason.image_load_failed("no manifest.json"),
         FailureReason.cancelled(), FailureReason.runtime_error("docker: connection refused"),
+        FailureReason.too_many_files(20000), FailureReason.output_too_deep(6),
+        FailureReason.forbidden_output("a symbolic link"), FailureReason.pids_limit(512),
     ]
     assert {r.code for r in reasons} == set(FailureCode)
     for reason in reasons:
