@@ -11,6 +11,8 @@ from evaluation.stats.ranking import (
     BOOTSTRAP_METHODS,
     RANKING_COLUMNS,
     RANKING_METHODS,
+    TIE_RTOL,
+    TIE_RULE,
     RankStability,
     aggregate_then_rank,
     bootstrap_rank_stability,
@@ -25,8 +27,12 @@ from evaluation.stats.ranking import (
 from evaluation.stats.scores import (
     AVERAGE_ORGAN,
     HIGHER_IS_BETTER,
+    MISSING_POLICIES,
+    ORGAN_AVERAGE_RULES,
     ScoreMatrix,
+    apply_missing_policy,
     average_over_organs,
+    expected_cases,
     higher_is_better,
     json_ready,
     score_matrices_from_long,
@@ -41,6 +47,7 @@ from evaluation.stats.subgroups import (
 from evaluation.stats.summary import SUMMARY_COLUMNS, bootstrap_intervals, summarize
 from evaluation.stats.wilcoxon import (
     CORRECTIONS,
+    FAMILIES,
     PAIRWISE_COLUMNS,
     WilcoxonOptions,
     adjust_pvalues,
@@ -58,5 +65,6 @@ __all__ = [
     "compare_rankings", "higher_is_better", "json_ready", "kendall_tau_b", "min_ranks",
     "minimal_detectable_difference", "organ_mdd", "pairwise_wilcoxon", "pvalue_matrix", "rank",
     "rank_then_aggregate", "score_matrices_from_long", "signed_rank_test", "subgroup_analysis",
-    "summarize", "test_then_rank",
+    "summarize", "test_then_rank", "MISSING_POLICIES", "ORGAN_AVERAGE_RULES", "apply_missing_policy",
+    "expected_cases", "TIE_RTOL", "TIE_RULE", "FAMILIES",
 ]

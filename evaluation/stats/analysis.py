@@ -15,7 +15,7 @@ from evaluation.stats.ranking import (
     compare_rankings,
     rank,
 )
-from evaluation.stats.scores import ScoreMatrix, json_ready
+from evaluation.stats.scores import ScoreMatrix, apply_missing_policy, json_ready
 from evaluation.stats.subgroups import SubgroupAnalysis, subgroup_analysis
 from evaluation.stats.summary import summarize
 from evaluation.stats.wilcoxon import WilcoxonOptions, pairwise_wilcoxon
@@ -31,6 +31,11 @@ class AnalysisOptions:
     bootstrap_methods: rankings bootstrapped; fill_missing: value replacing not-scored cases in
     aggregate rankings (None = omit them); subgroup_variables / min_group_size: subgroups;
     mdd_alpha / mdd_power / mdd_method: minimal detectable difference.
+    missing_policy: ``None`` (each method's historical rule), ``"worst"`` (missing cases take
+    ``worst`` everywhere) or ``"common"`` (rankings and bootstrap on the cases all algorithms
+    have; each test on its pair's shared cases; summaries on each algorithm's own cases);
+    test_correction: multiple-comparison method of test-then-rank (default: ``correction``);
+    family: ``"tested"`` or ``"all"`` ordered pairs counted in m.
     """
 
     confidence: float = 0.95
@@ -47,6 +52,10 @@ class AnalysisOptions:
     mdd_alpha: float = 0.05
     mdd_power: float = 0.8
     mdd_method: MddMethod = "normal"
+    missing_policy: str | None = None
+    worst: float | None = None
+    test_correction: str | None = None
+    family: str = "tested"
 
     def __post_init__(self) -> None:
         bad = [m for m in self.ranking_methods if m not in RANKING_METHODS]
@@ -106,17 +115,27 @@ def analyze(
     options: AnalysisOptions = AnalysisOptions(),
 ) -> OrganAnalysis:
     """Summaries, pairwise tests, rankings, rank stability, MDD and subgroups of one matrix."""
+    described, tested, ranked = scores, scores, scores
+    if options.missing_policy == "worst":
+        described = tested = ranked = apply_missing_policy(scores, "worst", worst=options.worst)
+    elif options.missing_policy == "common":
+        ranked = apply_missing_policy(scores, "common")
+    elif options.missing_policy is not None:
+        apply_missing_policy(scores, options.missing_policy)  # raises: unknown policy
+    test_correction = options.test_correction or options.correction
     summary = summarize(
-        scores, confidence=options.confidence, n_resamples=options.n_resamples, seed=options.seed
+        described, confidence=options.confidence, n_resamples=options.n_resamples, seed=options.seed
     )
     pairwise = pairwise_wilcoxon(
-        scores, options=options.wilcoxon, correction=options.correction, alpha=options.alpha
+        tested, options=options.wilcoxon, correction=options.correction, alpha=options.alpha,
+        family=options.family,
     )
     rankings = {
-        m: rank(scores, m, pairwise=pairwise, fill_missing=options.fill_missing,
-                alpha=options.alpha, correction=options.correction, options=options.wilcoxon)
+        m: rank(ranked, m, pairwise=pairwise if ranked is tested else None, fill_missing=options.fill_missing,
+                alpha=options.alpha, correction=test_correction, options=options.wilcoxon, family=options.family)
         for m in options.ranking_methods
     }
+    scores = ranked
     stability = {}
     if scores.n_cases:
         stability = {
@@ -131,7 +150,7 @@ def analyze(
         if case_metadata is None:
             raise ValueError("subgroup_variables need case_metadata (a case_id column + variables)")
         subgroups = {
-            v: subgroup_analysis(scores, case_metadata, v, min_group_size=options.min_group_size,
+            v: subgroup_analysis(described, case_metadata, v, min_group_size=options.min_group_size,
                                  correction=options.correction, alpha=options.alpha)
             for v in options.subgroup_variables
         }

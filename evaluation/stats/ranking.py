@@ -1,7 +1,12 @@
 """Rankings of algorithms and their bootstrap stability (challengeR's methods).
 
 Methods (``method`` names as the CLI's ``--method``), each on one :class:`ScoreMatrix`, ties
-ranked ``"min"`` (1, 1, 3, ...), rank 1 = best:
+ranked ``"min"`` (1, 1, 3, ...), rank 1 = best.
+
+Tie rule (every ranking, the bootstrap, Kendall's tau and P(best)): ``a`` is better than ``b`` only
+when ``a - b > TIE_RTOL * max(1, |a|, |b|)`` (:data:`TIE_RTOL` = 1e-9); an algorithm's rank is 1 +
+the number of algorithms better than it. Means are summed exactly (``math.fsum``), so identical
+multisets of per-case values always have identical means and tie.
 
 * ``"mean"`` / ``"median"`` - aggregate-then-rank: ``a_k = mean_j x_kj`` (or median) over the
   algorithm's scored cases (``fill_missing=v`` first replaces not-scored cases by ``v``), ranked
@@ -24,6 +29,7 @@ chunks of resamples. ``"test"`` is not bootstrapped (it would re-run K(K-1)/2 te
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -33,27 +39,36 @@ import pandas as pd
 from scipy import stats
 
 from evaluation.stats.scores import ScoreMatrix, json_ready
-from evaluation.stats.wilcoxon import WilcoxonOptions, pairwise_wilcoxon
+from evaluation.stats.wilcoxon import WilcoxonOptions, adjust_pvalues, pairwise_wilcoxon
 
 RankingMethod = Literal["mean", "median", "rank-mean", "test"]
 RANKING_METHODS: tuple[str, ...] = ("mean", "median", "rank-mean", "test")
 BOOTSTRAP_METHODS: tuple[str, ...] = ("mean", "median", "rank-mean")
 
+#: relative tolerance of the tie rule (see the module docstring)
+TIE_RTOL = 1e-9
+TIE_RULE = f"ties: |a - b| <= {TIE_RTOL:g} x max(1, |a|, |b|) (means summed exactly)"
+
 #: columns of a ranking table (:func:`rank`)
 RANKING_COLUMNS = ("organ", "metric", "method", "algorithm", "value", "rank")
 
 
-def min_ranks(values: np.ndarray, higher_is_better: bool = True) -> np.ndarray:
-    """Ranks along the last axis, 1 = best, ties "min"; NaN values rank after all others.
+def min_ranks(values: np.ndarray, higher_is_better: bool = True, rtol: float = TIE_RTOL) -> np.ndarray:
+    """Ranks along the last axis, 1 = best, ties "min" under the tie rule (values within ``rtol``
+    relative tolerance tie); NaN values rank after all others.
 
     Works on one ranking ``(K,)`` or many ``(B, K)`` at once.
     """
     values = np.asarray(values, dtype=np.float64)
-    key = -values if higher_is_better else values
+    key = values if higher_is_better else -values  # larger key = better
     missing = np.isnan(key)
-    if not missing.any():
-        return stats.rankdata(key, method="min", axis=-1).astype(np.int64)
-    ranks = stats.rankdata(key, method="min", axis=-1, nan_policy="omit")
+    a = key[..., :, None]  # the candidate better one
+    b = key[..., None, :]
+    with np.errstate(invalid="ignore", over="ignore"):
+        tol = rtol * np.maximum(1.0, np.maximum(np.abs(a), np.abs(b)))
+        better = (a > b) & ~((a - b) <= tol)  # a - b is inf for inf vs finite, NaN only for NaN
+    better &= ~np.isnan(a) & ~np.isnan(b)
+    ranks = 1 + better.sum(axis=-2)  # [.., k] = how many are better than k
     after_last = np.sum(~missing, axis=-1, keepdims=True) + 1
     return np.where(missing, after_last, ranks).astype(np.int64)
 
@@ -65,8 +80,8 @@ def _aggregate(values: np.ndarray, aggregate: str, fill_missing: float | None) -
     scored = ~np.isnan(values)
     for k in range(values.shape[0]):
         x = values[k, scored[k]]
-        if x.size:
-            out[k] = x.mean() if aggregate == "mean" else np.median(x)
+        if x.size:  # fsum: the exactly rounded sum, the same for any order of the same values
+            out[k] = math.fsum(x) / x.size if aggregate == "mean" else np.median(x)
     return out
 
 
@@ -114,16 +129,22 @@ def test_then_rank(
     alpha: float = 0.05,
     correction: str = "holm",
     options: WilcoxonOptions = WilcoxonOptions(),
+    family: str = "tested",
 ) -> pd.DataFrame:
     """Test-then-rank; ``value`` is significant wins / (K - 1) (NaN when K = 1, rank 1).
 
-    ``pairwise`` is a :func:`pairwise_wilcoxon` table of these scores (computed if not given);
-    its ``significant`` column decides wins.
+    ``pairwise`` is a :func:`pairwise_wilcoxon` table of these scores (computed if not given); its
+    raw ``p_value`` column is adjusted here with ``correction`` (its own multiple-comparison
+    method, ``"none"`` as challengeR's default) and a win is an adjusted p < alpha.
     """
     if pairwise is None:
-        pairwise = pairwise_wilcoxon(scores, options=options, correction=correction, alpha=alpha)
+        pairwise = pairwise_wilcoxon(scores, options=options, correction=correction, alpha=alpha, family=family)
     k = scores.n_algorithms
-    wins = pairwise.loc[pairwise["significant"].astype(bool)].groupby("algorithm").size()
+    if "p_value" in pairwise.columns:
+        win = adjust_pvalues(pairwise["p_value"].to_numpy(dtype=np.float64), correction, family) < alpha
+    else:  # a table of decisions only
+        win = pairwise["significant"].astype(bool).to_numpy()
+    wins = pairwise.loc[win].groupby("algorithm").size()
     counts = np.array([wins.get(a, 0) for a in scores.algorithms], dtype=np.float64)
     value = counts / (k - 1) if k > 1 else np.full(k, np.nan)
     return _ranking_frame(scores, "test", value, min_ranks(value, higher_is_better=True))
@@ -138,14 +159,17 @@ def rank(
     alpha: float = 0.05,
     correction: str = "holm",
     options: WilcoxonOptions = WilcoxonOptions(),
+    family: str = "tested",
 ) -> pd.DataFrame:
-    """Rank by ``method`` (one of :data:`RANKING_METHODS`); columns :data:`RANKING_COLUMNS`."""
+    """Rank by ``method`` (one of :data:`RANKING_METHODS`); columns :data:`RANKING_COLUMNS`.
+    ``correction`` / ``family`` are test-then-rank's multiple-comparison settings."""
     if method in ("mean", "median"):
         return aggregate_then_rank(scores, method, fill_missing)  # type: ignore[arg-type]
     if method == "rank-mean":
         return rank_then_aggregate(scores)
     if method == "test":
-        return test_then_rank(scores, pairwise, alpha=alpha, correction=correction, options=options)
+        return test_then_rank(scores, pairwise, alpha=alpha, correction=correction, options=options,
+                              family=family)
     raise ValueError(f"unknown ranking method {method!r}; choose one of {list(RANKING_METHODS)}")
 
 

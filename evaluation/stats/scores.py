@@ -271,12 +271,24 @@ def score_matrices_from_long(
     return out
 
 
-def average_over_organs(matrices: Iterable[ScoreMatrix]) -> ScoreMatrix:
-    """Per-case mean over organs: ``avg[k, j] = mean_o x_o[k, j]`` over the organs scored.
+#: organ-average rules (a protocol's ``organ_average``)
+ORGAN_AVERAGE_RULES = ("scored-organs", "all-organs")
+#: missing-case policies of a test set (see :func:`apply_missing_policy`)
+MISSING_POLICIES = ("worst", "common")
 
-    All matrices must share metric, algorithms and case ids. A case is not scored in the average
-    only when no organ of it is scored; ``failed`` is True when any organ's score is a failure.
+
+def average_over_organs(matrices: Iterable[ScoreMatrix], rule: str = "scored-organs") -> ScoreMatrix:
+    """Per-case mean over organs.
+
+    ``rule="scored-organs"``: ``avg[k, j]`` is the mean over the organs that ``k`` has a score for
+    in case ``j`` (not scored only when no organ is). ``rule="all-organs"`` (Touchstone's
+    leaderboard, pandas ``mean(axis=1, skipna=False)``): a case counts only when ``k`` has a score
+    for every organ present in that case's ground truth -- the organs some algorithm of the matrices
+    scored for ``j``; otherwise ``avg[k, j]`` is not scored. All matrices must share metric,
+    algorithms and case ids; ``failed`` is True when any organ's score is a failure.
     """
+    if rule not in ORGAN_AVERAGE_RULES:
+        raise ValueError(f"unknown organ-average rule {rule!r}; choose one of {list(ORGAN_AVERAGE_RULES)}")
     matrices = list(matrices)
     if not matrices:
         raise ValueError("average_over_organs needs at least one score matrix")
@@ -287,11 +299,16 @@ def average_over_organs(matrices: Iterable[ScoreMatrix]) -> ScoreMatrix:
                 "average_over_organs needs matrices with the same metric, algorithms and cases "
                 f"({m.organ} differs from {first.organ})"
             )
-    stack = np.stack([m.values for m in matrices])
-    counts = (~np.isnan(stack)).sum(axis=0)
+    stack = np.stack([m.values for m in matrices])  # (O, K, N)
+    scored = ~np.isnan(stack)
+    counts = scored.sum(axis=0)
     sums = np.nansum(stack, axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):
         avg = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+    if rule == "all-organs":
+        present = scored.any(axis=1, keepdims=True)  # (O, 1, N): organ in the case's ground truth
+        complete = (scored | ~present).all(axis=0)  # (K, N)
+        avg = np.where(complete, avg, np.nan)
     failed = np.stack([m.failed for m in matrices]).any(axis=0)
     return ScoreMatrix(
         organ=AVERAGE_ORGAN,
@@ -301,6 +318,45 @@ def average_over_organs(matrices: Iterable[ScoreMatrix]) -> ScoreMatrix:
         values=avg,
         failed=failed,
         higher_is_better=first.higher_is_better,
+    )
+
+
+def expected_cases(scores: ScoreMatrix) -> np.ndarray:
+    """``(N,)`` bool: the cases some algorithm has a score for (a case nobody scored, e.g. an organ
+    absent from the ground truth, is not part of the comparison)."""
+    return scores.scored.any(axis=0)
+
+
+def apply_missing_policy(
+    scores: ScoreMatrix, policy: str, *, worst: float | None = None, expected: np.ndarray | None = None
+) -> ScoreMatrix:
+    """The matrix a missing-case policy compares on (only cases in ``expected`` are kept; default:
+    :func:`expected_cases`).
+
+    ``"worst"``: every missing score of an expected case becomes ``worst`` (the protocol's worst
+    value of the metric, e.g. DSC 0), marked ``failed``. ``"common"``: only the cases every
+    algorithm of the matrix has a score for.
+    """
+    if policy not in MISSING_POLICIES:
+        raise ValueError(f"unknown missing-case policy {policy!r}; choose one of {list(MISSING_POLICIES)}")
+    keep = expected_cases(scores) if expected is None else np.asarray(expected, dtype=bool)
+    if policy == "common":
+        keep = keep & scores.scored.all(axis=0)
+        cols = np.flatnonzero(keep)
+        return scores.select(case_ids=[scores.case_ids[j] for j in cols])
+    if worst is None:
+        raise ValueError("the 'worst' missing-case policy needs the protocol's worst value")
+    cols = np.flatnonzero(keep)
+    values = scores.values[:, cols]
+    missing = np.isnan(values)
+    return ScoreMatrix(
+        organ=scores.organ,
+        metric=scores.metric,
+        algorithms=scores.algorithms,
+        case_ids=tuple(scores.case_ids[j] for j in cols),
+        values=np.where(missing, float(worst), values),
+        failed=scores.failed[:, cols] | missing,
+        higher_is_better=scores.higher_is_better,
     )
 
 

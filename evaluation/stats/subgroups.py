@@ -40,6 +40,26 @@ SUBGROUP_VARIABLES = (
     "diagnosis",
 )
 UNKNOWN_GROUP = "unknown"
+#: a numeric metadata column with more distinct values than this is binned (see :func:`bin_numeric`)
+MAX_NUMERIC_GROUPS = 10
+NUMERIC_BINS = 5
+
+
+def bin_numeric(column: pd.Series) -> pd.Series:
+    """Group labels of a metadata column, the values as written, except for a numeric column
+    (every filled value parses as a number) with more than :data:`MAX_NUMERIC_GROUPS` distinct
+    values: it is cut at its quintiles (``NUMERIC_BINS`` equal-count bins, ``numpy.quantile``
+    linear) into labels ``"lo-hi"`` (closed on both ends for the first bin, ``(lo, hi]`` after)."""
+    filled = column[column.notna() & (column.astype(str).str.strip() != "")]
+    numbers = pd.to_numeric(filled, errors="coerce")
+    if filled.empty or numbers.isna().any() or numbers.nunique() <= MAX_NUMERIC_GROUPS:
+        return column
+    edges = np.unique(np.quantile(numbers.to_numpy(dtype=float), np.linspace(0, 1, NUMERIC_BINS + 1)))
+    codes = np.searchsorted(edges[1:-1], numbers.to_numpy(dtype=float), side="left")
+    labels = [f"{edges[c]:g}-{edges[c + 1]:g}" for c in codes]
+    out = pd.Series(np.nan, index=column.index, dtype=object)
+    out.loc[filled.index] = labels
+    return out
 
 
 def age_decade(age: pd.Series) -> pd.Series:
@@ -57,12 +77,12 @@ def group_labels(case_metadata: pd.DataFrame, variable: str, case_ids: tuple[str
     meta = case_metadata.assign(case_id=case_metadata["case_id"].astype(str)).set_index("case_id")
     if not meta.index.is_unique:
         raise ValueError("case_metadata has duplicate case_id values")
-    if variable == "age_decade" and "age_decade" not in meta.columns:
+    if variable in ("age_decade", "age") and "age_decade" not in meta.columns:
         if "age" not in meta.columns:
             raise ValueError("age_decade needs an 'age' (years) or 'age_decade' column in the metadata")
         column = age_decade(meta["age"])
     elif variable in meta.columns:
-        column = meta[variable]
+        column = bin_numeric(meta[variable])
     else:
         raise ValueError(
             f"case metadata has no column {variable!r}; available: {sorted(meta.columns)}"

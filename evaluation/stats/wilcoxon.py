@@ -35,6 +35,15 @@ from statsmodels.stats.multitest import multipletests
 from evaluation.stats.scores import ScoreMatrix
 
 ZeroMethod = Literal["wilcox", "pratt", "zsplit"]
+TestMethod = Literal["asymptotic", "exact", "auto"]
+#: largest number of paired cases for which ``method="auto"`` uses an exact null distribution
+#: (scipy's rule: exact without ties and zeros, sign-flip enumeration with ties or zeros)
+AUTO_EXACT_MAX_N = 50
+AUTO_PERMUTATION_MAX_N = 13
+#: multiple-testing families: ``"tested"`` = the ordered pairs that have a test (default);
+#: ``"all"`` = all K(K-1) ordered pairs, a pair without a p-value still counts in m (statsmodels
+#: ``multipletests`` on an array holding NaN, as Touchstone's ``plot/SignificanceMaps.py`` does)
+FAMILIES = ("tested", "all")
 
 #: statsmodels ``multipletests`` methods accepted as ``correction`` (plus ``"none"``)
 CORRECTIONS = (
@@ -59,22 +68,40 @@ class WilcoxonOptions:
     Attributes:
       zero_method: ``"wilcox"`` drops zero differences (R, default); ``"pratt"`` ranks them
         and drops them afterwards; ``"zsplit"`` gives half their ranks to each side.
-      correction: continuity correction of 0.5 towards the null (R's ``correct=TRUE``).
+      correction: continuity correction of 0.5 towards the null (R's ``correct=TRUE``); used by
+        the normal approximation only.
+      method: ``"asymptotic"`` (normal approximation, R's ``exact=FALSE``; default),
+        ``"exact"`` (exact null distribution of V for the non-zero differences; with ties or zeros
+        the statistic is rounded conservatively, as scipy does) or ``"auto"`` (scipy's default:
+        exact when at most 50 pairs and no ties or zeros; with ties or zeros and at most 13 pairs
+        the exact sign-flip distribution (scipy's ``PermutationMethod``); otherwise asymptotic).
     """
 
     zero_method: ZeroMethod = "wilcox"
     correction: bool = True
+    method: TestMethod = "asymptotic"
 
     def __post_init__(self) -> None:
         if self.zero_method not in ("wilcox", "pratt", "zsplit"):
             raise ValueError(
                 f"zero_method must be 'wilcox', 'pratt' or 'zsplit', got {self.zero_method!r}"
             )
+        if self.method not in ("asymptotic", "exact", "auto"):
+            raise ValueError(f"method must be 'asymptotic', 'exact' or 'auto', got {self.method!r}")
 
     @classmethod
     def r_compatible(cls) -> WilcoxonOptions:
         """R's ``wilcox.test(paired=TRUE, exact=FALSE, correct=TRUE)`` (the default)."""
-        return cls(zero_method="wilcox", correction=True)
+        return cls(zero_method="wilcox", correction=True, method="asymptotic")
+
+    @classmethod
+    def scipy_default(cls) -> WilcoxonOptions:
+        """``scipy.stats.wilcoxon(x, y)`` with its defaults (``zero_method="wilcox"``,
+        ``correction=False``, ``method="auto"``): what Touchstone's significance maps use."""
+        return cls(zero_method="wilcox", correction=False, method="auto")
+
+    def describe(self) -> str:
+        return f"zero_method={self.zero_method}, continuity={self.correction}, method={self.method}"
 
 
 def _sorted_ranks(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -141,6 +168,52 @@ class SignedRankResult:
     p_less: np.ndarray
 
 
+_EXACT_SF: dict[int, np.ndarray] = {}
+
+
+def exact_sf(n: int) -> np.ndarray:
+    """``sf[k] = P(V >= k)`` for ``k = 0 .. n(n+1)/2`` under the null (no ties, no zeros):
+    the subset-sum counts of ``{1..n}`` over ``2**n`` (exact integers up to n = 50)."""
+    if n not in _EXACT_SF:
+        top = n * (n + 1) // 2
+        counts = np.zeros(top + 1, dtype=np.float64)
+        counts[0] = 1.0
+        for i in range(1, n + 1):
+            counts[i:] = counts[i:] + counts[:-i]  # right side evaluated first: 0/1 knapsack
+        pmf = counts / 2.0**n
+        _EXACT_SF[n] = np.cumsum(pmf[::-1])[::-1]
+    return _EXACT_SF[n]
+
+
+def _exact_p(v: float, n: int, greater: bool, statistic_other: float) -> float:
+    sf = exact_sf(n)
+    top = n * (n + 1) // 2
+    if greater:  # P(V >= floor(v))
+        k = int(np.floor(v))
+        return float(sf[k]) if 0 <= k <= top else (1.0 if k < 0 else 0.0)
+    # P(V <= ceil(v)) = P(V' >= top - ceil(v)) by symmetry
+    k = top - int(np.ceil(v))
+    return float(sf[k]) if 0 <= k <= top else (1.0 if k < 0 else 0.0)
+
+
+def _sign_flip_p(d: np.ndarray, options: WilcoxonOptions) -> tuple[float, float]:
+    """One-sided p-values (greater, less) of V by enumerating all ``2**n`` sign flips of the
+    paired differences ``d`` (no NaN), as ``scipy.stats.permutation_test`` does for
+    ``scipy.stats.wilcoxon(method="auto")`` with ties or zeros and n <= 13."""
+    n = d.size
+    res = signed_rank_test(d[None, :], WilcoxonOptions(options.zero_method, options.correction, "asymptotic"))
+    observed = float(res.statistic[0])
+    observed_less = float(res.statistic_less[0])
+    signs = ((np.arange(2**n)[:, None] >> np.arange(n)[None, :]) & 1) * 2.0 - 1.0
+    flipped = signs * np.abs(d)[None, :]
+    flipped = np.where(d[None, :] == 0, 0.0, flipped)
+    null = signed_rank_test(flipped, WilcoxonOptions(options.zero_method, options.correction, "asymptotic")).statistic
+    eps = np.finfo(np.float64).eps * 100
+    p_gt = float(np.count_nonzero(null >= observed - abs(eps * observed)) / null.size)
+    p_lt = float(np.count_nonzero(null >= observed_less - abs(eps * observed_less)) / null.size)
+    return p_gt, p_lt
+
+
 def signed_rank_test(d: np.ndarray, options: WilcoxonOptions = WilcoxonOptions()) -> SignedRankResult:
     """Wilcoxon signed-rank test along the last axis of paired differences ``d`` (NaN = no pair).
 
@@ -182,6 +255,9 @@ def signed_rank_test(d: np.ndarray, options: WilcoxonOptions = WilcoxonOptions()
     p_greater = np.where(has_test, special.ndtr(-((r_plus - mean - c) / safe_se)), np.nan)
     p_less = np.where(has_test, special.ndtr((r_plus - mean + c) / safe_se), np.nan)
     n_nonzero = (count - (n_zero if options.zero_method != "wilcox" else 0.0)).astype(np.int64)
+    if options.method != "asymptotic":
+        p_greater, p_less = _non_asymptotic(d, options, r_plus, r_minus, count, n_zero, ties, valid,
+                                            p_greater, p_less)
     return SignedRankResult(
         statistic=r_plus,
         statistic_less=r_minus,
@@ -193,13 +269,39 @@ def signed_rank_test(d: np.ndarray, options: WilcoxonOptions = WilcoxonOptions()
     )
 
 
-def adjust_pvalues(p: np.ndarray, method: str = "holm") -> np.ndarray:
+def _non_asymptotic(d, options, r_plus, r_minus, count, n_zero, ties, valid, p_greater, p_less):
+    """Replace the normal-approximation p-values where ``options.method`` asks for exact ones."""
+    p_greater, p_less = p_greater.copy(), p_less.copy()
+    n_pairs = (~np.isnan(d)).sum(axis=1)
+    has_ties = (np.where(valid, ties, 0.0) > 1).any(axis=1)
+    for row in range(d.shape[0]):
+        n = int(n_pairs[row])
+        if n == 0:
+            continue
+        plain = not has_ties[row] and n_zero[row] == 0
+        if options.method == "exact" or (options.method == "auto" and n <= AUTO_EXACT_MAX_N and plain):
+            m = int(count[row])
+            if m == 0:
+                continue
+            p_greater[row] = _exact_p(r_plus[row], m, True, r_minus[row])
+            p_less[row] = _exact_p(r_plus[row], m, False, r_minus[row])
+        elif options.method == "auto" and n <= AUTO_PERMUTATION_MAX_N:
+            x = d[row][~np.isnan(d[row])]
+            p_greater[row], p_less[row] = _sign_flip_p(x, options)
+    return p_greater, p_less
+
+
+def adjust_pvalues(p: np.ndarray, method: str = "holm", family: str = "tested") -> np.ndarray:
     """Multiple-testing adjustment of the finite p-values in ``p`` (NaN stay NaN, not counted).
 
     ``method`` is a :func:`statsmodels.stats.multitest.multipletests` method or ``"none"``.
+    ``family="all"`` counts every entry of ``p`` in the number of tests m, NaN included (what
+    ``multipletests`` does when handed NaN); ``"tested"`` counts only the finite ones.
     """
     if method not in CORRECTIONS:
         raise ValueError(f"unknown correction {method!r}; choose one of {list(CORRECTIONS)}")
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; choose one of {list(FAMILIES)}")
     p = np.asarray(p, dtype=np.float64)
     out = np.full(p.shape, np.nan)
     finite = np.isfinite(p)
@@ -208,13 +310,15 @@ def adjust_pvalues(p: np.ndarray, method: str = "holm") -> np.ndarray:
     if method == "none":
         out[finite] = p[finite]
     elif method == "holm":
-        out[finite] = holm(p[finite])
+        out[finite] = holm(p[finite], m=p.size if family == "all" else None)
+    elif family == "all":
+        out[finite] = multipletests(p, method=method)[1][finite]
     else:
         out[finite] = multipletests(p[finite], method=method)[1]
     return out
 
 
-def holm(p: np.ndarray) -> np.ndarray:
+def holm(p: np.ndarray, m: int | None = None) -> np.ndarray:
     """Holm's step-down adjusted p-values: with ``p_(1) <= ... <= p_(m)``,
     ``q_(i) = min(1, max_{j <= i} (m - j + 1) p_(j))``.
 
@@ -222,9 +326,9 @@ def holm(p: np.ndarray) -> np.ndarray:
     runs a full ``gc.collect()`` on every Holm call (0.1-0.4 s in a large process).
     """
     p = np.asarray(p, dtype=np.float64)
-    m = p.size
+    m = p.size if m is None else int(m)  # m > p.size: the family has untested members (sorted last)
     order = np.argsort(p, kind="stable")
-    adjusted = np.minimum(1.0, np.maximum.accumulate(p[order] * np.arange(m, 0, -1)))
+    adjusted = np.minimum(1.0, np.maximum.accumulate(p[order] * np.arange(m, m - p.size, -1)))
     out = np.empty(m)
     out[order] = adjusted
     return out
@@ -256,6 +360,7 @@ def pairwise_wilcoxon(
     correction: str = "holm",
     alpha: float = 0.05,
     chunk_pairs: int = 64,
+    family: str = "tested",
 ) -> pd.DataFrame:
     """One-sided paired Wilcoxon tests "algorithm better than opponent" for all K(K-1) pairs.
 
@@ -306,7 +411,7 @@ def pairwise_wilcoxon(
             # np.nanmedian loops over rows in Python (apply_along_axis): only where NaN exist
             median_d[sl] = np.nanmedian(raw_d, axis=1) if (~common).any() else np.median(raw_d, axis=1)
             sd_d[sl] = np.nanstd(raw_d, axis=1, ddof=1)
-    no_test = ~np.isfinite(p_gt)
+    no_test = ~np.isfinite(p_gt) | (n_nonzero == 0)
     stat[no_test] = np.nan  # no test: no statistic either
     stat_rev[no_test] = np.nan
     # ordered pairs: (i better than j) then (j better than i); j's V is i's sum of negative ranks
@@ -327,7 +432,7 @@ def pairwise_wilcoxon(
             "sd_difference": np.concatenate([sd_d, sd_d]),
         }
     )
-    frame["p_adjusted"] = adjust_pvalues(frame["p_value"].to_numpy(), correction)
+    frame["p_adjusted"] = adjust_pvalues(frame["p_value"].to_numpy(), correction, family)
     frame["significant"] = frame["p_adjusted"].to_numpy() < alpha
     order = {a: i for i, a in enumerate(scores.algorithms)}
     frame = frame.sort_values(
