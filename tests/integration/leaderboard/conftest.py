@@ -168,7 +168,7 @@ def session(world):
     engine.dispose()
 
 
-@pytest.fixture()
+@pytest.fixture(scope="module")
 def writers():
     """(write_touchstone_dir, write_metadata) for tests that build their own folders."""
     return write_touchstone_dir, write_metadata

@@ -1,0 +1,60 @@
+"""Units of small-cell suppression (services.leaderboard.suppression) and of plot labels taken
+literally (names with "$...$" are never mathtext)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from services.leaderboard import suppression
+from services.web import plots
+
+ROW = {"submission_id": 7, "label": "A", "group": "h1", "n": 1, "n_failed": 0, "n_missing": 0, "mean": 0.91,
+       "median": 0.91, "std": None, "mean_ci_low": 0.91, "mean_ci_high": 0.91, "median_ci_low": 0.91,
+       "median_ci_high": 0.91}
+
+
+def test_a_small_group_keeps_its_name_and_loses_its_numbers():
+    out = suppression.suppress_group(ROW, 10, viewer_is_organizer=False)
+    assert out["suppressed"] is True and out["n"] == "< 10" and out["group"] == "h1" and out["submission_id"] == 7
+    assert all(out[name] is None for name in suppression.GROUP_STATISTICS)
+    assert ROW["mean"] == 0.91  # a copy: cached rows are shared
+
+
+def test_organizers_and_big_groups_keep_every_number():
+    seen = suppression.suppress_group(ROW, 10, viewer_is_organizer=True)
+    assert seen == {**ROW, "suppressed": True}
+    big = {**ROW, "n": 9, "n_missing": 1}  # 10 hidden cases, one of them unscored
+    assert suppression.suppress_group(big, 10, False) == {**big, "suppressed": False}
+    assert suppression.suppress_group({**ROW, "n": 8, "n_missing": 1}, 10, False)["n"] == "< 10"
+    assert suppression.suppress_group(ROW, 1, False)["mean"] == 0.91
+
+
+def test_entries_of_a_tiny_test_set_and_the_scope_rule():
+    entry = {**ROW, "rank": 1, "value": 0.91, "organs": {"liver": 0.91}, "rank_median": 1.0, "rank_ci_low": 1.0,
+             "rank_ci_high": 2.0, "p_best": 0.7, "seconds_per_case": 3.0}
+    out = suppression.suppress_entry(entry, 10)
+    assert out["organs"] == {} and out["n"] == "< 10" and out["seconds_per_case"] == 3.0
+    assert all(out[f] is None for f in suppression.ENTRY_STATISTICS + suppression.GROUP_STATISTICS)
+    assert suppression.reveals("all") and not suppression.reveals("published")
+    assert suppression.suppressed_count(5) == "< 5"
+
+
+def _drawn(svg: str) -> str:
+    """The SVG without its comments (matplotlib writes every string it draws into a comment)."""
+    return re.sub(r"<!--.*?-->", "", svg, flags=re.S)
+
+
+# as mathtext, the first renders as "St. x2 Hospital", the second is a parse error (was a 500)
+@pytest.mark.parametrize("name", ["St. $x^2$ Hospital", "Bad $x^$ Clinic", "2 $ and 3 $", "100$"])
+def test_names_with_dollars_are_drawn_literally(name):
+    svg = plots.group_bars([name, "Other"], [0.8, 0.7], [0.7, 0.6], [0.9, 0.8], [12, 15], "dsc", f"{name}: mean")
+    assert f"{name} (n=12)" in _drawn(svg) and f"{name}: mean" in _drawn(svg)
+    heat = plots.significance_heatmap([name, "B"], [[None, 0.01], [0.9, None]], [[False, True], [False, False]],
+                                      0.05, highlight=name)
+    assert _drawn(heat).count(name) >= 2  # row and column label
+    blobs = plots.rank_blob_plot([name, "B"], [[7, 3], [3, 7]], [1.0, 2.0], [1.0, 1.0], [2.0, 2.0], highlight=name)
+    assert name in _drawn(blobs)
+    boxes = plots.box_plots({"liver": [0.8, 0.9, 0.85]}, "dsc")
+    assert "<svg" in boxes
