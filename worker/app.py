@@ -70,6 +70,20 @@ class WorkerSettings(BaseSettings):
     polling_interval_s: float = Field(0.1, gt=0)
     #: how often a running container's submission state is checked for cancellation (seconds)
     cancel_poll_s: float = Field(1.0, gt=0)
+    #: output limits of every run, at any depth of /output: bytes, files and folders, folder levels
+    output_bytes: int = Field(2 * 2**30, gt=0)
+    output_files: int = Field(20_000, gt=0)
+    output_depth: int = Field(6, gt=0)
+    #: at the time limit: SIGTERM, then SIGKILL this many seconds later (whatever the container does)
+    stop_grace_s: float = Field(2.0, ge=0)
+    #: the container engine failed (restart, socket gone): retry the validation run after this many
+    #: seconds, doubling up to 8x, at most ``engine_max_retries`` times before it fails (not
+    #: counting against the team's quota)
+    engine_retry_s: float = Field(10.0, gt=0)
+    engine_max_retries: int = Field(30, ge=0)
+    #: a validation nobody has claimed (its message lost, e.g. on the filesystem broker) for this
+    #: long is sent again by the reaper (seconds)
+    validation_requeue_s: float = Field(3600.0, gt=0)
 
     @property
     def gpu_ids(self) -> tuple[str, ...]:

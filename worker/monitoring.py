@@ -11,18 +11,22 @@ while the container runs. Every monitor degrades cleanly: no cgroup file, no GPU
   the container). Also the cgroup's OOM-kill counter, so an OOM kill of a child process is seen.
 - GPU: NVML device memory in use, sampled every 0.1 s (FLARE's definition), peak and area under
   the memory–time curve (see :class:`worker.runtime.base.GpuStats`).
-- Outputs: the per-case folders of ``/output`` are listed every 0.1 s; a case's time is when its
-  most recent new file first appeared, in seconds after the container start (see
-  :func:`worker.runtime.base.per_case_wall_times`). The listing never follows links, looks only
-  two levels deep, and also sums file sizes so the run can be stopped when it writes too much.
+- Outputs: the whole of ``/output`` is walked (:func:`measure_tree`: any depth, never following a
+  link, stopping early at a broken limit) at an interval derived from the headroom left to the
+  output limits (:class:`OutputWatcher`); a case's time is when its most recent new file first
+  appeared, in seconds after the container start (see :func:`worker.runtime.base.per_case_wall_times`).
+- Processes: the ``max`` counter of the pids cgroup's ``pids.events`` (forks the limit refused).
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -268,65 +272,250 @@ class GpuMemoryMonitor:
 
 
 # --------------------------------------------------------------------------------------------------
-# outputs: arrival times and size
+# outputs: the whole tree, its limits, arrival times
+
+
+@dataclass
+class TreeUsage:
+    """What a folder holds, at any depth, measured without following a link.
+
+    ``entries`` counts files *and* folders (every inode the container made), ``bytes`` the sum of the files' apparent sizes (a sparse file counts at its full size),
+    ``depth`` the deepest level (``a`` = 1, ``a/b`` = 2). ``exceeded`` names the first limit the walk
+    found broken (``"bytes"``, ``"files"``, ``"depth"``, ``"entry"`` for a link, device, FIFO or
+    socket; ``forbidden`` then says which) -- the walk stops there, so the figures are lower bounds.
+    """
+
+    bytes: int = 0
+    entries: int = 0
+    depth: int = 0
+    exceeded: str | None = None
+    forbidden: str | None = None
+    files: list[tuple[str, float]] = field(default_factory=list)  # (relative path, mtime) of regular files
+
+
+def _entry_kind(mode: int) -> str | None:
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return None
+
+
+def measure_tree(root: Path | str, max_bytes: int | None = None, max_entries: int | None = None,
+                 max_depth: int | None = None, collect_files: bool = False) -> TreeUsage:
+    """Walk ``root`` with ``os.scandir`` (iteratively, never following links) and sum it up; stop
+    at the first broken limit (a limit of None is not checked). Cost: one ``lstat`` per entry, and
+    never more than ``max_entries + 1`` entries are looked at."""
+    usage = TreeUsage()
+    stack: list[tuple[str, str, int]] = [(str(root), "", 1)]
+    while stack:
+        directory, relative, depth = stack.pop()
+        try:
+            iterator = os.scandir(directory)
+        except OSError:
+            continue
+        with iterator:
+            for entry in iterator:
+                rel = f"{relative}/{entry.name}" if relative else entry.name
+                usage.entries += 1
+                if depth > usage.depth:
+                    usage.depth = depth
+                if max_entries is not None and usage.entries > max_entries:
+                    usage.exceeded = "files"
+                    return usage
+                if max_depth is not None and depth > max_depth:
+                    usage.exceeded = "depth"
+                    return usage
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue  # vanished meanwhile
+                if stat.S_ISDIR(st.st_mode):
+                    stack.append((entry.path, rel, depth + 1))
+                    continue
+                kind = _entry_kind(st.st_mode)
+                if kind is None and st.st_nlink > 1:
+                    kind = "a hard link"
+                if kind is not None:
+                    usage.exceeded, usage.forbidden = "entry", f"{kind} (/output/{rel})"
+                    return usage
+                usage.bytes += st.st_size
+                if collect_files:
+                    usage.files.append((rel, st.st_mtime))
+                if max_bytes is not None and usage.bytes > max_bytes:
+                    usage.exceeded = "bytes"
+                    return usage
+    return usage
 
 
 class OutputWatcher:
-    """Watches an output folder while the container writes into it.
+    """Watches an output folder while the container writes into it: the whole tree, at any depth.
 
     ``seen_s[case_id]``: seconds after ``start`` when the most recent new file of that case first
-    appeared (a file under ``<case_id>/`` or ``<case_id>/segmentations/``). ``total_bytes``: the
-    sum of the sizes of every regular file found (two levels of folders below the case folders
-    are not listed: the contract puts nothing there, and the check after the run rejects them).
-    At most ``max_entries`` entries are listed per sample, so a container that writes millions of
-    files cannot stall the worker.
+    appeared. ``usage``: the last :func:`measure_tree` of the folder against the run's limits
+    (bytes, files and folders, depth, entry types); ``exceeded`` is set (and ``on_exceeded`` called
+    once, from the sampling thread) as soon as one is broken.
+
+    :meth:`next_interval_s` is how long to wait before the next walk: a quarter of the time the
+    writer would need, at the rate it wrote since the last walk, to reach the nearest limit --
+    between ``min_interval_s`` and ``max_interval_s`` -- so a fast writer is looked at every few
+    milliseconds close to its cap and a quiet one ten times a second.
     """
 
     def __init__(self, output_dir: Path, case_ids: Iterable[str], start: float,
-                 clock: Callable[[], float] = time.monotonic, max_entries: int = 100_000):
+                 clock: Callable[[], float] = time.monotonic, max_bytes: int | None = None,
+                 max_entries: int | None = 100_000, max_depth: int | None = None,
+                 on_exceeded: Callable[[TreeUsage], None] | None = None,
+                 min_interval_s: float = 0.002, max_interval_s: float = SAMPLE_INTERVAL_S):
         self.output_dir = Path(output_dir)
         self.case_ids = set(case_ids)
         self.start = start
         self._clock = clock
-        self.max_entries = max_entries
+        self.max_bytes, self.max_entries, self.max_depth = max_bytes, max_entries, max_depth
+        self.on_exceeded = on_exceeded
+        self.min_interval_s, self.max_interval_s = min_interval_s, max_interval_s
         self.seen_s: dict[str, float] = {}
         self.total_bytes = 0
+        self.usage = TreeUsage()
+        self.exceeded: TreeUsage | None = None
+        self.samples = 0
         self._known: set[str] = set()
+        self._last: tuple[float, int, int] | None = None
+        self._interval = min_interval_s
         self._lock = threading.Lock()
 
     def sample(self) -> None:
-        now = self._clock() - self.start
-        total = 0
-        budget = self.max_entries
-        new: list[str] = []
-
-        def scan(directory: str, relative: str, depth: int) -> None:
-            nonlocal total, budget
-            try:
-                with os.scandir(directory) as entries:
-                    for entry in entries:
-                        budget -= 1
-                        if budget < 0:
-                            return
-                        rel = f"{relative}/{entry.name}" if relative else entry.name
-                        if entry.is_dir(follow_symlinks=False):
-                            if depth < 2:
-                                scan(entry.path, rel, depth + 1)
-                            continue
-                        try:
-                            total += entry.stat(follow_symlinks=False).st_size
-                        except OSError:
-                            continue
-                        if rel not in self._known:
-                            new.append(rel)
-            except OSError:
-                return
-
-        scan(str(self.output_dir), "", 0)
+        now = self._clock()
+        usage = measure_tree(self.output_dir, self.max_bytes, self.max_entries, self.max_depth, collect_files=True)
+        fire = False
         with self._lock:
-            self.total_bytes = total
-            for rel in new:
+            self.samples += 1
+            self.usage, self.total_bytes = usage, usage.bytes
+            for rel, _mtime in usage.files:
+                if rel in self._known:
+                    continue
                 self._known.add(rel)
                 case_id = rel.split("/", 1)[0]
                 if "/" in rel and case_id in self.case_ids:
-                    self.seen_s[case_id] = now
+                    self.seen_s[case_id] = now - self.start
+            if usage.exceeded and self.exceeded is None:
+                self.exceeded, fire = usage, True
+            self._interval = self._next_interval(now, usage)
+            self._last = (now, usage.bytes, usage.entries)
+        if fire and self.on_exceeded is not None:
+            self.on_exceeded(usage)
+
+    def _next_interval(self, now: float, usage: TreeUsage) -> float:
+        if self._last is None:
+            return self.min_interval_s
+        then, bytes_then, entries_then = self._last
+        elapsed = max(now - then, 1e-6)
+        horizon = self.max_interval_s * 4
+        for limit, value, before in ((self.max_bytes, usage.bytes, bytes_then),
+                                     (self.max_entries, usage.entries, entries_then)):
+            if limit is None:
+                continue
+            rate = (value - before) / elapsed
+            if rate > 0:
+                horizon = min(horizon, (limit - value) / rate)
+        return min(max(horizon / 4, self.min_interval_s), self.max_interval_s)
+
+    def next_interval_s(self) -> float:
+        with self._lock:
+            return self._interval
+
+    def run(self, stop: threading.Event) -> None:
+        """Sample until ``stop`` is set or a limit is broken (a thread's target)."""
+        while not stop.is_set():
+            try:
+                self.sample()
+            except Exception:  # noqa: BLE001 - monitoring must never break a run
+                pass
+            if self.exceeded is not None:
+                return
+            stop.wait(self.next_interval_s())
+
+
+class CgroupPidsMonitor:
+    """Whether the container's pids cgroup refused a fork: the ``max`` counter of ``pids.events``
+    (cgroup v1 and v2) grows each time the limit stops a new process or thread."""
+
+    def __init__(self, container_id: str, root: Path = CGROUP_ROOT):
+        self.container_id = container_id
+        self._root = root
+        self._dir: Path | None = None
+        self.refused = 0
+
+    def sample(self) -> None:
+        if self._dir is None:
+            self._dir = cgroup_dirs(self.container_id, self._root).get("pids")
+            if self._dir is None:
+                return
+        value = _read_keyed(self._dir / "pids.events", "max")
+        if value is not None:
+            self.refused = max(self.refused, value)
+
+
+def freeze(container_id: str, root: Path = CGROUP_ROOT) -> bool:
+    """Freeze every process of a container at once through its cgroup (v1 ``freezer.state``,
+    v2 ``cgroup.freeze``), so that nothing more is written while the engine is asked to kill it.
+    False when the cgroup cannot be written (not root, another layout)."""
+    candidates = [
+        (root / "freezer" / "docker" / container_id / "freezer.state", "FROZEN"),
+        (root / "freezer" / "system.slice" / f"docker-{container_id}.scope" / "freezer.state", "FROZEN"),
+        (root / "docker" / container_id / "cgroup.freeze", "1"),
+        (root / "system.slice" / f"docker-{container_id}.scope" / "cgroup.freeze", "1"),
+    ]
+    for path, value in candidates:
+        try:
+            path.write_text(value)
+            return True
+        except OSError:
+            continue
+    return False
+
+
+def thaw(container_id: str, root: Path = CGROUP_ROOT) -> None:
+    """Undo :func:`freeze` (a frozen process cannot act on its SIGKILL until thawed)."""
+    candidates = [
+        (root / "freezer" / "docker" / container_id / "freezer.state", "THAWED"),
+        (root / "freezer" / "system.slice" / f"docker-{container_id}.scope" / "freezer.state", "THAWED"),
+        (root / "docker" / container_id / "cgroup.freeze", "0"),
+        (root / "system.slice" / f"docker-{container_id}.scope" / "cgroup.freeze", "0"),
+    ]
+    for path, value in candidates:
+        try:
+            path.write_text(value)
+        except OSError:
+            continue
+
+
+def stop_now(container_id: str, root: Path = CGROUP_ROOT) -> bool:
+    """Stop a container's processes at once: freeze its cgroup (nothing more is written), SIGKILL
+    every process in it, thaw (the pending SIGKILL then ends each one before it runs again).
+    Needs write access to the cgroup (a root worker); False when it could not be done, and the
+    caller falls back to the engine's kill."""
+    if not freeze(container_id, root):
+        return False
+    try:
+        for group in (root / "freezer" / "docker" / container_id,
+                      root / "freezer" / "system.slice" / f"docker-{container_id}.scope",
+                      root / "docker" / container_id,
+                      root / "system.slice" / f"docker-{container_id}.scope"):
+            try:
+                pids = [int(line) for line in (group / "cgroup.procs").read_text().split()]
+            except (OSError, ValueError):
+                continue
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            return True
+        return False
+    finally:
+        thaw(container_id, root)

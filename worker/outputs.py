@@ -19,12 +19,15 @@ of the shard, ``ok`` / ``missing`` / ``invalid`` with a reason a person can act 
   :class:`evaluation.io.GeometryTolerance`), values: a label map holds integers 0..9, a
   per-organ mask 0 and 1 only, no NaN.
 
-The check is read-only and runs after the container has been removed.
+The check is read-only and runs after the container has been removed. :func:`prune_outputs`
+then deletes everything outside the contract (at any depth) before scoring, and
+:func:`delete_tree` removes the outputs of a failed run.
 """
 
 from __future__ import annotations
 
 import itertools
+import shutil
 import os
 import stat
 from collections.abc import Mapping
@@ -200,7 +203,8 @@ def check_outputs(output_dir: Path, cts: Mapping[str, Path], limits: OutputLimit
     try:
         top = list(os.scandir(output_dir))
     except OSError as exc:
-        return OutputReport({c: CaseOutput(c, "missing", f"no output folder ({exc})") for c in cts}, problems=())
+        reason = f"no output folder ({exc.strerror or type(exc).__name__})"  # never the server's path
+        return OutputReport({c: CaseOutput(c, "missing", reason) for c in cts}, problems=())
     if len(top) > limits.max_entries:
         problems.append(f"{len(top)} entries at the top of /output, more than {limits.max_entries}")
         top = top[: limits.max_entries]
@@ -231,3 +235,69 @@ def check_outputs(output_dir: Path, cts: Mapping[str, Path], limits: OutputLimit
         problems.append(f"{total} bytes in total, more than the {limits.max_total_bytes}-byte limit per run")
     return OutputReport(cases, tuple(unexpected), total, tuple(problems))
 
+
+
+def _tree_bytes(path: Path) -> int:
+    from worker.monitoring import measure_tree
+
+    return measure_tree(path).bytes
+
+
+def delete_tree(path: Path) -> int:
+    """Delete a run folder (or anything in it) without following a link; returns the bytes its
+    files held. No error when it is already gone."""
+    path = Path(path)
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return 0
+    if not stat.S_ISDIR(st.st_mode):
+        path.unlink(missing_ok=True)
+        return st.st_size if stat.S_ISREG(st.st_mode) else 0
+    size = _tree_bytes(path)
+    shutil.rmtree(path, ignore_errors=True)  # fd-based: never follows a link out of the tree
+    return size
+
+
+def prune_outputs(output_dir: Path, report: OutputReport) -> tuple[int, int]:
+    """Delete everything in ``output_dir`` outside the container contract before scoring.
+
+    Kept: the files :func:`check_outputs` accepted for an ``ok`` case
+    (``<case_id>/combined_labels.nii.gz``, or ``<case_id>/segmentations/<organ>.nii.gz``) and the
+    folders holding them; everything else -- at any depth, links and special files included, the
+    files of invalid cases too -- is removed. Returns (bytes kept, bytes removed).
+    """
+    output_dir = Path(output_dir)
+    keep = {rel for out in report.cases.values() if out.status == "ok" for rel in out.files}
+    keep_dirs = {str(Path(rel).parent) for rel in keep} | {str(Path(rel).parent.parent) for rel in keep
+                                                          if Path(rel).parent.name == SEGMENTATIONS_DIR}
+    kept = removed = 0
+
+    def walk(directory: Path, relative: str) -> None:
+        nonlocal kept, removed
+        try:
+            entries = list(os.scandir(directory))
+        except OSError:
+            return
+        for entry in entries:
+            rel = f"{relative}/{entry.name}" if relative else entry.name
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                if rel in keep_dirs:
+                    walk(Path(entry.path), rel)
+                else:
+                    removed += delete_tree(Path(entry.path))
+            elif rel in keep and stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+                kept += st.st_size
+            else:
+                try:
+                    os.unlink(entry.path)
+                    removed += st.st_size if stat.S_ISREG(st.st_mode) else 0
+                except OSError:
+                    pass
+
+    walk(output_dir, "")
+    return kept, removed

@@ -179,6 +179,84 @@ def stale_shards(session: Session, now: dt.datetime, stale_after_s: float) -> li
 
 
 # --------------------------------------------------------------------------------------------
+# validation runs: an owner and a heartbeat, like shards
+# --------------------------------------------------------------------------------------------
+def claim_validation(submission: Submission, owner: str, now: dt.datetime) -> int:
+    """Make ``owner`` the worker running the (locked) submission's validation; returns the attempt."""
+    submission.worker_hostname = owner
+    submission.heartbeat_at = now
+    submission.validation_attempts = (submission.validation_attempts or 0) + 1
+    return submission.validation_attempts
+
+
+def release_validation(submission: Submission, now: dt.datetime) -> None:
+    submission.worker_hostname = None
+    submission.heartbeat_at = now
+
+
+def beat_validation(session: Session, submission_id: int, owner: str) -> bool:
+    """Heartbeat of a validation run this process runs; False when it is no longer ours."""
+    result = session.execute(
+        sa.update(Submission)
+        .where(Submission.id == submission_id, Submission.worker_hostname == owner,
+               Submission.state == S.validating)
+        .values(heartbeat_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    session.commit()
+    return result.rowcount == 1
+
+
+def stale_validations(session: Session, now: dt.datetime, stale_after_s: float) -> list[int]:
+    """Validating submissions claimed by a worker whose heartbeat is older than ``stale_after_s``."""
+    cutoff = now - dt.timedelta(seconds=stale_after_s)
+    heartbeat = sa.func.coalesce(Submission.heartbeat_at, Submission.validating_at)
+    return list(session.scalars(
+        sa.select(Submission.id).where(Submission.state == S.validating, Submission.worker_hostname.is_not(None),
+                                       sa.or_(heartbeat.is_(None), heartbeat < cutoff))
+        .order_by(Submission.id)
+    ))
+
+
+def quiet_validations(session: Session, now: dt.datetime, quiet_s: float) -> list[int]:
+    """Validating submissions nobody claimed and nothing touched for ``quiet_s`` seconds (a lost
+    message)."""
+    cutoff = now - dt.timedelta(seconds=quiet_s)
+    touched = sa.func.coalesce(Submission.heartbeat_at, Submission.validating_at)
+    return list(session.scalars(
+        sa.select(Submission.id).where(Submission.state == S.validating, Submission.worker_hostname.is_(None),
+                                       sa.or_(touched.is_(None), touched < cutoff))
+        .order_by(Submission.id)
+    ))
+
+
+def failed_tarballs(session: Session, now: dt.datetime, grace_s: float) -> list[int]:
+    """Failed submissions whose last validation never passed (not queued since it began), failed
+    more than ``grace_s`` seconds ago, that still hold an uploaded tarball."""
+    cutoff = now - dt.timedelta(seconds=grace_s)
+    return list(session.scalars(
+        sa.select(Submission.id).where(
+            Submission.state == S.failed, Submission.image_path.is_not(None), Submission.image_deleted_at.is_(None),
+            Submission.failed_at < cutoff,
+            sa.or_(Submission.queued_at.is_(None), Submission.validating_at.is_(None),
+                   Submission.queued_at < Submission.validating_at))
+        .order_by(Submission.id)
+    ))
+
+
+def add_storage_bytes(session: Session, submission_id: int, delta: int) -> None:
+    """Add ``delta`` (negative: a deletion) to the bytes a submission holds; never below zero."""
+    if not delta:
+        return
+    new = Submission.storage_bytes + int(delta)
+    session.execute(
+        sa.update(Submission).where(Submission.id == submission_id)
+        .values(storage_bytes=sa.case((new < 0, 0), else_=new))
+        .execution_options(synchronize_session=False)
+    )
+
+
+# --------------------------------------------------------------------------------------------
 # scores
 # --------------------------------------------------------------------------------------------
 def insert_scores_ignore(session: Session, submission_id: int, case_pk: int, protocol_key: str,

@@ -11,7 +11,10 @@ policy (each item is checked in a real container by ``tests/integration/worker``
 - the process runs as uid:gid 65534:65534 (``nobody``), whatever USER the image declares;
 - every Linux capability dropped, ``no-new-privileges``, not privileged, a private IPC namespace;
 - hard limits: pids, memory with ``memswap_limit == mem_limit`` (no swap), shm size, CPU quota
-  (``nano_cpus``), and a capped json-file log so a chatty container cannot fill the disk;
+  (``nano_cpus``), the largest file (``RLIMIT_FSIZE`` = the output cap), and a capped json-file log
+  so a chatty container cannot fill the disk;
+- labels ``touchstone.deployment`` / ``.submission`` / ``.shard``: cancellation and clean-up select
+  by deployment *and* submission;
 - a GPU only when configured, through a device request for those device ids;
 - the only mounts: the staged inputs read-only at ``/input`` (plus per-case read-only bind mounts
   of CTs that could not be hard-linked) and a fresh output folder read-write at ``/output``.
@@ -24,10 +27,10 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-from docker.types import DeviceRequest, LogConfig
+from docker.types import DeviceRequest, LogConfig, Ulimit
 from docker.types import Mount as DockerMount
 
-from worker.runtime.base import LABEL_MANAGED, LABEL_SHARD, LABEL_SUBMISSION, RunSpec
+from worker.runtime.base import LABEL_DEPLOYMENT, LABEL_MANAGED, LABEL_SHARD, LABEL_SUBMISSION, RunSpec
 
 #: uid and gid every submission runs as (``nobody:nogroup`` on Debian)
 SANDBOX_UID = 65534
@@ -62,9 +65,17 @@ def container_name(spec: RunSpec) -> str:
     return "-".join(parts)
 
 
-def container_labels(spec: RunSpec) -> dict[str, str]:
-    """The labels cancellation and clean-up find containers by."""
-    return {LABEL_MANAGED: "1", LABEL_SUBMISSION: spec.submission_id, LABEL_SHARD: spec.shard_id}
+def default_deployment_id() -> str:
+    from services.config import get_settings
+
+    return get_settings().deployment_id
+
+
+def container_labels(spec: RunSpec, deployment_id: str | None = None) -> dict[str, str]:
+    """The labels cancellation and clean-up find containers by: the deployment (so two
+    deployments on one engine never touch each other's containers), the submission, the shard."""
+    return {LABEL_MANAGED: "1", LABEL_DEPLOYMENT: deployment_id or default_deployment_id(),
+            LABEL_SUBMISSION: spec.submission_id, LABEL_SHARD: spec.shard_id}
 
 
 def _tmpfs_options(size_bytes: int) -> str:
@@ -73,7 +84,7 @@ def _tmpfs_options(size_bytes: int) -> str:
     return f"rw,nosuid,nodev,size={size_bytes},mode=1777"
 
 
-def container_kwargs(spec: RunSpec, name: str | None = None) -> dict[str, Any]:
+def container_kwargs(spec: RunSpec, name: str | None = None, deployment_id: str | None = None) -> dict[str, Any]:
     """Keyword arguments for ``docker.DockerClient.containers.create`` — the whole sandbox.
 
     The environment always has ``HOME=/tmp`` and ``TMPDIR=/tmp`` (the only writable scratch
@@ -100,7 +111,7 @@ def container_kwargs(spec: RunSpec, name: str | None = None) -> dict[str, Any]:
         "image": spec.image,
         "command": list(spec.command) if spec.command is not None else None,
         "name": name or container_name(spec),
-        "labels": container_labels(spec),
+        "labels": container_labels(spec, deployment_id),
         "environment": environment,
         "user": SANDBOX_USER,
         "network_mode": "none",
@@ -112,6 +123,9 @@ def container_kwargs(spec: RunSpec, name: str | None = None) -> dict[str, Any]:
         "privileged": False,
         "ipc_mode": "private",
         "pids_limit": limits.pids,
+        # no single file may outgrow the output cap (RLIMIT_FSIZE, bytes): the kernel refuses the
+        # write at exactly the cap, however fast it comes; the watcher enforces the total
+        "ulimits": [Ulimit(name="fsize", soft=limits.output_bytes, hard=limits.output_bytes)],
         "mem_limit": limits.memory_bytes,
         "memswap_limit": limits.memory_bytes,
         "shm_size": limits.shm_bytes,

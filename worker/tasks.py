@@ -15,8 +15,9 @@ touchstone.score          cpu    score a batch of cases (missing/invalid: the pr
                                  score) with INSERT ... ON CONFLICT DO NOTHING; enqueue finalize
                                  when the last case is scored
 touchstone.finalize       cpu    evaluating → scored; call the statistics entry point
-touchstone.reap           cpu    shards running without a heartbeat: retry (or fail the
-                                 submission after ``max_attempts``)
+touchstone.reap           cpu    shards and validation runs without a heartbeat: retry (or fail
+                                 the submission after ``max_attempts``); delete the tarballs of
+                                 failed validations after ``failed_tarball_grace_s``
 ========================  =====  ==============================================================
 
 Every task is idempotent: it locks its row, re-reads the state and does nothing when the work is
@@ -40,6 +41,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from services.config import get_settings
+from services.db import images as image_rules
 from services.db.base import utcnow
 from services.db.enums import ShardState
 from services.db.enums import SubmissionState as S
@@ -51,9 +53,10 @@ from evaluation.io import GroundTruthError
 from evaluation.scoring import ScoreRow
 from worker import pipeline
 from worker.app import CPU_QUEUE, GPU_QUEUE, app, worker_settings
-from worker.outputs import check_outputs
+from worker.outputs import check_outputs, delete_tree, prune_outputs
 from worker.runtime.base import (
     ContainerRuntime,
+    EngineUnavailable,
     FailureCode,
     FailureReason,
     ImageInfo,
@@ -113,6 +116,54 @@ def _relative(path: Path) -> str:
     return path.resolve().relative_to(_storage_root()).as_posix()
 
 
+def _engine_errors() -> tuple[type[BaseException], ...]:
+    """What the container engine raises when it is down or restarting (retried, never the image's fault)."""
+    import docker.errors
+    import requests.exceptions
+
+    return (EngineUnavailable, docker.errors.DockerException, requests.exceptions.ConnectionError,
+            requests.exceptions.Timeout)
+
+
+def _public(text: str | None) -> str | None:
+    """A text the team may read (failure reasons, the validation log) without server paths: the
+    storage and data folders are replaced by ``<storage>`` / ``<data>``."""
+    if not text:
+        return text
+    settings = get_settings()
+    for folder, name in ((settings.storage_dir, "<storage>"), (settings.data_dir, "<data>")):
+        for form in {str(Path(folder).resolve()), str(Path(folder).absolute()), str(folder)}:  # type: ignore[arg-type]
+            if form and form not in (".", "/"):
+                text = text.replace(form, name)
+    return text
+
+
+def _fail(session, sub: Submission, reason: str) -> bool:
+    return pipeline.fail_submission(session, sub, _public(reason) or reason)
+
+
+def _infrastructure_reason(what: str, attempts: int) -> str:
+    return (f"Validation could not be completed ({what}, {attempts} attempt(s)); this is a problem on our side, "
+            "not the image's fault, and it does not count against your team's quota; an organizer can re-run it.")
+
+
+def _discard_run(submission_id: int, workdir: Path, failed: bool = True) -> None:
+    """Delete a run's outputs (a failed, cancelled or abandoned run: its reason and log are stored);
+    with ``keep_failed_outputs`` a failed run's outputs stay and are counted as the submission's."""
+    delete_tree(workdir / "input")
+    if failed and get_settings().keep_failed_outputs:
+        with session_scope() as session:
+            pipeline.add_storage_bytes(session, submission_id, _tree_size(workdir))
+        return
+    delete_tree(workdir)
+
+
+def _tree_size(path: Path) -> int:
+    from worker.monitoring import measure_tree
+
+    return measure_tree(path).bytes
+
+
 def _audit(session, action: str, submission_id: int, **details: Any) -> None:
     session.add(AuditLog(actor_id=None, action=action, target=f"submission:{submission_id}", details=details))
 
@@ -123,16 +174,52 @@ class _ImageSource:
     image_digest: str | None
     image_path: str | None
     image_ref: str | None
+    team_id: int | None = None
 
 
 def _image_source(sub: Submission) -> _ImageSource:
-    return _ImageSource(sub.id, sub.image_digest, sub.image_path, sub.image_ref)
+    return _ImageSource(sub.id, sub.image_digest, sub.image_path, sub.image_ref, sub.team_id)
+
+
+def _image_from_ref(runtime: ContainerRuntime, source: _ImageSource) -> ImageInfo:
+    """An ``image_ref`` under the ownership rule (:mod:`services.db.images`), checked again here
+    before anything runs: a digest the team supplied is inspected by that digest; a reference in
+    a configured registry is pulled, exactly as written, for this submission; anything else -- a
+    local tag, a short id, another team's digest -- is refused. A tag is never resolved against
+    the images already on the engine."""
+    assert source.image_ref is not None
+    ref, allowed = source.image_ref, get_settings().allowed_registries
+    digest = image_rules.digest_of(ref)
+    with session_scope() as session:
+        owned = (source.team_id is not None and digest is not None
+                 and image_rules.team_owns_image(session, source.team_id, digest))
+        permitted = source.team_id is not None and image_rules.image_ref_allowed(session, source.team_id, ref, allowed)
+    if not permitted:
+        raise ImageRejected(FailureReason.image_refused(image_rules.refusal(allowed)))
+    if owned:
+        info = runtime.inspect_image(digest)  # type: ignore[arg-type]
+    else:
+        info = None
+        if source.image_digest:  # pulled for this submission before (by content digest)
+            try:
+                info = runtime.inspect_image(source.image_digest)
+            except ImageRejected:
+                info = None
+        if info is None:
+            info = runtime.pull_image(ref)
+    if source.image_digest and info.image_id != source.image_digest:
+        raise ImageRejected(FailureReason.image_load_failed(
+            f"{ref!r} now names image {info.image_id}, not the validated {source.image_digest}"))
+    return info
 
 
 def ensure_image(runtime: ContainerRuntime, source: _ImageSource) -> ImageInfo:
-    """The submission's image on this worker's engine: found by its recorded digest, else loaded
-    from the uploaded tarball in (shared) storage, else found by its reference."""
-    if source.image_digest:
+    """The submission's image on this worker's engine: for an ``image_ref``, under the ownership
+    rule (:func:`_image_from_ref`); for an upload, found by its recorded digest, else loaded from
+    the uploaded tarball in (shared) storage."""
+    if source.image_ref:
+        return _image_from_ref(runtime, source)
+    if source.image_digest and source.image_path:
         try:
             return runtime.inspect_image(source.image_digest)
         except ImageRejected:
@@ -144,8 +231,6 @@ def ensure_image(runtime: ContainerRuntime, source: _ImageSource) -> ImageInfo:
             raise ImageRejected(FailureReason.image_load_failed(
                 f"the stored tarball now holds image {info.image_id}, not the validated {source.image_digest}"))
         return info
-    if source.image_ref:
-        return runtime.inspect_image(source.image_ref)
     raise ImageRejected(FailureReason.image_load_failed("the submission has neither an uploaded tarball nor an image reference"))
 
 
@@ -158,6 +243,9 @@ def _limits(testset: TestSet) -> ResourceLimits:
         pids=int(testset.pids_limit),
         shm_bytes=int(testset.shm_bytes),
         tmp_bytes=min(ResourceLimits.tmp_bytes, memory),
+        output_bytes=wsettings.output_bytes,
+        output_files=wsettings.output_files,
+        output_depth=wsettings.output_depth,
     )
 
 
@@ -173,11 +261,12 @@ def _gone(state: S | str) -> bool:
 
 
 def supervised_run(runtime: ContainerRuntime, spec: RunSpec, submission_id: int,
-                   shard_id: int | None = None, owner: str | None = None) -> RunResult:
+                   shard_id: int | None = None, owner: str | None = None, validation: bool = False) -> RunResult:
     """``runtime.run(spec)`` with a watcher thread that, every ``cancel_poll_s`` seconds, kills the
-    container when the submission was cancelled (or failed) and, for a shard, writes its heartbeat
-    every ``heartbeat_s`` seconds -- and kills the container when the shard is no longer ours
-    (the reaper gave it to another worker)."""
+    container when the submission was cancelled (or failed) and, for a shard (or, with
+    ``validation``, the submission's validation run), writes its heartbeat every ``heartbeat_s``
+    seconds -- and kills the container when the run is no longer ours (the reaper gave it to
+    another worker)."""
     wsettings = worker_settings()
     stop = threading.Event()
     make_session = get_sessionmaker()
@@ -191,10 +280,17 @@ def supervised_run(runtime: ContainerRuntime, spec: RunSpec, submission_id: int,
                     if state is None or _gone(state):
                         runtime.cancel(spec.submission_id, spec.shard_id)
                         continue
-                    if shard_id is not None and owner and time.monotonic() - last_beat >= wsettings.heartbeat_s:
+                    if owner and time.monotonic() - last_beat >= wsettings.heartbeat_s:
                         last_beat = time.monotonic()
-                        if not pipeline.beat(session, shard_id, owner):
-                            log.warning("shard %s is no longer owned by %s; stopping its container", shard_id, owner)
+                        if shard_id is not None:
+                            ours = pipeline.beat(session, shard_id, owner)
+                        elif validation:
+                            ours = pipeline.beat_validation(session, submission_id, owner)
+                        else:
+                            ours = True
+                        if not ours:
+                            log.warning("%s of submission %s is no longer owned by %s; stopping its container",
+                                        spec.shard_id, submission_id, owner)
                             runtime.cancel(spec.submission_id, spec.shard_id)
             except Exception:  # noqa: BLE001 - the watcher must outlive a database hiccup
                 log.exception("watcher of submission %s", submission_id)
@@ -211,8 +307,8 @@ def supervised_run(runtime: ContainerRuntime, spec: RunSpec, submission_id: int,
 # --------------------------------------------------------------------------------------------
 # validate (cpu): the image itself
 # --------------------------------------------------------------------------------------------
-@app.task(name="touchstone.validate")
-def validate(submission_id: int) -> str:
+@app.task(name="touchstone.validate", bind=True, max_retries=None)
+def validate(self, submission_id: int) -> str:
     with session_scope() as session:
         sub = pipeline.lock_submission(session, submission_id)
         if sub is None:
@@ -230,12 +326,14 @@ def validate(submission_id: int) -> str:
         failure = check_image(info, worker_settings().max_image_bytes)
     except ImageRejected as exc:
         failure = exc.reason
+    except _engine_errors() as exc:
+        return _retry_validation(self, submission_id, None, exc)
     with session_scope() as session:
         sub = pipeline.lock_submission(session, submission_id)
         if sub is None or sub.state is not S.validating:
             return "skipped: no longer validating"
         if failure is not None:
-            pipeline.fail_submission(session, sub, failure.message)
+            _fail(session, sub, failure.message)
             _audit(session, "submission.validate.rejected", submission_id, code=failure.code.value)
         else:
             assert info is not None
@@ -288,12 +386,43 @@ def _format_log(title: str, result: RunResult, report=None) -> str:
     return "\n".join(lines) + "\n"
 
 
-@app.task(name="touchstone.validate_run")
-def validate_run(submission_id: int) -> str:
+def _retry_validation(task, submission_id: int, owner: str | None, exc: BaseException) -> str:
+    """The engine failed the validation (it is restarting, its socket is gone): give the claim
+    back and retry with a countdown (doubling up to 8x); after ``engine_max_retries`` retries or
+    ``max_attempts`` runs the submission fails with an infrastructure reason that does not count
+    against the team's quota."""
+    wsettings = worker_settings()
+    retries = task.request.retries or 0
+    log.warning("validation of submission %s: container engine error (%s: %s); retry %d",
+                submission_id, type(exc).__name__, exc, retries + 1)
+    with session_scope() as session:
+        sub = pipeline.lock_submission(session, submission_id)
+        if sub is None or sub.state is not S.validating:
+            return "skipped: no longer validating"
+        if owner is not None and sub.worker_hostname not in (None, owner):
+            return "abandoned: the validation was given to another worker"
+        pipeline.release_validation(sub, utcnow())
+        if retries >= wsettings.engine_max_retries or (sub.validation_attempts or 0) >= wsettings.max_attempts:
+            sub.counts_against_quota = False
+            _fail(session, sub, _infrastructure_reason("the container engine on the worker failed",
+                                                       sub.validation_attempts or 0))
+            _audit(session, "submission.validate.infrastructure", submission_id, error=type(exc).__name__)
+            return "failed: infrastructure"
+    raise task.retry(countdown=wsettings.engine_retry_s * min(2 ** retries, 8), max_retries=None)
+
+
+@app.task(name="touchstone.validate_run", bind=True, max_retries=None)
+def validate_run(self, submission_id: int) -> str:
+    wsettings = worker_settings()
+    owner = pipeline.owner_token()
     with session_scope() as session:
         sub = pipeline.lock_submission(session, submission_id)
         if sub is None or sub.state is not S.validating:
             return "skipped: not validating"
+        if sub.worker_hostname and sub.worker_hostname != owner and not pipeline.owner_is_gone(
+                sub.worker_hostname, sub.heartbeat_at, utcnow(), wsettings.stale_after_s):
+            # another live worker runs it (a duplicate delivery): look again later
+            raise self.retry(countdown=max(wsettings.heartbeat_s, 1.0))
         testset = sub.testset
         public = pipeline.public_cases(session, testset.id)
         cases = [(c.case_id, Path(c.image_path)) for c in public]
@@ -305,52 +434,93 @@ def validate_run(submission_id: int) -> str:
     failure: FailureReason | None = None
     run_log = ""
     cancelled = False
+    workdir: Path | None = None
+    output: Path | None = None
+    report = None
     public_rows: dict[int, list[ScoreRow]] = {}
     try:
         info = ensure_image(runtime, source)
     except ImageRejected as exc:
         info, failure = None, exc.reason
+    except _engine_errors() as exc:
+        return _retry_validation(self, submission_id, None, exc)
     if info is not None and cases:
+        with session_scope() as session:
+            sub = pipeline.lock_submission(session, submission_id)
+            if sub is None or sub.state is not S.validating:
+                return "skipped: not validating"
+            if (sub.validation_attempts or 0) >= wsettings.max_attempts:
+                sub.counts_against_quota = False
+                _fail(session, sub, _infrastructure_reason(
+                    "the workers running it were lost or their container engine failed", sub.validation_attempts))
+                return "failed: attempts exhausted"
+            attempt = pipeline.claim_validation(sub, owner, utcnow())
+        try:
+            # a dead attempt's container may still be there (its worker or engine died): remove it
+            runtime.cancel(str(submission_id), VALIDATION_SHARD_LABEL)
+            runtime.remove_leftovers(str(submission_id), VALIDATION_SHARD_LABEL)
+        except _engine_errors() as exc:
+            return _retry_validation(self, submission_id, owner, exc)
         workdir = _fresh_run_dir(submission_id, VALIDATION_SHARD_LABEL)
         try:
             staged = stage_shard(cases, workdir / "input")
             output = prepare_output_dir(workdir / "output")
             spec = RunSpec(
                 image=info.image_id, input_dir=staged.input_dir, output_dir=output,
-                time_limit_s=shard_time_limit(per_case_s, len(cases), worker_settings().startup_s),
+                time_limit_s=shard_time_limit(per_case_s, len(cases), wsettings.startup_s),
                 limits=limits, gpu_device_ids=gpus, submission_id=str(submission_id),
                 shard_id=VALIDATION_SHARD_LABEL, extra_input_mounts=staged.mounts,
-                case_ids=staged.case_ids, image_volumes=info.volumes,
+                case_ids=staged.case_ids, image_volumes=info.volumes, stop_grace_s=wsettings.stop_grace_s,
             )
-            result = supervised_run(runtime, spec, submission_id)
+            try:
+                result = supervised_run(runtime, spec, submission_id, owner=owner, validation=True)
+            except _engine_errors() as exc:
+                delete_tree(workdir)
+                return _retry_validation(self, submission_id, owner, exc)
             cancelled = result.cancelled
             report = check_outputs(output, dict(cases))
             failure = _public_sample_failure(result, report)
-            run_log = _format_log(f"public sample ({len(cases)} case(s))", result, report)
+            run_log = _format_log(f"public sample ({len(cases)} case(s)), attempt {attempt}", result, report)
             if failure is None and not cancelled:
                 # the team's own feedback: its public-sample cases scored like hidden ones (they are
                 # left out of the benchmark's statistics); the hidden cases are never shown per case
                 public_rows = _score_public_sample(labels, output, protocol)
         finally:
-            shutil.rmtree(workdir / "input", ignore_errors=True)
+            delete_tree(workdir / "input")
 
     with session_scope() as session:
         sub = pipeline.lock_submission(session, submission_id)
-        if sub is None or sub.state is not S.validating:
+        if sub is None or sub.state is not S.validating or (workdir is not None and sub.worker_hostname != owner):
+            if workdir is not None:
+                _discard_run(submission_id, workdir, failed=False)
             return "skipped: no longer validating"
-        sub.validation_log = (sub.validation_log or "") + run_log
-        if cancelled:
-            return "cancelled"
-        if failure is not None:
-            pipeline.fail_submission(session, sub, f"Validation on the public sample failed: {failure.message}")
-            _audit(session, "submission.validate.failed", submission_id, code=failure.code.value)
-            return f"failed: {failure.code.value}"
-        transition(sub, S.queued)
-        for case_pk, rows in public_rows.items():
-            pipeline.insert_scores_ignore(session, submission_id, case_pk, protocol_key, rows)
-        shards = pipeline.create_shards(session, sub, sub.testset)
-        pending = [s.id for s in shards if s.state is ShardState.pending]
-        ready = not shards
+        sub.validation_log = (sub.validation_log or "") + (_public(run_log) or "")
+        pipeline.release_validation(sub, utcnow())
+        if cancelled or failure is not None:
+            if cancelled:
+                outcome = "cancelled"
+            else:
+                assert failure is not None
+                _fail(session, sub, f"Validation on the public sample failed: {failure.message}")
+                _audit(session, "submission.validate.failed", submission_id, code=failure.code.value)
+                outcome = f"failed: {failure.code.value}"
+        else:
+            transition(sub, S.queued)
+            for case_pk, rows in public_rows.items():
+                pipeline.insert_scores_ignore(session, submission_id, case_pk, protocol_key, rows)
+            shards = pipeline.create_shards(session, sub, sub.testset)
+            pending = [s.id for s in shards if s.state is ShardState.pending]
+            ready = not shards
+            outcome = ""
+    if outcome:
+        # the reason and the log are stored: the failed run's outputs go (settings.keep_failed_outputs)
+        if workdir is not None:
+            _discard_run(submission_id, workdir, failed=not cancelled)
+        return outcome
+    if workdir is not None and output is not None and report is not None:
+        kept, _removed = prune_outputs(output, report)  # nothing outside the contract stays
+        with session_scope() as session:
+            pipeline.add_storage_bytes(session, submission_id, kept)
     for shard_id in pending:
         infer_shard.apply_async(args=[shard_id], queue=GPU_QUEUE)
     if ready:
@@ -412,7 +582,7 @@ def infer_shard(self, shard_id: int) -> str:
             reason = (f"Shard {shard.index} could not be completed in {shard.attempts} attempts "
                       f"(last: {shard.failure_reason or 'the worker running it was lost'}); an organizer can re-run it.")
             shard.state, shard.finished_at, shard.failure_reason = ShardState.failed, now, reason
-            pipeline.fail_submission(session, sub, reason)
+            _fail(session, sub, reason)
             return "failed: attempts exhausted"
         testset = sub.testset
         cases = pipeline.cases_by_id(session, testset.id, shard.case_ids)
@@ -458,14 +628,23 @@ def infer_shard(self, shard_id: int) -> str:
     return _run_shard(shard_id, owner, **work)
 
 
+OUTPUT_LIMIT_CODES = frozenset({FailureCode.OUTPUT_TOO_LARGE, FailureCode.TOO_MANY_FILES,
+                                FailureCode.OUTPUT_TOO_DEEP, FailureCode.FORBIDDEN_OUTPUT})
+
+
 def _run_shard(shard_id: int, owner: str, *, submission_id: int, index: int, attempt: int,
                cases: list[tuple[int, str, Path]], source: _ImageSource, per_case_s: float,
                limits: ResourceLimits, gpus: tuple[str, ...] | None) -> str:
     runtime = get_runtime()
     label = f"shard-{index}"
-    # an earlier attempt's container may still run on this node (its worker was killed): stop it
-    runtime.cancel(str(submission_id), label)
-    _remove_leftovers(runtime, submission_id, label)
+    try:
+        # an earlier attempt's container may still run on this node (its worker was killed): stop
+        # it, and remove what it left behind (by label: this deployment, this submission, this shard)
+        runtime.cancel(str(submission_id), label)
+        runtime.remove_leftovers(str(submission_id), label)
+    except _engine_errors() as exc:
+        log.exception("shard %s: clean-up of earlier attempts failed", shard_id)
+        return _shard_error(shard_id, owner, _public(f"the container engine failed ({exc})") or "")
     workdir = _fresh_run_dir(submission_id, label)
     try:
         try:
@@ -473,11 +652,13 @@ def _run_shard(shard_id: int, owner: str, *, submission_id: int, index: int, att
             staged = stage_shard([(case_id, ct) for _, case_id, ct in cases], workdir / "input")
             output = prepare_output_dir(workdir / "output")
         except ImageRejected as exc:
+            delete_tree(workdir)
             return _shard_error(shard_id, owner, f"could not prepare the run: {exc.reason.message}")
-        except (StagingError, OSError):
+        except (StagingError, OSError) + _engine_errors():
             # an infrastructure error on hidden cases: its text names organizer storage paths, so
             # it goes to the worker log, and the reason (which the team can read) stays generic
             log.exception("staging shard %s of submission %s failed", label, submission_id)
+            delete_tree(workdir)
             return _shard_error(shard_id, owner, "could not prepare the run on the worker (an infrastructure "
                                 "error, not the image's fault; details are in the worker log)")
         spec = RunSpec(
@@ -485,71 +666,81 @@ def _run_shard(shard_id: int, owner: str, *, submission_id: int, index: int, att
             time_limit_s=shard_time_limit(per_case_s, len(cases), worker_settings().startup_s),
             limits=limits, gpu_device_ids=gpus, submission_id=str(submission_id), shard_id=label,
             extra_input_mounts=staged.mounts, case_ids=staged.case_ids, image_volumes=info.volumes,
+            stop_grace_s=worker_settings().stop_grace_s,
         )
         try:
             result = supervised_run(runtime, spec, submission_id, shard_id, owner)
         except Exception as exc:  # noqa: BLE001 - the engine failed us: retry the shard
             log.exception("shard %s: container run failed", shard_id)
-            return _shard_error(shard_id, owner, f"the container engine failed ({exc})")
+            delete_tree(workdir)
+            return _shard_error(shard_id, owner, _public(f"the container engine failed ({exc})") or "")
     finally:
-        shutil.rmtree(workdir / "input", ignore_errors=True)
+        delete_tree(workdir / "input")
 
     if result.failure is not None and result.failure.code is FailureCode.RUNTIME_ERROR:
+        delete_tree(workdir)
         return _shard_error(shard_id, owner, result.failure.message)
     cts = {case_id: ct for _, case_id, ct in cases}
-    report = check_outputs(output, cts)
+    limit_broken = result.failure is not None and result.failure.code in OUTPUT_LIMIT_CODES
+    report = check_outputs(output, cts, check_contents=not limit_broken)
     wall = per_case_wall_times(result.output_seen_s)
     items: list[list[Any]] = []
+    keep_outputs = False
     with session_scope() as session:
         shard = pipeline.lock_shard(session, shard_id)
         sub = pipeline.lock_submission(session, submission_id)
         assert shard is not None and sub is not None
         if shard.worker_hostname != owner or shard.state is not ShardState.running:
-            return "abandoned: the shard was given to another worker"
-        if result.cancelled or sub.state not in pipeline.ACTIVE_STATES:
+            outcome = "abandoned: the shard was given to another worker"
+        elif result.cancelled or sub.state not in pipeline.ACTIVE_STATES:
             shard.state, shard.finished_at = ShardState.cancelled, utcnow()
             shard.log_tail, shard.run_seconds, shard.exit_code = result.log_tail, result.duration_s, result.exit_code
-            return "cancelled"
-        for case_pk, case_id, _ in cases:
-            out = report.cases[case_id]
-            run_status, score_status = _case_status(out.status, result.failure)
-            detail = out.reason or (result.failure.message if result.failure else None)
-            prediction = _relative(output / case_id) if out.status == "ok" else None
-            pipeline.upsert_case_run(session, submission_id, case_pk, shard_id, run_status,
-                                     prediction if prediction else detail,
-                                     wall.get(case_id) if out.status == "ok" else None)
-            items.append([case_pk, case_id, score_status, detail if score_status != "ok" else None, prediction])
-        failure = result.failure or report.failure()
-        shard.state = ShardState.succeeded if failure is None else ShardState.failed
-        shard.finished_at = utcnow()
-        shard.run_seconds = result.duration_s
-        shard.exit_code = result.exit_code
-        shard.peak_memory_bytes = result.peak_memory_bytes
-        if result.gpu is not None:
-            shard.gpu_memory_peak_bytes = result.gpu.peak_bytes
-            shard.gpu_memory_auc = result.gpu.area_byte_s
-        shard.log_tail = result.log_tail  # hidden cases: organizers only
-        shard.failure_reason = failure.message if failure else None
-        ready = pipeline.advance(session, sub)
+            outcome = "cancelled"
+        else:
+            outcome = ""
+            for case_pk, case_id, _ in cases:
+                out = report.cases[case_id]
+                if limit_broken:
+                    # a run that broke an output limit: none of its files is used (or kept)
+                    run_status, score_status, detail, prediction = (
+                        "invalid_output", "invalid_prediction", result.failure.message, None)  # type: ignore[union-attr]
+                else:
+                    run_status, score_status = _case_status(out.status, result.failure)
+                    detail = out.reason or (result.failure.message if result.failure else None)
+                    prediction = _relative(output / case_id) if out.status == "ok" else None
+                pipeline.upsert_case_run(session, submission_id, case_pk, shard_id, run_status,
+                                         prediction if prediction else _public(detail),
+                                         wall.get(case_id) if prediction else None)
+                items.append([case_pk, case_id, score_status, _public(detail) if score_status != "ok" else None,
+                              prediction])
+                keep_outputs = keep_outputs or prediction is not None
+            failure = result.failure or report.failure()
+            shard.state = ShardState.succeeded if failure is None else ShardState.failed
+            shard.finished_at = utcnow()
+            shard.run_seconds = result.duration_s
+            shard.exit_code = result.exit_code
+            shard.peak_memory_bytes = result.peak_memory_bytes
+            if result.gpu is not None:
+                shard.gpu_memory_peak_bytes = result.gpu.peak_bytes
+                shard.gpu_memory_auc = result.gpu.area_byte_s
+            shard.log_tail = result.log_tail  # hidden cases: organizers only
+            shard.failure_reason = _public(failure.message) if failure else None
+            ready = pipeline.advance(session, sub)
+    if outcome:
+        _discard_run(submission_id, workdir, failed=False)
+        return outcome
+    # the reason and the log are stored: only the valid predictions (inside the contract) stay,
+    # for scoring and re-scoring; everything else the run wrote goes
+    if keep_outputs:
+        kept, _removed = prune_outputs(output, report)
+        with session_scope() as session:
+            pipeline.add_storage_bytes(session, submission_id, kept)
+    else:
+        _discard_run(submission_id, workdir, failed=True)
     _enqueue_scoring(submission_id, shard_id, items)
     if ready:
         finalize.apply_async(args=[submission_id], queue=CPU_QUEUE)
     return f"ran {len(cases)} case(s) in attempt {attempt}: {len(report.ok_cases)} ok"
-
-
-def _remove_leftovers(runtime: ContainerRuntime, submission_id: int, label: str) -> None:
-    """Remove the (killed) containers of earlier attempts whose worker died before removing them."""
-    client = getattr(runtime, "client", None)  # the Docker runtime's engine client
-    if client is None:
-        return
-    from worker.runtime.base import LABEL_SHARD, LABEL_SUBMISSION
-
-    try:
-        for container in client.containers.list(all=True, filters={
-                "label": [f"{LABEL_SUBMISSION}={submission_id}", f"{LABEL_SHARD}={label}"]}):
-            container.remove(force=True)
-    except Exception:  # noqa: BLE001 - clean-up must not stop the retry
-        log.exception("removing leftover containers of submission %s %s", submission_id, label)
 
 
 def _shard_error(shard_id: int, owner: str, message: str) -> str:
@@ -724,14 +915,84 @@ def reap() -> str:
                 reason = (f"Shard {shard.index} could not be completed in {shard.attempts} attempts ({lost}); "
                           "an organizer can re-run the submission.")
                 shard.state, shard.finished_at, shard.failure_reason = ShardState.failed, now, reason
-                pipeline.fail_submission(session, sub, reason)
+                _fail(session, sub, reason)
                 failed += 1
                 continue
             shard.state, shard.worker_hostname, shard.failure_reason = ShardState.pending, None, lost
             retried.append(shard_id)
     for shard_id in retried:
         infer_shard.apply_async(args=[shard_id], queue=GPU_QUEUE)
-    return f"retried {len(retried)}, failed {failed}"
+    v_retried, v_failed = _reap_validations(wsettings)
+    deleted = _reap_failed_tarballs()
+    return (f"retried {len(retried)}, failed {failed}; validations retried {v_retried}, failed {v_failed}; "
+            f"tarballs deleted {deleted}")
+
+
+def _reap_validations(wsettings) -> tuple[int, int]:
+    """Validations whose worker vanished (claimed, heartbeat stale): retried, or failed with an
+    infrastructure reason (not counting against the quota) after ``max_attempts``. Validations
+    nobody claimed for ``validation_requeue_s`` (a lost message): sent again."""
+    now = utcnow()
+    retried: list[int] = []
+    resent: list[int] = []
+    failed = 0
+    with session_scope() as session:
+        stale = pipeline.stale_validations(session, now, wsettings.stale_after_s)
+        quiet = pipeline.quiet_validations(session, now, wsettings.validation_requeue_s)
+    for submission_id in stale:
+        with session_scope() as session:
+            sub = pipeline.lock_submission(session, submission_id)
+            if sub is None or sub.state is not S.validating or not sub.worker_hostname or not pipeline.owner_is_gone(
+                    sub.worker_hostname, sub.heartbeat_at, utcnow(), wsettings.stale_after_s):
+                continue
+            lost = f"the worker running attempt {sub.validation_attempts} stopped answering"
+            pipeline.release_validation(sub, utcnow())
+            if (sub.validation_attempts or 0) >= wsettings.max_attempts:
+                sub.counts_against_quota = False
+                _fail(session, sub, _infrastructure_reason(lost, sub.validation_attempts))
+                failed += 1
+                continue
+            retried.append(submission_id)
+    for submission_id in quiet:
+        with session_scope() as session:
+            sub = pipeline.lock_submission(session, submission_id)
+            if sub is None or sub.state is not S.validating or sub.worker_hostname:
+                continue
+            sub.heartbeat_at = utcnow()  # at most one resend per period
+            resent.append(submission_id)
+    for submission_id in retried:
+        validate_run.apply_async(args=[submission_id], queue=GPU_QUEUE)
+    for submission_id in resent:
+        validate.apply_async(args=[submission_id], queue=CPU_QUEUE)
+    return len(retried) + len(resent), failed
+
+
+def _reap_failed_tarballs() -> int:
+    """Delete the uploaded tarballs of failed validations ``failed_tarball_grace_s`` after the
+    failure: ``image_path`` = None, ``image_deleted_at`` set, ``storage_bytes`` decreased."""
+    settings = get_settings()
+    storage = Storage.from_settings(settings)
+    now = utcnow()
+    with session_scope() as session:
+        candidates = pipeline.failed_tarballs(session, now, settings.failed_tarball_grace_s)
+    deleted = 0
+    for submission_id in candidates:
+        with session_scope() as session:
+            sub = pipeline.lock_submission(session, submission_id)
+            if sub is None or sub.state is not S.failed or not sub.image_path or sub.image_deleted_at is not None:
+                continue
+            try:
+                path = storage.path(sub.image_path)
+                size = path.lstat().st_size if path.exists() else 0
+                path.unlink(missing_ok=True)
+            except (OSError, ValueError):
+                log.exception("deleting the tarball of submission %s failed", submission_id)
+                continue
+            pipeline.add_storage_bytes(session, submission_id, -(size or int(sub.image_size_bytes or 0)))
+            sub.image_path, sub.image_deleted_at = None, now
+            _audit(session, "submission.tarball.deleted", submission_id, bytes=size)
+            deleted += 1
+    return deleted
 
 
 def submission_summary(submission_id: int) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from worker.runtime.base import (
     ContainerRuntime,
+    EngineUnavailable,
     FailureCode,
     FailureReason,
     GpuStats,
@@ -17,6 +18,7 @@ from worker.runtime.base import (
 
 __all__ = [
     "ContainerRuntime",
+    "EngineUnavailable",
     "FailureCode",
     "FailureReason",
     "GpuStats",

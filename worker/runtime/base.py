@@ -25,6 +25,9 @@ from pathlib import Path
 LABEL_MANAGED = "touchstone.managed"
 LABEL_SUBMISSION = "touchstone.submission"
 LABEL_SHARD = "touchstone.shard"
+#: the deployment (``settings.deployment_id``) that started a container: cancellation and clean-up
+#: of one deployment never touch another's containers on a shared engine
+LABEL_DEPLOYMENT = "touchstone.deployment"
 
 #: the only architecture a submission may be built for (the workers are x86-64)
 REQUIRED_ARCHITECTURE = "amd64"
@@ -48,6 +51,10 @@ class FailureCode(str, enum.Enum):
     NO_OUTPUT = "no_output"
     INVALID_OUTPUT = "invalid_output"
     OUTPUT_TOO_LARGE = "output_too_large"
+    TOO_MANY_FILES = "too_many_files"
+    OUTPUT_TOO_DEEP = "output_too_deep"
+    FORBIDDEN_OUTPUT = "forbidden_output"
+    PIDS_LIMIT = "pids_limit"
     WRONG_ARCHITECTURE = "wrong_architecture"
     IMAGE_TOO_LARGE = "image_too_large"
     IMAGE_LOAD_FAILED = "image_load_failed"
@@ -118,6 +125,39 @@ class FailureReason:
         )
 
     @classmethod
+    def too_many_files(cls, limit: int) -> FailureReason:
+        return cls(
+            FailureCode.TOO_MANY_FILES,
+            f"The container created more than {limit} files and folders in /output and was stopped; write only "
+            "/output/<case_id>/combined_labels.nii.gz (or segmentations/<organ>.nii.gz) per case.",
+        )
+
+    @classmethod
+    def output_too_deep(cls, limit: int) -> FailureReason:
+        return cls(
+            FailureCode.OUTPUT_TOO_DEEP,
+            f"The container nested folders more than {limit} levels deep in /output and was stopped; the contract "
+            "needs at most /output/<case_id>/segmentations/<organ>.nii.gz.",
+        )
+
+    @classmethod
+    def forbidden_output(cls, what: str) -> FailureReason:
+        return cls(
+            FailureCode.FORBIDDEN_OUTPUT,
+            f"The container wrote {what} in /output and was stopped; only plain files and folders are allowed "
+            "(no symbolic or hard links, devices, FIFOs or sockets).",
+        )
+
+    @classmethod
+    def pids_limit(cls, limit: int) -> FailureReason:
+        return cls(
+            FailureCode.PIDS_LIMIT,
+            f"Process limit reached: the container tried to run more than {limit} processes and threads at once, "
+            "and the kernel refused to start more (the run then failed or hung); use fewer worker processes "
+            "or threads (e.g. num_workers / OMP_NUM_THREADS).",
+        )
+
+    @classmethod
     def wrong_architecture(cls, architecture: str, os_name: str = REQUIRED_OS) -> FailureReason:
         return cls(
             FailureCode.WRONG_ARCHITECTURE,
@@ -142,6 +182,11 @@ class FailureReason:
         )
 
     @classmethod
+    def image_refused(cls, detail: str) -> FailureReason:
+        """An ``image_ref`` this submission may not run (:func:`services.db.images.refusal`)."""
+        return cls(FailureCode.IMAGE_LOAD_FAILED, f"The image could not be loaded: {detail}.")
+
+    @classmethod
     def cancelled(cls) -> FailureReason:
         return cls(FailureCode.CANCELLED, "The run was cancelled by an organizer or by the inventor.")
 
@@ -152,6 +197,11 @@ class FailureReason:
             f"The worker could not run the container ({detail}); this is a problem on our side and the "
             "run will be retried.",
         )
+
+
+class EngineUnavailable(Exception):
+    """The container engine stopped answering during a run (it was restarted, its socket went
+    away). Not the image's fault: the caller retries the run."""
 
 
 class ImageRejected(Exception):
@@ -184,11 +234,14 @@ class ResourceLimits:
     pids: int = 256
     shm_bytes: int = 256 * 2**20
     tmp_bytes: int = 1 * 2**30  # tmpfs /tmp; counted against memory_bytes by the kernel
-    output_bytes: int = 2 * 2**30  # total written to /output before the run is stopped
+    output_bytes: int = 2 * 2**30  # total written to /output (any depth) before the run is stopped
+    output_files: int = 20_000  # files and folders in /output (any depth) before the run is stopped
+    output_depth: int = 6  # folder levels below /output (the contract needs 3: case/segmentations/organ)
     log_bytes: int = 64 * 2**10  # log tail kept in RunResult
 
     def __post_init__(self) -> None:
-        for name in ("memory_bytes", "pids", "shm_bytes", "tmp_bytes", "output_bytes", "log_bytes"):
+        for name in ("memory_bytes", "pids", "shm_bytes", "tmp_bytes", "output_bytes", "output_files",
+                     "output_depth", "log_bytes"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"ResourceLimits.{name} must be positive, got {getattr(self, name)}")
         if self.cpus <= 0:
@@ -228,6 +281,7 @@ class RunSpec:
     command: Sequence[str] | None = None
     case_ids: Sequence[str] = ()  # for per-case timing; the watcher only times these folders
     image_volumes: Sequence[str] = ()  # from ImageInfo.volumes; masked by tmpfs
+    stop_grace_s: float = 2.0  # at the time limit: SIGTERM, then SIGKILL after this many seconds
 
     def __post_init__(self) -> None:
         if self.time_limit_s <= 0:
@@ -263,13 +317,16 @@ class RunResult:
     timed_out: bool
     oom_killed: bool
     cancelled: bool
-    output_too_large: bool
+    output_too_large: bool  # any output limit (bytes, files, depth, entry types) stopped or failed the run
     duration_s: float
     peak_memory_bytes: int | None  # cgroup watermark; None where the cgroup could not be read
     gpu: GpuStats | None
     log_tail: str  # the last ``limits.log_bytes`` bytes of stdout+stderr, decoded leniently
     output_seen_s: Mapping[str, float]  # case_id -> seconds after start when its last new file appeared
     failure: FailureReason | None
+    pids_limit_hit: bool = False  # the cgroup's pids.events "max" counter moved during the run
+    output_bytes: int = 0  # what /output held after the run (any depth)
+    output_entries: int = 0
 
     @property
     def succeeded(self) -> bool:
@@ -305,6 +362,20 @@ class ContainerRuntime(abc.ABC):
     def inspect_image(self, image: str) -> ImageInfo:
         """Digest, architecture, size and user of a local image (by id or tag)."""
 
+    def pull_image(self, reference: str) -> ImageInfo:
+        """Pull exactly ``reference`` from its registry (for one submission) and inspect what came;
+        raise :class:`ImageRejected` when it cannot be pulled."""
+        raise ImageRejected(FailureReason.image_load_failed(f"this worker cannot pull {reference!r}"))
+
+    def remove_leftovers(self, submission_id: str, shard_id: str) -> int:
+        """Remove every container (running or exited) of this deployment for one submission's
+        shard (or ``"validation"``): what a dead attempt left behind. Returns how many."""
+        return 0
+
+    def ping(self) -> bool:
+        """Whether the engine answers."""
+        return True
+
     @abc.abstractmethod
     def run(self, spec: RunSpec) -> RunResult:
         """Run one container under the sandbox until it exits, times out or is cancelled; always
@@ -316,8 +387,8 @@ class ContainerRuntime(abc.ABC):
 
     @abc.abstractmethod
     def cancel(self, submission_id: str, shard_id: str | None = None) -> int:
-        """Kill every running container of a submission (or one of its shards), found by label;
-        return how many were killed."""
+        """Kill every running container of a submission (or one of its shards) started by this
+        deployment, found by label; return how many were killed."""
 
     @abc.abstractmethod
     def remove_image(self, image: str) -> None:

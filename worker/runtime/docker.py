@@ -1,9 +1,14 @@
 """The Docker implementation of :class:`worker.runtime.base.ContainerRuntime` (docker SDK).
 
 Run life cycle (:meth:`DockerRuntime.run`): create the container with exactly
-:func:`worker.sandbox.container_kwargs`, start it, sample memory / GPU / outputs every 0.1 s,
-wait up to the time limit, kill on timeout (or when /output grows past its cap), read the exit
-code, the OOM flag and a capped log tail, and always remove the container. A kill by somebody
+:func:`worker.sandbox.container_kwargs` (labelled with this runtime's deployment id), start it,
+sample memory / pids / GPU every 0.1 s and walk /output at an interval derived from the headroom
+left to its limits, wait up to the time limit -- then SIGTERM and, ``stop_grace_s`` later,
+SIGKILL whatever the container does with signals --, stop it at once (freeze + SIGKILL through its
+cgroup, else the engine's kill) when /output breaks a limit, measure /output again after the
+exit, read the exit code, the OOM flag, the pids cgroup's refusals and a capped log tail, and
+always remove the container. When the engine stops answering mid-run, :class:`EngineUnavailable`
+is raised (the caller retries). A kill by somebody
 else (:meth:`cancel`, possibly from another process) is recognised from the engine's ``kill``
 event, so a cancelled run is reported as cancelled and not as "exited with code 137".
 """
@@ -12,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import tarfile
 import threading
 import time
@@ -20,19 +24,33 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import logging
+
 import docker
 import docker.errors
+import docker.utils
 import requests.exceptions
 
 from worker import sandbox
-from worker.monitoring import CgroupMemoryMonitor, GpuMemoryMonitor, OutputWatcher, PeriodicSampler
+from worker.monitoring import (
+    CgroupMemoryMonitor,
+    CgroupPidsMonitor,
+    GpuMemoryMonitor,
+    OutputWatcher,
+    PeriodicSampler,
+    TreeUsage,
+    measure_tree,
+    stop_now,
+)
 from worker.runtime.base import (
+    LABEL_DEPLOYMENT,
     LABEL_MANAGED,
     LABEL_SHARD,
     LABEL_SUBMISSION,
     REQUIRED_ARCHITECTURE,
     REQUIRED_OS,
     ContainerRuntime,
+    EngineUnavailable,
     FailureReason,
     ImageInfo,
     ImageRejected,
@@ -44,6 +62,25 @@ from worker.runtime.base import (
 LOADED_REPOSITORY = "touchstone-loaded/image"
 #: how long to wait for a killed container to be reported as exited
 KILL_GRACE_S = 30.0
+#: the longest single wait on the engine while a container runs (between checks that it answers)
+WAIT_CHUNK_S = 10.0
+
+log = logging.getLogger("touchstone.worker.runtime")
+
+_ENGINE_ERRORS = (requests.exceptions.ConnectionError, requests.exceptions.Timeout, docker.errors.DockerException)
+
+
+def output_failure(usage: TreeUsage, limits) -> FailureReason | None:
+    """The failure for an /output that broke a limit (None when it did not)."""
+    if usage.exceeded == "bytes":
+        return FailureReason.output_too_large(limits.output_bytes)
+    if usage.exceeded == "files":
+        return FailureReason.too_many_files(limits.output_files)
+    if usage.exceeded == "depth":
+        return FailureReason.output_too_deep(limits.output_depth)
+    if usage.exceeded == "entry":
+        return FailureReason.forbidden_output(usage.forbidden or "a link or special file")
+    return None
 
 
 def _manifest_of(tarball: Path) -> tuple[list[dict[str, Any]], dict[str, Any] | None, str | None]:
@@ -76,8 +113,11 @@ def _manifest_of(tarball: Path) -> tuple[list[dict[str, Any]], dict[str, Any] | 
     except ImageRejected:
         raise
     except FileNotFoundError:
-        raise ImageRejected(FailureReason.image_load_failed(f"the file {tarball} does not exist")) from None
-    except (tarfile.TarError, OSError, ValueError, UnicodeDecodeError) as exc:
+        raise ImageRejected(FailureReason.image_load_failed("the uploaded file is no longer in storage")) from None
+    except OSError as exc:  # the text of an OSError names the server's path: only its reason goes out
+        raise ImageRejected(FailureReason.image_load_failed(
+            f"it is not a readable tar archive ({exc.strerror or type(exc).__name__})")) from None
+    except (tarfile.TarError, ValueError, UnicodeDecodeError) as exc:
         raise ImageRejected(FailureReason.image_load_failed(f"it is not a readable tar archive ({exc})")) from None
 
 
@@ -102,9 +142,24 @@ class _LogTail:
 class DockerRuntime(ContainerRuntime):
     """Runs submissions on the local Docker engine."""
 
-    def __init__(self, client: docker.DockerClient | None = None, nvml: Any | None = None):
+    def __init__(self, client: docker.DockerClient | None = None, nvml: Any | None = None,
+                 deployment_id: str | None = None):
         self.client = client or docker.from_env(timeout=600)
         self._nvml = nvml  # None: the real pynvml where installed
+        #: put on every container as LABEL_DEPLOYMENT; cancel and clean-up select by it
+        self.deployment_id = deployment_id or sandbox.default_deployment_id()
+
+    def ping(self) -> bool:
+        try:
+            return bool(self.client.ping())
+        except _ENGINE_ERRORS:
+            return False
+
+    def _labels(self, submission_id: str, shard_id: str | None = None) -> list[str]:
+        labels = [f"{LABEL_MANAGED}=1", f"{LABEL_DEPLOYMENT}={self.deployment_id}", f"{LABEL_SUBMISSION}={submission_id}"]
+        if shard_id is not None:
+            labels.append(f"{LABEL_SHARD}={shard_id}")
+        return labels
 
     # -- images ----------------------------------------------------------------------------------
     def load_image(self, tarball: Path) -> ImageInfo:
@@ -195,6 +250,23 @@ class DockerRuntime(ContainerRuntime):
             volumes=tuple(sorted((config.get("Volumes") or {}).keys())),
         )
 
+    def pull_image(self, reference: str) -> ImageInfo:
+        """Pull exactly ``reference`` (a tag-less one means ``:latest``, as ``docker pull``)."""
+        repository, tag = docker.utils.parse_repository_tag(reference)
+        try:
+            for message in self.client.api.pull(repository, tag=tag or "latest", stream=True, decode=True):
+                if "error" in message or "errorDetail" in message:
+                    detail = message.get("errorDetail", {}).get("message") or message.get("error")
+                    raise ImageRejected(FailureReason.image_load_failed(f"pulling {reference!r} failed: {detail}"))
+        except docker.errors.APIError as exc:
+            raise ImageRejected(FailureReason.image_load_failed(
+                f"pulling {reference!r} failed: {exc.explanation or exc}")) from None
+        pulled = reference if tag or "@" in reference else f"{reference}:latest"
+        info = self.inspect_image(pulled)
+        if info.architecture != REQUIRED_ARCHITECTURE or info.os != REQUIRED_OS:
+            raise ImageRejected(FailureReason.wrong_architecture(info.architecture, info.os))
+        return info
+
     def remove_image(self, image: str) -> None:
         try:
             self.client.api.remove_image(image, force=True)
@@ -214,17 +286,27 @@ class DockerRuntime(ContainerRuntime):
     def cancel(self, submission_id: str, shard_id: str | None = None) -> int:
         if not submission_id:
             raise ValueError("cancel needs a submission id")
-        labels = [f"{LABEL_MANAGED}=1", f"{LABEL_SUBMISSION}={submission_id}"]
-        if shard_id is not None:
-            labels.append(f"{LABEL_SHARD}={shard_id}")
-        containers = self.client.api.containers(filters={"label": labels, "status": "running"})
+        containers = self.client.api.containers(filters={"label": self._labels(submission_id, shard_id),
+                                                          "status": "running"})
         for container in containers:
             self.kill(container["Id"])
         return len(containers)
 
+    def remove_leftovers(self, submission_id: str, shard_id: str) -> int:
+        if not submission_id:
+            raise ValueError("remove_leftovers needs a submission id")
+        removed = 0
+        for container in self.client.api.containers(all=True, filters={"label": self._labels(submission_id, shard_id)}):
+            try:
+                self.client.api.remove_container(container["Id"], force=True)
+                removed += 1
+            except docker.errors.NotFound:
+                pass
+        return removed
+
     # -- running ---------------------------------------------------------------------------------
     def run(self, spec: RunSpec) -> RunResult:
-        kwargs = sandbox.container_kwargs(spec)
+        kwargs = sandbox.container_kwargs(spec, deployment_id=self.deployment_id)
         name = kwargs["name"]
         try:
             container = self.client.containers.create(**kwargs)
@@ -237,6 +319,36 @@ class DockerRuntime(ContainerRuntime):
                 container.remove(force=True)
             except docker.errors.NotFound:
                 pass
+            except _ENGINE_ERRORS:
+                # the engine is gone: the next attempt removes this container by its labels
+                log.warning("could not remove container %s (engine unavailable)", name)
+
+    def _wait_until(self, container: Any, deadline: float) -> bool:
+        """Wait for the container to exit until ``deadline`` (monotonic); True when it exited.
+        A wait that ends without an answer is told apart from a dead engine by a ping."""
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            try:
+                container.wait(timeout=min(remaining, WAIT_CHUNK_S))
+                return True
+            except (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError) as exc:
+                if not self.ping():
+                    raise EngineUnavailable(f"the container engine stopped answering ({type(exc).__name__})") from exc
+
+    def _stop(self, container: Any, grace_s: float) -> None:
+        """SIGTERM, then SIGKILL after ``grace_s`` whatever the container does with the first."""
+        try:
+            self.client.api.kill(container.id, signal="SIGTERM")
+        except docker.errors.APIError:
+            pass
+        if grace_s > 0 and self._wait_until(container, time.monotonic() + grace_s):
+            return
+        if not stop_now(container.id):
+            self.kill(container.id)
+        if not self._wait_until(container, time.monotonic() + KILL_GRACE_S):
+            self.kill(container.id)
 
     def _run_created(self, container: Any, spec: RunSpec, name: str) -> RunResult:
         limits = spec.limits
@@ -252,59 +364,65 @@ class DockerRuntime(ContainerRuntime):
             raise
         start = time.monotonic()
         memory = CgroupMemoryMonitor(container.id)
-        watcher = OutputWatcher(spec.output_dir, spec.case_ids, start)
-        monitors: list[Any] = [memory, watcher] + ([gpu] if gpu_active else [])
-        sampler = PeriodicSampler(monitors).start()
-
-        too_large = threading.Event()
-
-        def guard_output_size() -> None:
-            # a second, slower loop so the size check never delays the 0.1 s samples
-            while not finished.wait(0.25):
-                if watcher.total_bytes > limits.output_bytes:
-                    too_large.set()
-                    self.kill(container.id)
-                    return
-
+        pids = CgroupPidsMonitor(container.id)
         finished = threading.Event()
-        guard = threading.Thread(target=guard_output_size, daemon=True)
-        guard.start()
+
+        def stop_for_output(_usage: TreeUsage) -> None:
+            # at once: nothing more may be written while the engine is asked
+            if not stop_now(container.id):
+                try:
+                    self.kill(container.id)
+                except _ENGINE_ERRORS:
+                    pass
+
+        watcher = OutputWatcher(spec.output_dir, spec.case_ids, start, max_bytes=limits.output_bytes,
+                                max_entries=limits.output_files, max_depth=limits.output_depth,
+                                on_exceeded=stop_for_output)
+        watch_thread = threading.Thread(target=watcher.run, args=(finished,), name="touchstone-output", daemon=True)
+        watch_thread.start()
+        sampler = PeriodicSampler([memory, pids] + ([gpu] if gpu_active else [])).start()
         timed_out = False
         try:
-            try:
-                container.wait(timeout=spec.time_limit_s)
-            except (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError):
-                timed_out = True
-                self.kill(container.id)
-                container.wait(timeout=KILL_GRACE_S)
+            if not self._wait_until(container, start + spec.time_limit_s):
+                timed_out = watcher.exceeded is None  # the output guard may have stopped it just now
+                self._stop(container, spec.stop_grace_s)
         finally:
             finished.set()
             duration = time.monotonic() - start
             sampler.stop()
             gpu_stats = gpu.stop() if gpu_active else None
-        guard.join(timeout=1)
+            watch_thread.join(timeout=5)
+            try:
+                watcher.sample()  # the files of the last moments (arrival times)
+            except Exception:  # noqa: BLE001
+                pass
         container.reload()
         state = container.attrs.get("State", {})
         exit_code = state.get("ExitCode")
         oom_killed = bool(state.get("OOMKilled")) or memory.oom_kills > 0
-        killed_by_us = timed_out or too_large.is_set()
+        # and again after the exit: what the last walk could not see (written in its final moments)
+        after = measure_tree(spec.output_dir, limits.output_bytes, limits.output_files, limits.output_depth)
+        broken = watcher.exceeded or (after if after.exceeded else None)
+        killed_by_us = timed_out or watcher.exceeded is not None
         # SIGKILL from outside (exit 137, no OOM): a cancel, possibly from another process?
         cancelled = (not killed_by_us and not oom_killed and exit_code == 137
                      and self._was_killed(container.id, started_wall))
         log_tail = _LogTail(limits.log_bytes).feed(container.logs(stream=True, follow=False))
+        pids_hit = pids.refused > 0
 
         failure: FailureReason | None
         if cancelled:
             failure = FailureReason.cancelled()
+        elif broken is not None:
+            failure = output_failure(broken, limits)
         elif timed_out:
-            failure = FailureReason.time_limit(spec.time_limit_s, len(spec.case_ids) or None)
-        elif too_large.is_set():
-            failure = FailureReason.output_too_large(limits.output_bytes)
+            failure = (FailureReason.pids_limit(limits.pids) if pids_hit
+                       else FailureReason.time_limit(spec.time_limit_s, len(spec.case_ids) or None))
         elif oom_killed and exit_code != 0:
             failure = FailureReason.out_of_memory(limits.memory_bytes)
         elif exit_code != 0:
-            failure = FailureReason.nonzero_exit(exit_code)
-        elif not _has_any_entry(spec.output_dir):
+            failure = FailureReason.pids_limit(limits.pids) if pids_hit else FailureReason.nonzero_exit(exit_code)
+        elif after.entries == 0:
             failure = FailureReason.no_output()
         else:
             failure = None
@@ -314,13 +432,16 @@ class DockerRuntime(ContainerRuntime):
             timed_out=timed_out,
             oom_killed=oom_killed,
             cancelled=cancelled,
-            output_too_large=too_large.is_set(),
+            output_too_large=broken is not None,
             duration_s=duration,
             peak_memory_bytes=memory.peak_bytes,
             gpu=gpu_stats,
             log_tail=log_tail,
             output_seen_s=dict(watcher.seen_s),
             failure=failure,
+            pids_limit_hit=pids_hit,
+            output_bytes=after.bytes,
+            output_entries=after.entries,
         )
 
     def _was_killed(self, container_id: str, since: float) -> bool:
@@ -334,10 +455,3 @@ class DockerRuntime(ContainerRuntime):
         except docker.errors.APIError:
             return False
 
-
-def _has_any_entry(directory: Path) -> bool:
-    try:
-        with os.scandir(directory) as entries:
-            return any(True for _ in entries)
-    except OSError:
-        return False

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from docker.types import Ulimit
 from docker.types import DeviceRequest, LogConfig
 from docker.types import Mount as DockerMount
 
@@ -29,12 +30,13 @@ def _spec(tmp_path: Path, **overrides) -> RunSpec:
 
 
 def test_policy_kwargs_are_exactly_the_sandbox(tmp_path):
-    kwargs = sandbox.container_kwargs(_spec(tmp_path), name="touchstone-x")
+    kwargs = sandbox.container_kwargs(_spec(tmp_path), name="touchstone-x", deployment_id="dep-a")
     assert kwargs == {
         "image": "sha256:abc",
         "command": None,
         "name": "touchstone-x",
-        "labels": {"touchstone.managed": "1", "touchstone.submission": "sub-1", "touchstone.shard": "3"},
+        "labels": {"touchstone.managed": "1", "touchstone.deployment": "dep-a", "touchstone.submission": "sub-1",
+                   "touchstone.shard": "3"},
         "environment": {"OMP_NUM_THREADS": "1", "HOME": "/tmp", "TMPDIR": "/tmp"},
         "user": "65534:65534",
         "network_mode": "none",
@@ -49,6 +51,7 @@ def test_policy_kwargs_are_exactly_the_sandbox(tmp_path):
         "privileged": False,
         "ipc_mode": "private",
         "pids_limit": 64,
+        "ulimits": [Ulimit(name="fsize", soft=2 * 2**30, hard=2 * 2**30)],
         "mem_limit": 2 * 2**30,
         "memswap_limit": 2 * 2**30,
         "shm_size": 128 * 2**20,
