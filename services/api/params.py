@@ -1,7 +1,7 @@
 """Bounded integer path and query parameters, shared by every router.
 
-Ids are stored as 64-bit integers; a larger number in a URL (``/submissions/9223372036854775808``)
-used to reach the database and fail there (500). These types stop it at validation: 422 naming the
+A number in a URL beyond what the column holds (``/submissions/9223372036854775808``; on PostgreSQL
+already ``/submissions/2147483648``) used to reach the database and fail there (500). These types stop it at validation: 422 naming the
 parameter and the range.
 """
 
@@ -16,8 +16,9 @@ INT64_MAX = 2**63 - 1
 #: the largest signed 32-bit integer (PostgreSQL INTEGER columns)
 INT32_MAX = 2**31 - 1
 
-#: a row id in a path (``/submissions/{submission_id}``)
-IdPath = Annotated[int, Path(ge=1, le=INT64_MAX, description="a positive id (at most 2^63-1)")]
+#: a row id in a path (``/submissions/{submission_id}``). Users, tokens, algorithms and submissions
+#: have INTEGER (32-bit) keys in PostgreSQL: a larger id cannot exist and must not reach the query
+IdPath = Annotated[int, Path(ge=1, le=INT32_MAX, description="a positive id (at most 2^31-1)")]
 #: the offset of a page
 Offset = Annotated[int, Query(ge=0, le=INT64_MAX, description="rows to skip (0 to 2^63-1)")]
 

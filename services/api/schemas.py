@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
+from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, ValidationInfo, field_validator
 
 from services.db.enums import Role, ShardState, SubmissionState
 
@@ -19,10 +19,13 @@ class In(BaseModel):
     """A request body: text fields must be valid Unicode without NUL characters (PostgreSQL refuses
     NUL in text, and a lone surrogate cannot be stored as UTF-8) -- 422 instead of a database error."""
 
+    #: server paths: checked by the import-roots confinement, which answers every bad path alike
+    SERVER_PATHS: ClassVar[frozenset[str]] = frozenset()
+
     @field_validator("*", mode="after")
     @classmethod
-    def _clean_text(cls, value: Any) -> Any:
-        if isinstance(value, str):
+    def _clean_text(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, str) and info.field_name not in cls.SERVER_PATHS:
             if "\x00" in value:
                 raise ValueError("contains a NUL character; remove it")
             try:
@@ -86,6 +89,7 @@ class TokenCreated(BaseModel):
 # --- test sets ------------------------------------------------------------------------------------
 class TestSetImport(In):
     __test__ = False
+    SERVER_PATHS = frozenset({"manifest_path", "protocol"})
     name: str = NAME
     manifest_path: str = Field(min_length=1, max_length=4096,
                                description="path of the manifest CSV on the server, inside TOUCHSTONE_IMPORT_ROOTS")
