@@ -16,20 +16,20 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# Every service is started detached from the caller's session (setsid, stdin from /dev/null), so
+# a Ctrl-C to `touchstone demo` or to a test runner never reaches the engine or the databases.
+
 # --- Docker engine ---------------------------------------------------------------------------
 if ! docker info >/dev/null 2>&1; then
-  log "starting dockerd"
-  (command -v containerd >/dev/null && ! pgrep -x containerd >/dev/null && nohup containerd >/var/log/containerd.log 2>&1 &) || true
-  nohup dockerd >/var/log/dockerd.log 2>&1 &
-  for _ in $(seq 1 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
-  docker info >/dev/null 2>&1 || { log "dockerd did not start; see /var/log/dockerd.log"; tail -20 /var/log/dockerd.log; exit 1; }
+  log "starting containerd and dockerd"
+  bash scripts/start-dockerd.sh
 fi
 
 # --- Redis -----------------------------------------------------------------------------------
 REDIS_PORT="${TOUCHSTONE_TEST_REDIS_PORT:-6379}"
 if ! redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; then
   log "starting redis-server on :$REDIS_PORT"
-  redis-server --port "$REDIS_PORT" --daemonize yes --save '' --appendonly no >/dev/null
+  setsid redis-server --port "$REDIS_PORT" --daemonize yes --save '' --appendonly no </dev/null >/dev/null
   for _ in $(seq 1 30); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.2; done
 fi
 export TOUCHSTONE_TEST_REDIS_URL="${TOUCHSTONE_TEST_REDIS_URL:-redis://127.0.0.1:$REDIS_PORT/0}"
@@ -39,7 +39,7 @@ PG_VERSION="$(ls /usr/lib/postgresql | sort -n | tail -1)"
 if ! pg_lsclusters -h 2>/dev/null | grep -q online; then
   pg_lsclusters -h | grep -q . || pg_createcluster "$PG_VERSION" main >/dev/null
   log "starting PostgreSQL $PG_VERSION"
-  pg_ctlcluster "$PG_VERSION" main start
+  setsid pg_ctlcluster "$PG_VERSION" main start </dev/null
 fi
 for _ in $(seq 1 30); do su postgres -c "psql -qAtc 'select 1'" >/dev/null 2>&1 && break; sleep 0.5; done
 su postgres -c "psql -qAtc \"select 1 from pg_roles where rolname='touchstone'\"" | grep -q 1 ||

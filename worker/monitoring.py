@@ -33,6 +33,10 @@ from typing import Any
 from worker.runtime.base import GpuStats
 
 SAMPLE_INTERVAL_S = 0.1
+#: the fastest a container is assumed to write to /output (bytes/s, files/s) when the watcher
+#: chooses its next interval: a writer may start at full speed right after a quiet walk
+ASSUMED_BYTES_PER_S = 2 * 2**30
+ASSUMED_ENTRIES_PER_S = 100_000
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
@@ -346,7 +350,8 @@ def measure_tree(root: Path | str, max_bytes: int | None = None, max_entries: in
                 usage.bytes += st.st_size
                 if collect_files:
                     usage.files.append((rel, st.st_mtime))
-                if max_bytes is not None and usage.bytes > max_bytes:
+                # reaching the cap counts: a file stopped there by RLIMIT_FSIZE is one that wanted more
+                if max_bytes is not None and usage.bytes >= max_bytes:
                     usage.exceeded = "bytes"
                     return usage
     return usage
@@ -361,9 +366,10 @@ class OutputWatcher:
     once, from the sampling thread) as soon as one is broken.
 
     :meth:`next_interval_s` is how long to wait before the next walk: a quarter of the time the
-    writer would need, at the rate it wrote since the last walk, to reach the nearest limit --
-    between ``min_interval_s`` and ``max_interval_s`` -- so a fast writer is looked at every few
-    milliseconds close to its cap and a quiet one ten times a second.
+    writer would need to reach the nearest limit at the faster of its observed rate and
+    :data:`ASSUMED_BYTES_PER_S` / :data:`ASSUMED_ENTRIES_PER_S` -- between ``min_interval_s`` (and
+    twice the walk's own duration) and ``max_interval_s``. A run with a 2 GiB cap is walked ten
+    times a second until it nears the cap; one with a 5 MiB cap every 2 ms.
     """
 
     def __init__(self, output_dir: Path, case_ids: Iterable[str], start: float,
@@ -390,7 +396,9 @@ class OutputWatcher:
 
     def sample(self) -> None:
         now = self._clock()
+        walk_started = time.monotonic()
         usage = measure_tree(self.output_dir, self.max_bytes, self.max_entries, self.max_depth, collect_files=True)
+        walk_s = time.monotonic() - walk_started
         fire = False
         with self._lock:
             self.samples += 1
@@ -404,25 +412,27 @@ class OutputWatcher:
                     self.seen_s[case_id] = now - self.start
             if usage.exceeded and self.exceeded is None:
                 self.exceeded, fire = usage, True
-            self._interval = self._next_interval(now, usage)
+            self._interval = self._next_interval(now, usage, walk_s)
             self._last = (now, usage.bytes, usage.entries)
         if fire and self.on_exceeded is not None:
             self.on_exceeded(usage)
 
-    def _next_interval(self, now: float, usage: TreeUsage) -> float:
-        if self._last is None:
-            return self.min_interval_s
-        then, bytes_then, entries_then = self._last
-        elapsed = max(now - then, 1e-6)
-        horizon = self.max_interval_s * 4
-        for limit, value, before in ((self.max_bytes, usage.bytes, bytes_then),
-                                     (self.max_entries, usage.entries, entries_then)):
+    def _next_interval(self, now: float, usage: TreeUsage, walk_s: float) -> float:
+        """A quarter of the time to the nearest limit at the faster of the observed rate and an
+        assumed worst case (a writer can go from nothing to full speed between two walks), never
+        less than ``min_interval_s`` nor than twice the walk itself (bounded CPU), never more than
+        ``max_interval_s``."""
+        elapsed = max(now - self._last[0], 1e-6) if self._last else None
+        horizon = float("inf")
+        for limit, value, index, worst in ((self.max_bytes, usage.bytes, 1, ASSUMED_BYTES_PER_S),
+                                           (self.max_entries, usage.entries, 2, ASSUMED_ENTRIES_PER_S)):
             if limit is None:
                 continue
-            rate = (value - before) / elapsed
-            if rate > 0:
-                horizon = min(horizon, (limit - value) / rate)
-        return min(max(horizon / 4, self.min_interval_s), self.max_interval_s)
+            rate = worst
+            if self._last is not None and elapsed is not None:
+                rate = max(rate, (value - self._last[index]) / elapsed)
+            horizon = min(horizon, max(limit - value, 0) / rate)
+        return min(max(horizon / 4, self.min_interval_s, 2 * walk_s), self.max_interval_s)
 
     def next_interval_s(self) -> float:
         with self._lock:

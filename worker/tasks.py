@@ -494,9 +494,13 @@ def validate_run(self, submission_id: int) -> str:
             if workdir is not None:
                 _discard_run(submission_id, workdir, failed=False)
             return "skipped: no longer validating"
-        sub.validation_log = (sub.validation_log or "") + (_public(run_log) or "")
-        pipeline.release_validation(sub, utcnow())
-        if cancelled or failure is not None:
+        killed_elsewhere = cancelled  # still validating: not a cancel, e.g. an engine shutting down
+        if not killed_elsewhere:
+            sub.validation_log = (sub.validation_log or "") + (_public(run_log) or "")
+            pipeline.release_validation(sub, utcnow())
+        if killed_elsewhere:
+            outcome = ""
+        elif cancelled or failure is not None:
             if cancelled:
                 outcome = "cancelled"
             else:
@@ -512,10 +516,15 @@ def validate_run(self, submission_id: int) -> str:
             pending = [s.id for s in shards if s.state is ShardState.pending]
             ready = not shards
             outcome = ""
+    if killed_elsewhere:
+        assert workdir is not None
+        delete_tree(workdir)
+        return _retry_validation(self, submission_id, owner, EngineUnavailable(
+            "the container was killed by someone else while the submission was still validating"))
     if outcome:
         # the reason and the log are stored: the failed run's outputs go (settings.keep_failed_outputs)
         if workdir is not None:
-            _discard_run(submission_id, workdir, failed=not cancelled)
+            _discard_run(submission_id, workdir, failed=True)
         return outcome
     if workdir is not None and output is not None and report is not None:
         kept, _removed = prune_outputs(output, report)  # nothing outside the contract stays
@@ -680,6 +689,14 @@ def _run_shard(shard_id: int, owner: str, *, submission_id: int, index: int, att
     if result.failure is not None and result.failure.code is FailureCode.RUNTIME_ERROR:
         delete_tree(workdir)
         return _shard_error(shard_id, owner, result.failure.message)
+    if result.cancelled:
+        with session_scope() as session:
+            state = session.scalar(sa.select(Submission.state).where(Submission.id == submission_id))
+        if state is not None and S(state) in pipeline.ACTIVE_STATES:
+            # killed from outside while the submission goes on (an engine shutting down): retry
+            delete_tree(workdir)
+            return _shard_error(shard_id, owner, "the container was stopped by the engine (an infrastructure "
+                                "error, not the image's fault)")
     cts = {case_id: ct for _, case_id, ct in cases}
     limit_broken = result.failure is not None and result.failure.code in OUTPUT_LIMIT_CODES
     report = check_outputs(output, cts, check_contents=not limit_broken)

@@ -23,7 +23,8 @@ import sqlalchemy as sa
 
 ROOT = Path(__file__).resolve().parents[3]
 SLOW_IMAGE = "touchstone/test-slow-algorithm:latest"
-EXAMPLES = ("classical", "trivial", "sleep-forever", "exit-1", "oom", "garbage", "nothing", "network", "forkbomb")
+EXAMPLES = ("classical", "trivial", "sleep-forever", "exit-1", "oom", "garbage", "nothing", "network", "forkbomb",
+            "deep-writer", "many-files", "sigterm-spinner")
 FINISHED = {"scored", "failed", "cancelled"}
 
 #: worker knobs for tests: short start-up allowance, fast heartbeat and reaper

@@ -17,8 +17,15 @@ EXPECTED = {
     "garbage": ["unreadable or mis-shaped files", "case phantom_"],
     "nothing": ["wrote nothing to /output"],
     "network": ["wrote nothing to /output"],
-    "forkbomb": ["Time limit exceeded"],
+    "forkbomb": ["Process limit reached", "64 processes"],
+    "deep-writer": ["more than 5 MiB to /output"],
+    "many-files": ["more than 1000 files"],
+    "sigterm-spinner": ["Time limit exceeded"],
 }
+
+
+def _files_under(folder) -> list:
+    return [p for p in folder.rglob("*") if not p.is_dir()] if folder.exists() else []
 
 
 def test_misbehaving_images_give_their_reasons_and_a_good_one_still_finishes(redis_stack, phantom_manifest, example_images):
@@ -29,6 +36,8 @@ def test_misbehaving_images_give_their_reasons_and_a_good_one_still_finishes(red
     # short limits: 3 s per case + 3 s start-up; 256 MiB; 64 processes
     stack.add_testset("strict", phantom_manifest, time_per_case_s=3.0, memory_bytes=256 << 20,
                       pids_limit=64, shard_size=3)
+    # small output limits (any depth of /output): 5 MiB, 1,000 files and folders
+    stack.env.update({"TOUCHSTONE_WORKER_OUTPUT_BYTES": str(5 << 20), "TOUCHSTONE_WORKER_OUTPUT_FILES": "1000"})
     stack.start_workers()
     bad = {name: stack.submit("strict", image_ref=example_images[name], algorithm=name) for name in EXPECTED}
     good = stack.submit("strict", image_ref=example_images["trivial"], algorithm="trivial")
@@ -47,11 +56,22 @@ def test_misbehaving_images_give_their_reasons_and_a_good_one_still_finishes(red
     assert "fork refused" in logs["forkbomb"]
     assert "allocated" in logs["oom"]
     assert not any(quota.values())  # failed validations do not count against the quota
+    # outputs of failed runs are deleted once the reason and the log are stored: no byte remains
+    runs = stack.data_dir / "storage" / "runs"
+    with session_scope() as session:
+        for name, sid in bad.items():
+            assert _files_under(runs / f"submission-{sid}") == [], name
+            assert session.get(Submission, sid).storage_bytes == 0, name
     # the worker survived all of that: the good submission (queued behind them) is scored
     summary = stack.wait(good, timeout=240)
     assert summary["state"] == "scored", (summary, stack.logs())
     assert summary["scores"] == 6 * 9
     assert all(p.poll() is None for p in stack.workers)
+    # what stays is inside the contract, and it is what the submission is charged for
+    kept = _files_under(runs / f"submission-{good}")
+    assert kept and all(p.name == "combined_labels.nii.gz" and p.parent.parent.name == "output" for p in kept), kept
+    with session_scope() as session:
+        assert session.get(Submission, good).storage_bytes == sum(p.stat().st_size for p in kept)
 
 
 def test_cancel_stops_running_containers_within_seconds(redis_stack, phantom_manifest, example_images, docker_client):

@@ -82,7 +82,9 @@ def test_bind_mount_staging_is_read_only_too(harness, tiny_cts, base_image):
 def test_pids_limit_stops_a_fork_bomb(harness, tiny_cts, example_images):
     limits = dataclasses.replace(harness.limits, pids=32)
     result, _ = harness.run(example_images["forkbomb"], tiny_cts, time_limit_s=6, limits=limits)
-    assert result.failure.code is FailureCode.TIME_LIMIT
+    # the reason names the limit that was hit (the pids cgroup's "max" counter), not the time limit
+    assert result.timed_out and result.pids_limit_hit
+    assert result.failure.code is FailureCode.PIDS_LIMIT and "32 processes" in result.failure.message
     line = next(l for l in result.log_tail.splitlines() if l.startswith("fork refused after"))
     children = int(line.split()[3])
     assert 0 < children < 32, line  # the python process itself and the children share the 32 pids

@@ -1,6 +1,7 @@
 """Test algorithm: the trivial threshold segmenter, slowed to SECONDS_PER_CASE per case, so a test
 can kill its worker, restart Redis or cancel while it runs. Public-sample runs are not slowed
-(validation stays fast); a case is recognised as hidden when /input holds more than one case."""
+(validation stays fast) unless the image sets SLOW_PUBLIC_S (the engine-restart test's variant);
+a case is recognised as hidden when /input holds more than one case."""
 import json
 import os
 import time
@@ -13,6 +14,8 @@ cases = json.load(open("/input/cases.json"))["cases"]
 for case in cases:
     if len(cases) > 1:
         time.sleep(SECONDS_PER_CASE)
+    elif os.environ.get("SLOW_PUBLIC_S"):
+        time.sleep(float(os.environ["SLOW_PUBLIC_S"]))
     ct = nib.load(case["ct"])
     hu = np.asanyarray(ct.dataobj)
     labels = np.zeros(hu.shape, np.uint8)
