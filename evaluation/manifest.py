@@ -203,16 +203,14 @@ def read_manifest(
     problems: list[str] = []
     rows: list[ManifestRow] = []
     seen: dict[str, int] = {}
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        header = [h.strip() for h in (reader.fieldnames or [])]
+    reader, header, _ = open_table(path)  # any delimiter (sniffed), UTF-8 with or without BOM
+    if True:
         missing = [c for c in REQUIRED_COLUMNS if c not in header]
         if missing:
             raise ManifestError(path, [f"line 1: missing required column(s) {missing}; the header must name {list(REQUIRED_COLUMNS)}"])
         dupes = sorted({h for h in header if header.count(h) > 1})
         if dupes:
             raise ManifestError(path, [f"line 1: duplicate column(s) {dupes}"])
-        reader.fieldnames = header
         for record in reader:
             line = reader.line_num
             if None in record:  # more cells than header columns
@@ -288,3 +286,172 @@ def write_manifest(path: Path | str, rows: Iterable[ManifestRow], *, checksums: 
             writer.writerow(record)
     tmp.replace(path)
     return path
+
+
+# --------------------------------------------------------------------------------------------
+# case metadata files (any delimiter, UTF-8 with or without BOM), e.g. Touchstone's metaTotalSeg.csv
+# --------------------------------------------------------------------------------------------
+
+#: typed case metadata fields (columns of the ``cases`` table); anything else is kept as an extra
+METADATA_FIELDS = ("hospital", "age", "sex", "race", "manufacturer", "scanner", "contrast_phase", "diagnosis")
+#: Touchstone's TotalSegmentator metadata (``utils/metaTotalSeg.csv``, semicolon-separated)
+TOUCHSTONE_TOTALSEG_COLUMNS = (
+    "image_id", "age", "gender", "institute", "study_type", "split", "manufacturer", "scanner_model", "kvp",
+    "pathology", "pathology_location",
+)
+TOUCHSTONE_TOTALSEG_MAP = {
+    "image_id": "case_id", "institute": "hospital", "gender": "sex", "scanner_model": "scanner",
+    "pathology": "diagnosis",
+}
+
+
+class MetadataError(ValueError):
+    """Problems of a metadata file, each naming file, row and column (``problems``)."""
+
+    def __init__(self, path: Path | str, problems: list[str]):
+        self.path = str(path)
+        self.problems = problems
+        shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
+        super().__init__(f"{path}: {len(problems)} problem(s); nothing was stored:\n"
+                         + "\n".join(f"  - {p}" for p in shown))
+
+
+class CaseMetadata(BaseModel):
+    """A read metadata file: typed fields and extras per case, and how its columns were used."""
+
+    model_config = ConfigDict(frozen=True)
+
+    path: str
+    delimiter: str
+    layout: str  # "touchstone-totalsegmentator" or "generic"
+    mapping: dict[str, str]  # source column -> field (case_id or a typed field)
+    extras: tuple[str, ...]  # source columns kept as extra metadata (their own names)
+    rows: dict[str, dict[str, Any]]  # case_id -> typed fields (age int) + {"extra": {...}}
+    row_numbers: dict[str, int]  # case_id -> file row (header = row 1)
+
+    def describe(self) -> list[str]:
+        """Lines for the import's report: which column became which field, which were kept."""
+        lines = [f"metadata {self.path} ({self.layout}, delimiter {self.delimiter!r}, {len(self.rows)} cases)"]
+        lines += [f"  {src} -> {dst}" for src, dst in self.mapping.items()]
+        if self.extras:
+            lines.append(f"  kept as extra metadata: {', '.join(self.extras)}")
+        return lines
+
+
+def open_table(path: Path) -> tuple[Any, list[str], str]:
+    """``(csv.DictReader, header, delimiter)`` of a delimited text file: UTF-8 with or without
+    BOM, delimiter sniffed among comma, semicolon and tab (comma when undecidable)."""
+    text = path.read_text(encoding="utf-8-sig")
+    first = text.splitlines()[0] if text else ""
+    counts = {d: first.count(d) for d in (",", ";", "\t")}
+    delimiter = max(counts, key=lambda d: counts[d]) if any(counts.values()) else ","
+    try:
+        sniffed = csv.Sniffer().sniff(text[:65536], delimiters=",;\t").delimiter
+        if counts.get(sniffed, 0) == counts[delimiter]:
+            delimiter = sniffed
+    except csv.Error:
+        pass
+    import io
+
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    header = [h.strip() for h in (reader.fieldnames or [])]
+    reader.fieldnames = header
+    return reader, header, delimiter
+
+
+def _parse_age(cell: str) -> int:
+    age = float(cell)
+    if not (age == age and 0 <= age <= 150):
+        raise ValueError
+    return int(age)
+
+
+def read_case_metadata(
+    path: Path | str, mapping: dict[str, str] | None = None, *, id_columns: tuple[str, ...] = ("case_id", "name"),
+) -> CaseMetadata:
+    """Read a case metadata file.
+
+    Columns: Touchstone's TotalSegmentator file is recognised by its header and mapped with
+    :data:`TOUCHSTONE_TOTALSEG_MAP` (``image_id -> case_id``, ``institute -> hospital``, ``gender
+    -> sex``, ``scanner_model -> scanner``, ``pathology -> diagnosis``); in any file a column named
+    like a field (``case_id``/``name``, ``hospital``, ``age``, ...) is that field; ``mapping``
+    (``{source column: field}``, the CLI's ``--metadata-map``) adds or overrides. Every other
+    column is kept as extra metadata under its own name. Values are kept as written (stripped);
+    ``age`` must be a number of years (``50.00`` is 50). Raises :class:`MetadataError` listing
+    every duplicate case id, unparsable age and unknown column of ``mapping``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MetadataError(path, ["the metadata file does not exist"])
+    reader, header, delimiter = open_table(path)
+    problems: list[str] = []
+    layout = "generic"
+    chosen: dict[str, str] = {}
+    if set(TOUCHSTONE_TOTALSEG_MAP) <= set(header) and "image_id" in header:
+        layout = "touchstone-totalsegmentator"
+        chosen.update(TOUCHSTONE_TOTALSEG_MAP)
+    for column in header:
+        if column in METADATA_FIELDS and column not in chosen and column not in chosen.values():
+            chosen[column] = column
+    if not any(v == "case_id" for v in chosen.values()):
+        for column in id_columns:
+            if column in header:
+                chosen[column] = "case_id"
+                break
+    for source, field in (mapping or {}).items():
+        if source not in header:
+            problems.append(f"row 1, column {source}: --metadata-map names a column the file does not have "
+                            f"(columns: {', '.join(header)})")
+            continue
+        if field not in ("case_id", *METADATA_FIELDS):
+            problems.append(f"row 1, column {source}: cannot map to {field!r}; fields: case_id, "
+                            f"{', '.join(METADATA_FIELDS)} (other columns are kept as extras by their name)")
+            continue
+        for other in [s for s, f in chosen.items() if f == field and s != source]:
+            del chosen[other]
+        chosen[source] = field
+    id_column = next((s for s, f in chosen.items() if f == "case_id"), None)
+    if id_column is None:
+        problems.append(f"row 1: no case id column; name one 'case_id' (or 'name') or map one with "
+                        f"--metadata-map COLUMN=case_id (columns: {', '.join(header)})")
+    if problems:
+        raise MetadataError(path, problems)
+    extras = tuple(c for c in header if c and c not in chosen)
+    rows: dict[str, dict[str, Any]] = {}
+    row_numbers: dict[str, int] = {}
+    for row_number, record in enumerate(reader, start=2):
+        if all((v or "").strip() == "" for v in record.values() if isinstance(v, str)):
+            continue
+        case_id = (record.get(id_column) or "").strip()
+        if not case_id:
+            problems.append(f"row {row_number}, column {id_column}: empty case id")
+            continue
+        if case_id in rows:
+            problems.append(f"row {row_number}, column {id_column}: duplicate case id {case_id!r} "
+                            f"(first on row {row_numbers[case_id]})")
+            continue
+        values: dict[str, Any] = {}
+        for source, field in chosen.items():
+            if field == "case_id":
+                continue
+            cell = (record.get(source) or "").strip()
+            if cell == "":
+                continue
+            if field == "age":
+                try:
+                    values["age"] = _parse_age(cell)
+                except ValueError:
+                    problems.append(f"row {row_number}, column {source}: {cell!r} is not an age in years")
+                    continue
+            else:
+                values[field] = cell
+        extra = {c: (record.get(c) or "").strip() for c in extras if (record.get(c) or "").strip()}
+        if extra:
+            values["extra"] = extra
+        rows[case_id] = values
+        row_numbers[case_id] = row_number
+    if problems:
+        raise MetadataError(path, problems)
+    return CaseMetadata(path=str(path), delimiter=delimiter, layout=layout,
+                        mapping={s: f for s, f in chosen.items()}, extras=extras, rows=rows,
+                        row_numbers=row_numbers)

@@ -8,12 +8,16 @@ Format (the Touchstone benchmark's released per-case results)::
       ...
 
 ``name`` is the case id; each organ column holds the score in [0, 1]; an empty cell means "not
-scored" (e.g. the organ is absent from the reference). Extra columns are ignored. Each model
+scored" (e.g. the organ is absent from the reference), and so does the text ``nan`` that pandas
+writes (Touchstone's published files hold it). Extra columns are ignored. Each model
 folder becomes one algorithm (named after the folder) of the import team with one submission
 flagged ``is_baseline``, state ``published``, not counting against any quota. Cases the test set
-lacks are created (without image or labels; metadata from the optional metadata CSV: column
-``case_id`` (or ``name``) plus any of hospital, age, sex, race, manufacturer, scanner,
-contrast_phase, diagnosis). Importing the same model again replaces its scores.
+lacks are created (without image or labels; metadata from the optional metadata file, read by
+:func:`evaluation.manifest.read_case_metadata`: any delimiter, UTF-8 with or without BOM,
+Touchstone's ``metaTotalSeg.csv`` recognised by its header, ``metadata_map`` for other files, every
+other column kept as extra metadata). A metadata row of a case with no result and not in the test
+set is reported and skipped. A test set created here uses the ``common`` missing-case policy.
+Importing the same model again replaces its scores.
 
 Everything is read and checked before anything is written: a malformed file stops the import with
 a message naming the file, row and column, and nothing is stored.
@@ -65,6 +69,9 @@ class ImportReport:
     submission_ids: list[int]
     cases_created: int
     scores: int
+    #: how the metadata file's columns were used, and rows skipped (lines for the CLI)
+    metadata: list[str] = field(default_factory=list)
+    metadata_skipped: list[str] = field(default_factory=list)
 
 
 def _sha256(path: Path) -> str:
@@ -99,7 +106,7 @@ def read_metric_csv(path: Path) -> dict[str, dict[str, float | None]]:
             values: dict[str, float | None] = {}
             for organ in ORGANS:
                 cell = (row.get(organ) or "").strip()
-                if cell == "":
+                if cell == "" or cell.lower() == "nan":
                     values[organ] = None
                     continue
                 try:
@@ -147,45 +154,15 @@ def read_touchstone_dir(directory: Path) -> list[ModelResults]:
     return [read_model_folder(f) for f in folders]
 
 
-def read_metadata_csv(path: Path) -> dict[str, dict[str, object]]:
-    """``{case_id: {column: value}}`` of the typed metadata columns present (age as int)."""
-    path = Path(path)
+def read_metadata_csv(path: Path, mapping: dict[str, str] | None = None):
+    """The case metadata file (:func:`evaluation.manifest.read_case_metadata`), errors as
+    :class:`TouchstoneFormatError`."""
+    from evaluation.manifest import MetadataError, read_case_metadata
+
     try:
-        handle = open(path, newline="", encoding="utf-8-sig")
-    except OSError as exc:
-        raise TouchstoneFormatError(f"{path}: cannot be read ({exc.strerror})") from None
-    with handle:
-        reader = csv.DictReader(handle)
-        header = [h.strip() for h in (reader.fieldnames or [])]
-        reader.fieldnames = header
-        id_column = "case_id" if "case_id" in header else CASE_COLUMN if CASE_COLUMN in header else None
-        if id_column is None:
-            raise TouchstoneFormatError(f"{path}: missing column 'case_id' (or 'name') with the case ids")
-        columns = [c for c in METADATA_COLUMNS if c in header]
-        out: dict[str, dict[str, object]] = {}
-        for row_number, row in enumerate(reader, start=2):
-            case_id = (row.get(id_column) or "").strip()
-            if not case_id:
-                raise TouchstoneFormatError(f"{path}, row {row_number}: empty '{id_column}'")
-            values: dict[str, object] = {}
-            for column in columns:
-                cell = (row.get(column) or "").strip()
-                if cell == "":
-                    continue
-                if column == "age":
-                    try:
-                        age = float(cell)
-                    except ValueError:
-                        raise TouchstoneFormatError(
-                            f"{path}, row {row_number}, column age: {cell!r} is not a number of years"
-                        ) from None
-                    if not math.isfinite(age) or age < 0 or age > 150:
-                        raise TouchstoneFormatError(f"{path}, row {row_number}, column age: {cell} is not an age")
-                    values[column] = int(age)
-                else:
-                    values[column] = cell
-            out[case_id] = values
-    return out
+        return read_case_metadata(Path(path), mapping)
+    except MetadataError as exc:
+        raise TouchstoneFormatError(str(exc)) from None
 
 
 def _get_or_create_testset(session: Session, name: str, directory: Path, settings: Settings) -> tuple[TestSet, bool]:
@@ -209,6 +186,8 @@ def _get_or_create_testset(session: Session, name: str, directory: Path, setting
         shard_size=settings.default_shard_size, quota_submissions=settings.default_quota_submissions,
         quota_period_days=settings.default_quota_period_days, is_open=False,
         min_group_size=settings.default_min_group_size,
+        # published baselines miss cases: compare on the cases they share (Touchstone's own rule)
+        missing_policy="common",
     )
     session.add(testset)
     session.flush()
@@ -221,6 +200,7 @@ def import_touchstone(
     testset_name: str,
     *,
     metadata: Path | str | None = None,
+    metadata_map: dict[str, str] | None = None,
     team_name: str = DEFAULT_TEAM,
     actor: User | None = None,
     settings: Settings | None = None,
@@ -233,25 +213,37 @@ def import_touchstone(
     settings = settings or get_settings()
     directory = Path(directory).resolve()
     models = read_touchstone_dir(directory)
-    meta = read_metadata_csv(Path(metadata)) if metadata else {}
+    table = read_metadata_csv(Path(metadata), metadata_map) if metadata else None
+    meta = table.rows if table else {}
 
     testset, created = _get_or_create_testset(session, testset_name, directory, settings)
     protocol_key = testset.protocol_key
     cases = {c.case_id: c for c in session.scalars(sa.select(Case).where(Case.testset_id == testset.id))}
     all_ids = sorted({cid for m in models for cid in m.scores})
+    skipped: list[str] = []
+    if table is not None:
+        known = set(all_ids) | set(cases)
+        unknown = [c for c in meta if c not in known]
+        skipped = [f"{table.path}, row {table.row_numbers[c]}, column "
+                   f"{next(s for s, f in table.mapping.items() if f == 'case_id')}: case {c!r} has no result "
+                   f"and is not in test set {testset_name!r}: skipped" for c in unknown]
     created_cases = 0
     for case_id in all_ids:
+        values = dict(meta.get(case_id, {}))
+        extra = values.pop("extra", {})
         if case_id not in cases:
             case = Case(testset_id=testset.id, case_id=case_id, image_path="", labels_path="",
-                        extra={"source": "touchstone-import"}, **meta.get(case_id, {}))
+                        extra={"source": "touchstone-import", **extra}, **values)
             session.add(case)
             cases[case_id] = case
             created_cases += 1
         else:
             case = cases[case_id]
-            for column, value in meta.get(case_id, {}).items():
+            for column, value in values.items():
                 if getattr(case, column) is None:
                     setattr(case, column, value)
+            if extra:
+                case.extra = {**extra, **(case.extra or {})}
     session.flush()
 
     team = session.scalar(sa.select(Team).where(Team.name == team_name))
@@ -312,5 +304,9 @@ def import_touchstone(
         from services.leaderboard import recompute_testset
 
         recompute_testset(session, testset, submission_ids=submission_ids)
+    lines = table.describe() if table else []
+    if skipped:
+        lines.append(f"  {len(skipped)} metadata row(s) name cases without results (skipped)")
     return ImportReport(testset=testset.name, created_testset=created, models=[m.name for m in models],
-                        submission_ids=submission_ids, cases_created=created_cases, scores=n_scores)
+                        submission_ids=submission_ids, cases_created=created_cases, scores=n_scores,
+                        metadata=lines, metadata_skipped=skipped)

@@ -61,6 +61,10 @@ class Protocol(BaseModel):
         dsc_variant: ``"standard"`` 2|P∩G|/(|P|+|G|) or ``"touchstone"`` 2|P∩G|/(|P|+|G|+1).
         empty: :class:`EmptyMaskRules`, one value per enabled metric in each situation.
         worst: metric → score of a missing, unreadable or invalid prediction.
+        organ_average: how the per-case organ average is formed -- ``"scored-organs"`` (mean of
+            the organs scored for the case) or ``"all-organs"`` (a case counts only when every
+            organ present in its ground truth has a score; Touchstone's leaderboard). Aggregation
+            only: per-case scores do not depend on it.
         description: free text shown to people.
     """
 
@@ -76,6 +80,7 @@ class Protocol(BaseModel):
     dsc_variant: Literal["standard", "touchstone"] = "standard"
     empty: EmptyMaskRules
     worst: dict[str, float]
+    organ_average: Literal["scored-organs", "all-organs"] = "scored-organs"
 
     @field_validator("organs")
     @classmethod

@@ -170,7 +170,10 @@ def export_command(
 def import_touchstone_command(
     directory: Path = typer.Argument(..., help="folder with one folder per model (dsc.csv, nsd.csv)"),
     testset: str = typer.Option(..., "--testset", help="test set name (created when it does not exist)"),
-    metadata: Optional[Path] = typer.Option(None, "--metadata", help="CSV: case_id + hospital/age/sex/... columns"),
+    metadata: Optional[Path] = typer.Option(None, "--metadata", help="metadata file (any delimiter; Touchstone's "
+                                            "metaTotalSeg.csv recognised): case id + hospital/age/sex/... columns"),
+    metadata_map: list[str] = typer.Option([], "--metadata-map", help="SOURCE=FIELD: metadata column SOURCE is "
+                                           "FIELD (case_id, hospital, age, sex, ...); repeatable"),
     team: str = typer.Option("Touchstone (published)", help="team the imported algorithms belong to"),
 ) -> None:
     """Import published Touchstone results as published baseline submissions, then recompute."""
@@ -187,8 +190,11 @@ def import_touchstone_command(
                 progress.update(task, total=total, completed=done, description=f"imported {name}")
 
             with session_scope() as session:
+                mapping = dict(m.split("=", 1) for m in metadata_map if "=" in m)
+                if len(mapping) != len(metadata_map):
+                    raise TouchstoneFormatError("--metadata-map takes SOURCE=FIELD, e.g. --metadata-map site=hospital")
                 report = import_touchstone(session, directory, testset, metadata=metadata, team_name=team,
-                                           progress=step)
+                                           progress=step, metadata_map=mapping)
                 progress.update(task, description="statistics recomputed")
     except TouchstoneFormatError as exc:
         _fail(f"{exc} (nothing was imported)")
@@ -197,6 +203,8 @@ def import_touchstone_command(
         f"imported {len(report.models)} model(s) into {report.testset}{created}: {', '.join(report.models)}; "
         f"{report.scores} scores, {report.cases_created} case(s) created; statistics recomputed"
     )
+    for line in [*report.metadata, *report.metadata_skipped[:5]]:
+        console.print(line, markup=False, highlight=False)
 
 
 def register(app: typer.Typer) -> None:

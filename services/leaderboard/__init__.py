@@ -7,13 +7,19 @@ from services.leaderboard.compute import (
     METRICS,
     RANKING_METHODS,
     STABILITY_METHODS,
+    STATS_PRESETS,
     RecomputeReport,
     StatsOptions,
+    breakdown_variables,
+    normalize_stats_options,
     on_submission_scored,
+    options_for_testset,
+    recompute_all,
     recompute_testset,
 )
 
 __all__ = [
     "DEFAULT_OPTIONS", "METRICS", "RANKING_METHODS", "RecomputeReport", "STABILITY_METHODS", "StatsOptions",
-    "on_submission_scored", "recompute_testset",
+    "on_submission_scored", "recompute_testset", "recompute_all", "options_for_testset", "STATS_PRESETS",
+    "normalize_stats_options", "breakdown_variables",
 ]

@@ -22,8 +22,16 @@ Conventions:
   (``NaN``), never silently dropped;
 * a score whose ``status`` names a failure (:func:`is_failure`) keeps its stored (worst) value
   and is counted in ``n_failed``;
-* the organ ``average`` is the per-case mean over the organs scored for that case
-  (:func:`evaluation.stats.average_over_organs`), then summarised like an organ.
+* the organ ``average`` follows the protocol's ``organ_average`` rule (``all-organs``: a case
+  counts only when every organ present in its ground truth is scored, Touchstone's leaderboard;
+  ``scored-organs``: the mean over the organs scored), then summarised like an organ;
+* one missing-case policy per test set (``TestSet.missing_policy``) decides every number:
+  ``worst`` -- a missing case (an organ of a case that some submission scored, without a score
+  of this submission) takes the protocol's worst value everywhere; ``common`` -- rankings,
+  P(best) and the bootstrap use the cases every ranked submission has, each pairwise test the
+  cases its two submissions share, the per-submission aggregates each submission's own cases;
+* the statistical options (``TestSet.stats_options``: a preset and/or individual options, see
+  :data:`STATS_PRESETS`) and the tie rule are recorded in every ``StatsRun.details``.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import logging
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -42,9 +51,15 @@ from sqlalchemy.orm import Session
 from evaluation.labels import ORGANS
 from evaluation.stats import (
     AVERAGE_ORGAN,
+    CORRECTIONS,
+    FAMILIES,
+    MISSING_POLICIES,
+    ORGAN_AVERAGE_RULES,
     SUBGROUP_VARIABLES,
+    TIE_RULE,
     ScoreMatrix,
     WilcoxonOptions,
+    apply_missing_policy,
     average_over_organs,
     bootstrap_rank_stability,
     pairwise_wilcoxon,
@@ -52,7 +67,7 @@ from evaluation.stats import (
     score_matrices_from_long,
 )
 from evaluation.stats.subgroups import UNKNOWN_GROUP, group_labels
-from evaluation.stats.summary import bootstrap_distribution, percentile_interval
+from evaluation.stats.summary import bootstrap_distribution, bootstrap_intervals, percentile_interval
 from services.db.base import finite_or_none, utcnow
 from services.db.enums import SubmissionState
 from services.db.leaderboard_models import SCOPES, PairwiseTest, RankingEntry, RankStability, StatsRun
@@ -86,15 +101,67 @@ def is_failure(status: str | None) -> bool:
     return bool(status) and str(status).lower().startswith(FAILURE_PREFIXES)
 
 
+CI_METHODS = ("percentile", "bca")
+WORST_DEFAULT: dict[str, float] = {"dsc": 0.0, "nsd": 0.0}
+
+#: named sets of statistical options (``touchstone testsets update NAME --stats-preset P``)
+STATS_PRESETS: dict[str, dict[str, Any]] = {
+    # Touchstone's plot/SignificanceMaps.py: per organ and ordered pair
+    # scipy.stats.wilcoxon(x, y, alternative='greater') with scipy's defaults on the cases both
+    # models have, then statsmodels multipletests(method='holm') over all ordered pairs
+    "touchstone-2024": {"zero_method": "wilcox", "continuity": False, "test_method": "auto",
+                        "correction": "holm", "family": "all", "test_correction": "holm",
+                        "ci_method": "percentile"},
+    # challengeR: wilcox.test(paired=TRUE, exact=FALSE, correct=TRUE); testThenRank uncorrected
+    "challenger": {"zero_method": "wilcox", "continuity": True, "test_method": "asymptotic",
+                   "correction": "holm", "family": "tested", "test_correction": "none",
+                   "ci_method": "percentile"},
+}
+#: the individual options (keys of ``TestSet.stats_options``) and their allowed values
+STATS_OPTION_VALUES: dict[str, tuple] = {
+    "zero_method": ("wilcox", "pratt", "zsplit"),
+    "continuity": (True, False),
+    "test_method": ("asymptotic", "exact", "auto"),
+    "correction": CORRECTIONS,
+    "test_correction": CORRECTIONS,
+    "family": FAMILIES,
+    "ci_method": CI_METHODS,
+}
+
+
+def normalize_stats_options(raw: dict[str, Any] | None) -> dict[str, Any]:
+    """Check a ``stats_options`` dict (``preset`` plus individual options, which win over the
+    preset) and return it with only known keys; raises :class:`ValueError` naming the bad key."""
+    raw = dict(raw or {})
+    out: dict[str, Any] = {}
+    preset = raw.pop("preset", None)
+    if preset is not None:
+        if preset not in STATS_PRESETS:
+            raise ValueError(f"unknown stats preset {preset!r}; choose one of {sorted(STATS_PRESETS)}")
+        out["preset"] = preset
+    for key, value in raw.items():
+        if key not in STATS_OPTION_VALUES:
+            raise ValueError(f"unknown statistics option {key!r}; options: preset, {', '.join(STATS_OPTION_VALUES)}")
+        allowed = STATS_OPTION_VALUES[key]
+        if value not in allowed:
+            raise ValueError(f"statistics option {key}={value!r} is not one of {list(allowed)}")
+        out[key] = value
+    return out
+
+
 @dataclass(frozen=True)
 class StatsOptions:
     """Settings of every stored statistic (recorded in ``StatsRun.details``).
 
     n_resamples / seed / confidence: both bootstraps (CIs of the aggregates, rank stability);
     group_resamples: bootstrap resamples of each hospital / subgroup CI; correction / alpha: the
-    multiple-testing correction over all K(K-1) ordered pairs and the significance level;
-    wilcoxon: the signed-rank options (default: R's ``wilcox.test(paired=TRUE, exact=FALSE,
-    correct=TRUE)``).
+    multiple-testing correction of the pairwise tests and the significance level; family: which
+    ordered pairs count in that correction (``tested`` or ``all``); test_correction: the
+    correction of test-then-rank; wilcoxon: the signed-rank options (default: R's
+    ``wilcox.test(paired=TRUE, exact=FALSE, correct=TRUE)``); missing_policy: ``worst`` or
+    ``common``; ci_method: the interval stored (``percentile`` or ``bca``); organ_average: the
+    protocol's organ-average rule; worst: the protocol's worst value per metric; min_group_size:
+    the test set's ``too_small`` threshold; preset: the preset the options came from, if any.
     """
 
     n_resamples: int = 1000
@@ -104,13 +171,118 @@ class StatsOptions:
     correction: str = "holm"
     alpha: float = 0.05
     wilcoxon: WilcoxonOptions = field(default_factory=WilcoxonOptions)
+    missing_policy: str = "worst"
+    family: str = "tested"
+    test_correction: str = "holm"
+    ci_method: str = "percentile"
+    organ_average: str = "scored-organs"
+    worst: dict[str, float] = field(default_factory=lambda: dict(WORST_DEFAULT))
+    min_group_size: int = 10
+    preset: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.missing_policy not in MISSING_POLICIES:
+            raise ValueError(f"missing_policy must be one of {list(MISSING_POLICIES)}, got {self.missing_policy!r}")
+        if self.ci_method not in CI_METHODS:
+            raise ValueError(f"ci_method must be one of {list(CI_METHODS)}, got {self.ci_method!r}")
+        if self.organ_average not in ORGAN_AVERAGE_RULES:
+            raise ValueError(f"organ_average must be one of {list(ORGAN_AVERAGE_RULES)}, got {self.organ_average!r}")
+        for c in (self.correction, self.test_correction):
+            if c not in CORRECTIONS:
+                raise ValueError(f"unknown correction {c!r}; choose one of {list(CORRECTIONS)}")
+        if self.family not in FAMILIES:
+            raise ValueError(f"family must be one of {list(FAMILIES)}, got {self.family!r}")
 
     def method_name(self) -> str:
         w = self.wilcoxon
+        family = "all ordered pairs" if self.family == "all" else "all ordered pairs with a test"
         return (
             f"wilcoxon signed-rank, paired, one-sided (zero_method={w.zero_method}, "
-            f"continuity={w.correction}); {self.correction} over all ordered pairs"
+            f"continuity={w.correction}, method={w.method}); {self.correction} over {family}"
         )
+
+    def describe(self) -> dict[str, Any]:
+        """What produced the numbers (stored in every run's details, printed under every table)."""
+        w = self.wilcoxon
+        return {
+            "preset": self.preset,
+            "missing_policy": self.missing_policy,
+            "tie_rule": TIE_RULE,
+            "organ_average": self.organ_average,
+            "wilcoxon": {"zero_method": w.zero_method, "continuity": w.correction, "method": w.method},
+            "correction": self.correction,
+            "family": self.family,
+            "test_correction": self.test_correction,
+            "ci_method": self.ci_method,
+            "confidence": self.confidence,
+            "min_group_size": self.min_group_size,
+        }
+
+    def footer(self) -> str:
+        """One line naming the missing-case policy, the tie rule and the test options."""
+        w = self.wilcoxon
+        preset = f"preset {self.preset}; " if self.preset else ""
+        return (
+            f"{preset}missing cases: {self.missing_policy}; organ average: {self.organ_average}; {TIE_RULE}; "
+            f"Wilcoxon {w.method} (zero_method={w.zero_method}, continuity={w.correction}), "
+            f"{self.correction} over {'all' if self.family == 'all' else 'tested'} ordered pairs; "
+            f"test-then-rank {self.test_correction}; {self.ci_method} {self.confidence:g} CIs"
+        )
+
+
+def protocol_settings(testset: TestSet) -> tuple[str, dict[str, float]]:
+    """(organ-average rule, worst value per metric) of the test set's protocol (its stored JSON,
+    else the preset of the same name and version)."""
+    data = dict(testset.protocol_json or {})
+    rule, worst = data.get("organ_average"), data.get("worst")
+    if rule is None or worst is None:
+        from evaluation.protocols import PRESETS
+
+        preset = PRESETS.get(testset.protocol_name)
+        if preset is not None and str(preset.version) == str(testset.protocol_version):
+            rule = rule or preset.organ_average
+            worst = worst or dict(preset.worst)
+    worst = {m: float(v) for m, v in (worst or WORST_DEFAULT).items() if m in METRICS}
+    return rule or "scored-organs", {**WORST_DEFAULT, **worst}
+
+
+def options_for_testset(testset: TestSet, base: StatsOptions | None = None) -> StatsOptions:
+    """The options of ``testset``: resampling knobs from ``base`` (default :data:`DEFAULT_OPTIONS`),
+    policy, test options, CI method, organ average, worst values and ``min_group_size`` from the
+    test set and its protocol (so no caller can silently use another rule)."""
+    base = base or DEFAULT_OPTIONS
+    chosen = normalize_stats_options(testset.stats_options)
+    merged = {**STATS_PRESETS.get(chosen.get("preset") or "", {}), **chosen}
+    rule, worst = protocol_settings(testset)
+    return StatsOptions(
+        n_resamples=base.n_resamples, group_resamples=base.group_resamples, seed=base.seed,
+        confidence=base.confidence, alpha=base.alpha,
+        correction=merged.get("correction", "holm"),
+        wilcoxon=WilcoxonOptions(zero_method=merged.get("zero_method", "wilcox"),
+                                 correction=bool(merged.get("continuity", True)),
+                                 method=merged.get("test_method", "asymptotic")),
+        missing_policy=testset.missing_policy or "worst",
+        family=merged.get("family", "tested"),
+        test_correction=merged.get("test_correction", "holm"),
+        ci_method=merged.get("ci_method", "percentile"),
+        organ_average=rule, worst=worst,
+        min_group_size=int(testset.min_group_size or 1),
+        preset=chosen.get("preset"),
+    )
+
+
+def breakdown_variables(testset: TestSet | None) -> tuple[str, ...]:
+    """The breakdowns of a test set: ``hospital`` then its ``subgroup_variables`` (``age`` means
+    ``age_decade``), or the default :data:`BREAKDOWNS` when it names none."""
+    chosen = list(getattr(testset, "subgroup_variables", None) or [])
+    if not chosen:
+        return BREAKDOWNS
+    out = ["hospital"]
+    for v in chosen:
+        v = "age_decade" if v == "age" else str(v)
+        if v not in out:
+            out.append(v)
+    return tuple(out)
 
 
 DEFAULT_OPTIONS = StatsOptions()
@@ -134,16 +306,34 @@ class RecomputeReport:
 # --------------------------------------------------------------------------------------------
 
 
-def load_cases(session: Session, testset_id: int) -> pd.DataFrame:
-    """The test set's hidden cases: ``case_pk`` (cases.id), ``case_id`` and the metadata columns.
+def load_cases(session: Session, testset_id: int, extra_columns: Sequence[str] = ()) -> pd.DataFrame:
+    """The test set's hidden cases: ``case_pk`` (cases.id), ``case_id``, the metadata columns and
+    the requested ``extra_columns`` (kept metadata of ``Case.extra``, e.g. ``kvp``).
 
     Public-sample cases are left out: they are the inventors' validation run, not the benchmark,
     and counting them would make every submission "miss" them."""
-    columns = [Case.id, Case.case_id, *(getattr(Case, c) for c in CASE_METADATA)]
+    columns = [Case.id, Case.case_id, *(getattr(Case, c) for c in CASE_METADATA), Case.extra]
     rows = session.execute(
         sa.select(*columns).where(Case.testset_id == testset_id, Case.public_sample.is_(False)).order_by(Case.id)
     ).all()
-    return pd.DataFrame(rows, columns=["case_pk", "case_id", *CASE_METADATA])
+    frame = pd.DataFrame(rows, columns=["case_pk", "case_id", *CASE_METADATA, "extra"])
+    for column in extra_columns:
+        if column not in frame.columns:
+            frame[column] = [(e or {}).get(column) if isinstance(e, dict) else None for e in frame["extra"]]
+    return frame.drop(columns=["extra"])
+
+
+def load_expected(session: Session, testset: TestSet) -> set[tuple[int, str]]:
+    """The (case_pk, organ) cells of the benchmark: those that some scored or published submission
+    of the test set has a score for (an organ absent from a case's ground truth has none)."""
+    stmt = (
+        sa.select(Score.case_id, Score.organ).distinct()
+        .join(Submission, Submission.id == Score.submission_id)
+        .where(Submission.testset_id == testset.id, Submission.state.in_(SCOPE_STATES["all"]),
+               Score.protocol_key == testset.protocol_key,
+               sa.or_(*(getattr(Score, m).is_not(None) for m in METRICS)))
+    )
+    return {(int(c), str(o)) for c, o in session.execute(stmt).all()}
 
 
 def load_scores(session: Session, submission_ids: Sequence[int], protocol_key: str) -> pd.DataFrame:
@@ -166,14 +356,22 @@ def load_scores(session: Session, submission_ids: Sequence[int], protocol_key: s
 
 
 def build_matrices(
-    scores: pd.DataFrame, cases: pd.DataFrame, algorithms: Sequence[str]
-) -> dict[tuple[str, str], ScoreMatrix]:
-    """``{(organ, metric): ScoreMatrix}`` over every case of the test set, organs plus ``average``.
+    scores: pd.DataFrame,
+    cases: pd.DataFrame,
+    algorithms: Sequence[str],
+    options: StatsOptions | None = None,
+    expected: set[tuple[int, str]] | None = None,
+) -> tuple[dict[tuple[str, str], ScoreMatrix], dict[tuple[str, str], np.ndarray]]:
+    """``({(organ, metric): ScoreMatrix}, {(organ, metric): missing})`` over every case of the test
+    set, organs plus ``average``; ``missing`` marks the (algorithm, case) cells without a score
+    of the algorithm (what ``n_missing`` counts).
 
-    Organs nobody scored are absent; the average is over the organs present.
+    Under the ``worst`` policy the missing cells of the benchmark (``expected``, default: cells
+    some algorithm here scored) hold the protocol's worst value; under ``common`` they stay NaN. The average follows ``options.organ_average``. Organs nobody scored are absent.
     """
+    options = options or DEFAULT_OPTIONS
     if scores.empty or not len(algorithms):
-        return {}
+        return {}, {}
     case_of = dict(zip(cases["case_pk"], cases["case_id"].astype(str)))
     long = scores.assign(case_id=scores["case_pk"].map(case_of)).drop(columns=["case_pk"])
     matrices = score_matrices_from_long(
@@ -182,11 +380,34 @@ def build_matrices(
         algorithms=list(algorithms),
         case_metadata=cases[["case_id"]].astype(str),
     )
+    expected_by_organ: dict[str, set[str]] | None = None
+    if expected is not None:
+        expected_by_organ = {}
+        for case_pk, organ in expected:
+            if case_pk in case_of:
+                expected_by_organ.setdefault(organ, set()).add(case_of[case_pk])
+    missing: dict[tuple[str, str], np.ndarray] = {}
+    raw = dict(matrices)
+    for key, m in list(matrices.items()):
+        if expected_by_organ is None:
+            want = m.scored.any(axis=0)
+        else:
+            wanted = expected_by_organ.get(key[0], set())
+            want = np.array([c in wanted for c in m.case_ids], dtype=bool) | m.scored.any(axis=0)
+        missing[key] = np.isnan(m.values)  # no score of the algorithm (n_missing counts these)
+        fill = missing[key] & want[None, :]
+        if options.missing_policy == "worst" and fill.any():
+            matrices[key] = ScoreMatrix(organ=m.organ, metric=m.metric, algorithms=m.algorithms,
+                                        case_ids=m.case_ids, values=np.where(fill, options.worst[m.metric], m.values),
+                                        failed=m.failed, higher_is_better=m.higher_is_better)
     for metric in METRICS:
-        per_organ = [m for (organ, mm), m in matrices.items() if mm == metric and organ != AVERAGE_ORGAN]
-        if per_organ:
-            matrices[(AVERAGE_ORGAN, metric)] = average_over_organs(per_organ)
-    return matrices
+        keys = [k for k in matrices if k[1] == metric and k[0] != AVERAGE_ORGAN]
+        if keys:
+            matrices[(AVERAGE_ORGAN, metric)] = average_over_organs([matrices[k] for k in keys],
+                                                                     rule=options.organ_average)
+            missing[(AVERAGE_ORGAN, metric)] = np.isnan(
+                average_over_organs([raw[k] for k in keys], rule=options.organ_average).values)
+    return matrices, missing
 
 
 def scope_submission_ids(session: Session, testset_id: int, scope: str) -> list[int]:
@@ -208,25 +429,32 @@ def scope_submission_ids(session: Session, testset_id: int, scope: str) -> list[
 
 
 def summary_row(values: np.ndarray, failed: np.ndarray, *, n_resamples: int, seed: int,
-                confidence: float) -> dict:
+                confidence: float, ci_method: str = "percentile", missing: np.ndarray | None = None) -> dict:
     """Summary of one algorithm's scores over a set of cases (``NaN`` = not scored).
 
     The same numbers as :func:`evaluation.stats.summarize` on a one-algorithm matrix (same seeding:
     the first generator spawned from ``SeedSequence(seed)``; same resample indices for mean and
     median) without building a DataFrame per call: n (scored), mean, median, std (ddof 1),
-    percentile bootstrap intervals of mean and median, n_failed, n_missing.
+    bootstrap intervals of mean and median (``ci_method``: percentile or BCa; the one stored is
+    named in ``ci_method``), n_failed, n_missing (``missing.sum()`` when given, else the NaN).
     """
     x = values[~np.isnan(values)]
     n = int(x.size)
     rng = np.random.default_rng(np.random.SeedSequence(seed).spawn(1)[0])
     indices = rng.integers(0, max(n, 1), (n_resamples, n))
-    # percentile intervals only (what is stored): bootstrap_intervals' BCa half (jackknife,
-    # acceleration) was ~15 % of an aggregate recomputation and never read
     nan = (float("nan"), float("nan"))
-    mean_lo, mean_hi = percentile_interval(bootstrap_distribution(x, "mean", indices), confidence) if n else nan
-    median_lo, median_hi = (
-        percentile_interval(bootstrap_distribution(x, "median", indices), confidence) if n else nan
-    )
+    if ci_method == "bca" and n:
+        mean_ci = bootstrap_intervals(x, "mean", indices=indices, confidence=confidence)
+        median_ci = bootstrap_intervals(x, "median", indices=indices, confidence=confidence)
+        mean_lo, mean_hi = mean_ci["low_bca"], mean_ci["high_bca"]
+        median_lo, median_hi = median_ci["low_bca"], median_ci["high_bca"]
+    else:
+        # percentile intervals only: bootstrap_intervals' BCa half (jackknife, acceleration) was
+        # ~15 % of an aggregate recomputation
+        mean_lo, mean_hi = percentile_interval(bootstrap_distribution(x, "mean", indices), confidence) if n else nan
+        median_lo, median_hi = (
+            percentile_interval(bootstrap_distribution(x, "median", indices), confidence) if n else nan
+        )
     return {
         "n": n,
         "mean": finite_or_none(x.mean()) if n else None,
@@ -237,40 +465,54 @@ def summary_row(values: np.ndarray, failed: np.ndarray, *, n_resamples: int, see
         "median_ci_low": finite_or_none(median_lo),
         "median_ci_high": finite_or_none(median_hi),
         "n_failed": int(failed.sum()),
-        "n_missing": int(values.size - n),
+        "n_missing": int(missing.sum()) if missing is not None else int(values.size - n),
+        "ci_method": ci_method,
     }
 
 
 def submission_aggregate_rows(
-    matrices: dict[tuple[str, str], ScoreMatrix], cases: pd.DataFrame, options: StatsOptions = DEFAULT_OPTIONS
+    matrices: dict[tuple[str, str], ScoreMatrix], cases: pd.DataFrame, options: StatsOptions = DEFAULT_OPTIONS,
+    missing: dict[tuple[str, str], np.ndarray] | None = None, variables: Sequence[str] = BREAKDOWNS,
 ) -> list[dict]:
     """Aggregate rows (dicts: organ, metric, scope, group_value + the statistics) of the one
     algorithm of ``matrices``: ``overall`` over every case, then per group of each breakdown
     variable that any case has a value of (cases without a value form the group ``unknown``,
-    groups are never dropped, however small)."""
+    groups are never dropped, however small: ``too_small`` when n < ``options.min_group_size``)."""
     rows: list[dict] = []
     if not matrices:
         return rows
+    missing = missing or {}
     metadata = cases.assign(case_id=cases["case_id"].astype(str))
     case_ids = next(iter(matrices.values())).case_ids
     groups: dict[str, list[tuple[str, np.ndarray]]] = {}
-    for variable in BREAKDOWNS:
-        labels = group_labels(metadata, variable, case_ids)
+    for variable in variables:
+        try:
+            labels = group_labels(metadata, variable, case_ids)
+        except ValueError:
+            continue  # a variable no case has (e.g. an extra column of another test set)
         if (labels == UNKNOWN_GROUP).all():
             continue  # no case has this metadata: no breakdown to show
-        groups[variable] = [(g, labels == g) for g in sorted(set(labels))]
+        groups[variable] = [(g, labels == g) for g in sorted(set(labels) - {UNKNOWN_GROUP})]
+        if UNKNOWN_GROUP in labels:
+            groups[variable].append((UNKNOWN_GROUP, labels == UNKNOWN_GROUP))
+    k = options.min_group_size
     for (organ, metric), matrix in matrices.items():
         if matrix.n_algorithms != 1 or matrix.case_ids != case_ids:
             raise ValueError("submission_aggregate_rows needs one-algorithm matrices over the same cases")
         values, failed = matrix.values[0], matrix.failed[0]
+        miss = missing.get((organ, metric))
+        miss = miss[0] if miss is not None else None
+        row = summary_row(values, failed, n_resamples=options.n_resamples, seed=options.seed,
+                          confidence=options.confidence, ci_method=options.ci_method, missing=miss)
         rows.append({"organ": organ, "metric": metric, "scope": "overall", "group_value": "",
-                     **summary_row(values, failed, n_resamples=options.n_resamples, seed=options.seed,
-                                   confidence=options.confidence)})
+                     **row, "too_small": row["n"] < k})
         for variable, masks in groups.items():
             for group, mask in masks:
+                row = summary_row(values[mask], failed[mask], n_resamples=options.group_resamples,
+                                  seed=options.seed, confidence=options.confidence, ci_method=options.ci_method,
+                                  missing=miss[mask] if miss is not None else None)
                 rows.append({"organ": organ, "metric": metric, "scope": variable, "group_value": group,
-                             **summary_row(values[mask], failed[mask], n_resamples=options.group_resamples,
-                                           seed=options.seed, confidence=options.confidence)})
+                             **row, "too_small": row["n"] < k})
     return rows
 
 
@@ -279,15 +521,20 @@ def store_submission_aggregates(
     submission: Submission,
     testset: TestSet,
     cases: pd.DataFrame | None = None,
-    options: StatsOptions = DEFAULT_OPTIONS,
+    options: StatsOptions | None = None,
+    expected: set[tuple[int, str]] | None = None,
 ) -> int:
-    """Replace the submission's aggregates under the test set's protocol key; returns rows written."""
+    """Replace the submission's aggregates under the test set's protocol key; returns rows written.
+    ``options`` default to :func:`options_for_testset`; ``expected`` to :func:`load_expected`."""
     protocol_key = testset.protocol_key
-    cases = load_cases(session, testset.id) if cases is None else cases
+    options = options or options_for_testset(testset)
+    variables = breakdown_variables(testset)
+    cases = load_cases(session, testset.id, _extra_columns(variables)) if cases is None else cases
+    expected = load_expected(session, testset) if expected is None else expected
     algorithm = str(submission.id)
     scores = load_scores(session, [submission.id], protocol_key)
-    matrices = build_matrices(scores, cases, [algorithm])
-    rows = submission_aggregate_rows(matrices, cases, options)
+    matrices, missing = build_matrices(scores, cases, [algorithm], options, expected)
+    rows = submission_aggregate_rows(matrices, cases, options, missing, variables)
     session.execute(
         sa.delete(Aggregate).where(Aggregate.submission_id == submission.id, Aggregate.protocol_key == protocol_key)
     )
@@ -298,6 +545,10 @@ def store_submission_aggregates(
             [{"submission_id": submission.id, "protocol_key": protocol_key, "computed_at": now, **r} for r in rows],
         )
     return len(rows)
+
+
+def _extra_columns(variables: Sequence[str]) -> list[str]:
+    return [v for v in variables if v not in CASE_METADATA and v != "age_decade"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -321,9 +572,18 @@ def comparative_rows(
     matrices: dict[tuple[str, str], ScoreMatrix], options: StatsOptions = DEFAULT_OPTIONS
 ) -> tuple[list[dict], list[dict], list[dict], list[dict]]:
     """(runs, rankings, pairwise, stability) rows -- dicts keyed by the table columns minus
-    (testset_id, protocol_key, scope) -- for every (organ, metric) matrix."""
+    (testset_id, protocol_key, scope) -- for every (organ, metric) matrix (as
+    :func:`build_matrices` gives them under ``options.missing_policy``)."""
     with _frozen_gc():
         return _comparative_rows(matrices, options)
+
+
+def ranking_matrix(matrix: ScoreMatrix, options: StatsOptions) -> ScoreMatrix:
+    """The cases a ranking compares on: under ``worst`` the benchmark's cases (missing ones already
+    hold the worst value); under ``common`` the cases every algorithm of ``matrix`` has."""
+    if options.missing_policy == "common":
+        return apply_missing_policy(matrix, "common")
+    return apply_missing_policy(matrix, "worst", worst=options.worst.get(matrix.metric, 0.0))
 
 
 def _comparative_rows(
@@ -333,8 +593,10 @@ def _comparative_rows(
     method_name = options.method_name()
     for (organ, metric), matrix in matrices.items():
         key = {"organ": organ, "metric": metric}
+        ranked = ranking_matrix(matrix, options)
+        # worst: every test on the filled matrix; common: each pair on the cases both have
         pairwise = pairwise_wilcoxon(matrix, options=options.wilcoxon, correction=options.correction,
-                                     alpha=options.alpha)
+                                     alpha=options.alpha, family=options.family)
         for row in pairwise.itertuples(index=False):
             pairwise_rows.append({
                 **key,
@@ -348,16 +610,17 @@ def _comparative_rows(
                 "mean_difference": finite_or_none(row.mean_difference),
                 "method": method_name,
             })
+        same_cases = options.missing_policy == "worst"
         for method in RANKING_METHODS:
-            table = rank(matrix, method, pairwise=pairwise, alpha=options.alpha, correction=options.correction,
-                         options=options.wilcoxon)
+            table = rank(ranked, method, pairwise=pairwise if same_cases else None, alpha=options.alpha,
+                         correction=options.test_correction, options=options.wilcoxon, family=options.family)
             for row in table.itertuples(index=False):
                 rankings.append({**key, "method": method, "submission_id": int(row.algorithm),
                                  "value": finite_or_none(row.value), "rank": int(row.rank)})
         tau: dict[str, dict] = {}
-        if matrix.n_cases and matrix.n_algorithms:
+        if ranked.n_cases and ranked.n_algorithms:
             for method in STABILITY_METHODS:
-                stab = bootstrap_rank_stability(matrix, method, n_resamples=options.n_resamples, seed=options.seed,
+                stab = bootstrap_rank_stability(ranked, method, n_resamples=options.n_resamples, seed=options.seed,
                                                 confidence=options.confidence)
                 tau[method] = {k: finite_or_none(v) for k, v in stab.tau_summary().items()}
                 for row in stab.to_frame().itertuples(index=False):
@@ -375,10 +638,14 @@ def _comparative_rows(
                         "n_resamples": options.n_resamples,
                     })
         details = {
-            "options": {k: v for k, v in asdict(options).items() if k != "wilcoxon"},
+            "options": {k: v for k, v in asdict(options).items() if k not in ("wilcoxon", "worst")},
             "wilcoxon": asdict(options.wilcoxon),
             "pairwise_method": method_name,
             "kendall_tau": tau,
+            **options.describe(),
+            "footer": options.footer(),
+            "n_ranked": ranked.n_cases,
+            "n_scored": {a: int(n) for a, n in zip(matrix.algorithms, (~np.isnan(matrix.values)).sum(axis=1))},
         }
         runs.append({**key, "n_submissions": matrix.n_algorithms, "n_cases": matrix.n_cases, "details": details})
     return runs, rankings, pairwise_rows, stability_rows
@@ -389,14 +656,17 @@ def store_comparative(
     testset: TestSet,
     scope: str,
     cases: pd.DataFrame | None = None,
-    options: StatsOptions = DEFAULT_OPTIONS,
+    options: StatsOptions | None = None,
     cache: dict | None = None,
+    expected: set[tuple[int, str]] | None = None,
 ) -> tuple[int, int, int, int]:
     """Replace the (test set, protocol, scope) rows of the comparative tables; returns row counts
     (runs, rankings, pairwise, stability). ``cache`` (a dict kept across scopes) reuses the rows
     when two scopes hold the same submissions (the common case: everything scored is published)."""
     protocol_key = testset.protocol_key
+    options = options or options_for_testset(testset)
     cases = load_cases(session, testset.id) if cases is None else cases
+    expected = load_expected(session, testset) if expected is None else expected
     ids = scope_submission_ids(session, testset.id, scope)
     cache = {} if cache is None else cache
     if tuple(ids) not in cache:
@@ -404,8 +674,11 @@ def store_comparative(
         # submissions without a single score under this protocol are not ranked
         present = set(scores["algorithm"])
         algorithms = [str(i) for i in ids if str(i) in present]
-        cache[tuple(ids)] = comparative_rows(build_matrices(scores, cases, algorithms), options)
+        matrices, _ = build_matrices(scores, cases, algorithms, options, expected)
+        cache[tuple(ids)] = comparative_rows(matrices, options)
     runs, rankings, pairwise, stability = cache[tuple(ids)]
+    fingerprint = _fingerprint(expected, options)
+    runs = [{**r, "details": {**r["details"], "fingerprint": fingerprint}} for r in runs]
     now = utcnow()
     for model, rows in ((StatsRun, runs), (RankingEntry, rankings), (PairwiseTest, pairwise), (RankStability, stability)):
         session.execute(
@@ -426,6 +699,29 @@ def store_comparative(
 # --------------------------------------------------------------------------------------------
 
 
+def _fingerprint(expected: set[tuple[int, str]], options: StatsOptions) -> str:
+    """Hash of the benchmark's cells and the settings the stored aggregates depend on."""
+    import hashlib
+    import json
+
+    digest = hashlib.sha256()
+    for case_pk, organ in sorted(expected):
+        digest.update(f"{case_pk}:{organ};".encode())
+    settings = {"policy": options.missing_policy, "ci": options.ci_method, "avg": options.organ_average,
+                "k": options.min_group_size, "worst": options.worst}
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    return digest.hexdigest()[:32]
+
+
+def _stored_fingerprint(session: Session, testset: TestSet) -> str | None:
+    details = session.scalar(
+        sa.select(StatsRun.details).where(StatsRun.testset_id == testset.id,
+                                          StatsRun.protocol_key == testset.protocol_key,
+                                          StatsRun.scope == "all").limit(1)
+    )
+    return (details or {}).get("fingerprint") if details is not None else None
+
+
 def _lock_testset(session: Session, testset_id: int) -> TestSet:
     """Serialise recomputations of one test set: a row lock on PostgreSQL; SQLite's writer lock
     is taken by the first write below."""
@@ -441,20 +737,29 @@ def recompute_testset(
     *,
     submission_ids: Iterable[int] = (),
     scopes: Sequence[str] = SCOPES,
-    options: StatsOptions = DEFAULT_OPTIONS,
+    options: StatsOptions | None = None,
 ) -> RecomputeReport:
-    """Recompute the aggregates of ``submission_ids`` and the comparative statistics of ``scopes``."""
+    """Recompute the aggregates of ``submission_ids`` and the comparative statistics of ``scopes``
+    under the test set's policy and options (:func:`options_for_testset`; ``options`` only give
+    the resampling settings)."""
     testset = _lock_testset(session, testset.id)
-    cases = load_cases(session, testset.id)
+    options = options_for_testset(testset, options)
+    cases = load_cases(session, testset.id, _extra_columns(breakdown_variables(testset)))
+    expected = load_expected(session, testset)
     report = RecomputeReport(testset=testset.name, protocol_key=testset.protocol_key)
+    fingerprint = _fingerprint(expected, options)
+    if _stored_fingerprint(session, testset) not in (None, fingerprint):
+        # the benchmark's cells or the settings changed (a submission scored an organ nobody had
+        # scored, new options): every submission's missing cases and aggregates change with them
+        submission_ids = sorted(set(submission_ids) | set(scope_submission_ids(session, testset.id, "all")))
     for submission_id in submission_ids:
         submission = session.get(Submission, submission_id)
         if submission is None or submission.testset_id != testset.id:
             raise LookupError(f"submission {submission_id} is not a submission of test set {testset.name!r}")
-        report.aggregates += store_submission_aggregates(session, submission, testset, cases, options)
+        report.aggregates += store_submission_aggregates(session, submission, testset, cases, options, expected)
     cache: dict = {}
     for scope in scopes:
-        _, n_rank, n_pair, n_stab = store_comparative(session, testset, scope, cases, options, cache)
+        _, n_rank, n_pair, n_stab = store_comparative(session, testset, scope, cases, options, cache, expected)
         report.rankings += n_rank
         report.pairwise += n_pair
         report.stability += n_stab
@@ -465,7 +770,7 @@ def recompute_testset(
 
 
 def on_submission_scored(
-    session: Session, submission_id: int, options: StatsOptions = DEFAULT_OPTIONS
+    session: Session, submission_id: int, options: StatsOptions | None = None
 ) -> RecomputeReport:
     """Recompute and store everything the leaderboard shows after ``submission_id`` was scored,
     published or unpublished: its aggregates (when it has scores, i.e. it is scored or published)
@@ -480,3 +785,11 @@ def on_submission_scored(
     return recompute_testset(
         session, submission.testset, submission_ids=[submission_id] if with_scores else [], options=options
     )
+
+
+def recompute_all(session: Session, testset: TestSet, options: StatsOptions | None = None) -> RecomputeReport:
+    """Recompute every statistic of the test set (the aggregates of all its scored and published
+    submissions and both scopes): what a change of policy, options or subgroups needs. Scores
+    are untouched. The caller commits."""
+    ids = scope_submission_ids(session, testset.id, "all")
+    return recompute_testset(session, testset, submission_ids=ids, options=options)
