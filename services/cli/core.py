@@ -67,9 +67,19 @@ def serve(
     port: int = typer.Option(8000, help="TCP port"),
     workers: int = typer.Option(1, help="uvicorn worker processes"),
 ) -> None:
-    """Run the API (OpenAPI docs at /docs)."""
+    """Run the API (OpenAPI docs at /docs); with TOUCHSTONE_METRICS_PORT also /metrics, unauthenticated,
+    on that internal port (for Prometheus; keep it off the reverse proxy)."""
+    import threading
+
     import uvicorn
 
+    from services.config import get_settings
+
+    metrics_port = get_settings().metrics_port
+    if metrics_port:
+        config = uvicorn.Config("services.api.app:create_metrics_app", factory=True, host=host, port=metrics_port,
+                                log_level="warning")
+        threading.Thread(target=uvicorn.Server(config).run, name="metrics", daemon=True).start()
     uvicorn.run("services.api.app:create_app", factory=True, host=host, port=port, workers=workers)
 
 
@@ -132,6 +142,57 @@ def testsets_import(
         f"imported test set {name} (id {summary[0]}, protocol {summary[1]}): {summary[2]} cases, "
         f"{summary[3]} in the public sample"
     )
+
+
+@testsets_app.command("update")
+def testsets_update(
+    name: str,
+    missing_policy: Optional[str] = typer.Option(None, "--missing-policy", help="worst | common"),
+    stats_preset: Optional[str] = typer.Option(None, "--stats-preset",
+                                               help="touchstone-2024 | challenger | default (clears options)"),
+    subgroups: Optional[str] = typer.Option(None, "--subgroups", help="comma-separated case metadata columns "
+                                            "(typed or extra), e.g. kvp,study_type; '' = the default breakdowns"),
+    min_group_size: Optional[int] = typer.Option(None, "--min-group-size", help="too_small / small-cell threshold"),
+    zero_method: Optional[str] = typer.Option(None, "--zero-method", help="wilcox | pratt | zsplit"),
+    continuity: Optional[bool] = typer.Option(None, "--continuity/--no-continuity",
+                                              help="Wilcoxon continuity correction"),
+    test_method: Optional[str] = typer.Option(None, "--test-method", help="asymptotic | exact | auto"),
+    correction: Optional[str] = typer.Option(None, "--correction",
+                                             help="pairwise tests: holm | bonferroni | fdr_bh | none | ..."),
+    test_correction: Optional[str] = typer.Option(None, "--test-correction",
+                                                  help="test-then-rank: holm | bonferroni | fdr_bh | none | ..."),
+    family: Optional[str] = typer.Option(None, "--family", help="ordered pairs in the correction: tested | all"),
+    ci_method: Optional[str] = typer.Option(None, "--ci-method", help="percentile | bca"),
+) -> None:
+    """Change how a test set's statistics are computed (missing-case policy, test options, subgroups)
+    and recompute them; scores are untouched."""
+    from services.db.models import TestSet
+    from services.db.session import session_scope
+    from services.db.testsets import StatisticsSettingsError, update_statistics_settings
+    from services.leaderboard import options_for_testset
+
+    import sqlalchemy as sa
+
+    options = {k: v for k, v in (("zero_method", zero_method), ("continuity", continuity),
+                                 ("test_method", test_method), ("correction", correction),
+                                 ("test_correction", test_correction), ("family", family),
+                                 ("ci_method", ci_method)) if v is not None}
+    variables = None if subgroups is None else [v for v in subgroups.split(",") if v.strip()]
+    try:
+        with session_scope() as session:
+            testset = session.scalar(sa.select(TestSet).where(TestSet.name == name))
+            if testset is None:
+                _fail(f"no test set named {name!r}")
+            changes = update_statistics_settings(
+                session, testset, missing_policy=missing_policy, stats_preset=stats_preset,
+                stats_options=options or None, subgroup_variables=variables, min_group_size=min_group_size)
+            footer = options_for_testset(testset).footer()
+    except StatisticsSettingsError as exc:
+        _fail(str(exc))
+    if not changes:
+        _fail("nothing to change: give --missing-policy, --stats-preset, --subgroups, --min-group-size or an option")
+    console.print(f"updated test set {name}: {', '.join(f'{k}={v}' for k, v in changes.items())}; statistics recomputed")
+    console.print(footer, markup=False, highlight=False)
 
 
 # --- submit / status (API clients) -----------------------------------------------------------------

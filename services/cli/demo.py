@@ -212,6 +212,8 @@ def embedded_env(root: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in FOREIGN_ENV}
     env.update({
         "TOUCHSTONE_DATA_DIR": str(root / "data"),
+        # the demo imports its phantom test set through the API: manifests only from import roots
+        "TOUCHSTONE_IMPORT_ROOTS": str(root / "testset"),
         "TOUCHSTONE_LOG_FORMAT": env.get("TOUCHSTONE_LOG_FORMAT", "keyvalue"),
         "TOUCHSTONE_WORKER_CONTAINER_CPUS": str(min(2, os.cpu_count() or 1)),
         "PYTHONUNBUFFERED": "1",

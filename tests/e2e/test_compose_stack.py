@@ -91,9 +91,11 @@ def compose_stack(stack_images, tmp_path):
     """The stack up on a unique project name, data folder and port; ``down -v`` afterwards."""
     data = tmp_path / "shared"
     data.mkdir()
+    testsets = tmp_path / "testsets"  # TOUCHSTONE_IMPORT_ROOTS of the stack (never inside the data folder)
+    testsets.mkdir()
     port = _free_port()
     project = f"tsci{uuid.uuid4().hex[:8]}"
-    env = {**os.environ, **stack_images, "TOUCHSTONE_HOST_DATA": str(data), "TOUCHSTONE_API_PORT": str(port),
+    env = {**os.environ, **stack_images, "TOUCHSTONE_HOST_DATA": str(data), "TOUCHSTONE_HOST_TESTSETS": str(testsets), "TOUCHSTONE_API_PORT": str(port),
            "TOUCHSTONE_FLOWER_PORT": str(_free_port()), "POSTGRES_PASSWORD": uuid.uuid4().hex}
     compose = Compose(project, env)
     try:
@@ -102,6 +104,7 @@ def compose_stack(stack_images, tmp_path):
     finally:
         compose("down", "-v", "--remove-orphans", "--timeout", "20", check=False, timeout=300)
         shutil.rmtree(data, ignore_errors=True)
+        shutil.rmtree(testsets, ignore_errors=True)
 
 
 def _wait_for_api(url: str, compose: Compose, timeout: float = 180) -> None:
@@ -141,7 +144,8 @@ def test_compose_stack_scores_one_submission(compose_stack, trivial_tarball, doc
 
     compose, data, api = compose_stack
     # the shared data folder, written on the host, read at the same path inside the containers
-    manifest = write_phantom_set(data / "testsets" / "phantoms", 5, public_sample=1, size="tiny", seed=11)
+    # the import root, mounted at the same path in every container (POST /testsets reads only there)
+    manifest = write_phantom_set(data.parent / "testsets" / "phantoms", 5, public_sample=1, size="tiny", seed=11)
     _wait_for_api(api, compose)
 
     # the one-shot migration ran `touchstone db upgrade` from the installed wheel (alembic files are package data)
@@ -194,7 +198,8 @@ def test_compose_stack_scores_one_submission(compose_stack, trivial_tarball, doc
         assert "case " in logs["validation_log"] and ": ok" in logs["validation_log"]
 
         # /metrics of the api container: the database (PostgreSQL) and the queues (Redis LLEN)
-        metrics = httpx.get(f"{api}/metrics", timeout=30)
+        assert httpx.get(f"{api}/metrics", timeout=30).status_code == 401  # organizers only on the API port
+        metrics = httpx.get(f"{api}/metrics", headers=org_h, timeout=30)
         assert metrics.status_code == 200
         assert _metric(metrics.text, "touchstone_submissions", state="scored") == 1
         assert _metric(metrics.text, "touchstone_case_runs_total") == 4
