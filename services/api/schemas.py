@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, ValidationInfo, field_validator
 
@@ -114,6 +114,12 @@ class TestSetUpdate(In):
     min_group_size: int | None = Field(
         None, ge=1, le=1_000_000,
         description="small-cell threshold k: groups with fewer hidden cases show no statistic to non-organizers")
+    # statistics settings (services.db.testsets.update_statistics_settings; statistics recomputed)
+    missing_policy: Literal["worst", "common"] | None = None
+    stats_preset: Literal["touchstone-2024", "challenger", "default"] | None = None
+    stats_options: dict[str, str | bool] | None = Field(
+        None, description="zero_method, continuity, test_method, correction, test_correction, family, ci_method")
+    subgroup_variables: list[Annotated[str, Field(max_length=100)]] | None = Field(None, max_length=50)
 
 
 class TestSetOut(Out):

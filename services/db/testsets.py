@@ -24,7 +24,7 @@ from evaluation import manifest as ev_manifest
 from evaluation.io import sha256_path
 from evaluation.protocols import load_protocol
 from services.config import Settings, get_settings
-from services.db.models import AuditLog, Case, TestSet, User
+from services.db.models import AuditLog, Case, TestSet, User  # noqa: F401 (Case: statistics settings)
 
 DEFAULT_PROTOCOL = "touchstone"
 
@@ -326,3 +326,85 @@ def import_testset(
     )
     session.flush()
     return testset
+
+
+class StatisticsSettingsError(ValueError):
+    """A statistics setting of a test set that cannot be applied (the message says why)."""
+
+
+#: the statistics settings of a test set (CLI ``touchstone testsets update`` and the API's PATCH)
+STATISTICS_SETTINGS = ("missing_policy", "stats_preset", "stats_options", "subgroup_variables", "min_group_size")
+
+
+def _case_columns(session: Session, testset: TestSet) -> set[str]:
+    typed = {"hospital", "age", "age_decade", "sex", "race", "manufacturer", "scanner", "contrast_phase", "diagnosis"}
+    extras: set[str] = set()
+    for extra in session.scalars(sa.select(Case.extra).where(Case.testset_id == testset.id)):
+        extras.update((extra or {}).keys())
+    return typed | (extras - {"source"})
+
+
+def update_statistics_settings(
+    session: Session,
+    testset: TestSet,
+    *,
+    missing_policy: str | None = None,
+    stats_preset: str | None = None,
+    stats_options: dict[str, Any] | None = None,
+    subgroup_variables: list[str] | None = None,
+    min_group_size: int | None = None,
+    actor: User | None = None,
+    recompute: bool = True,
+) -> dict[str, Any]:
+    """Change how the test set's statistics are computed and recompute them (scores untouched).
+
+    ``missing_policy``: ``worst`` | ``common``; ``stats_preset``: a name of
+    :data:`services.leaderboard.STATS_PRESETS` (``default`` clears every option), individual
+    ``stats_options`` (``zero_method``, ``continuity``, ``test_method``, ``correction``,
+    ``test_correction``, ``family``, ``ci_method``) win over the preset; ``subgroup_variables``:
+    case metadata columns, typed or extra (``[]`` = the default breakdowns); ``min_group_size``:
+    the ``too_small`` / small-cell threshold. Returns the changed settings; the caller commits.
+    """
+    from evaluation.stats import MISSING_POLICIES
+    from services.leaderboard import normalize_stats_options, recompute_all
+
+    changes: dict[str, Any] = {}
+    if missing_policy is not None:
+        if missing_policy not in MISSING_POLICIES:
+            raise StatisticsSettingsError(f"missing policy must be one of {list(MISSING_POLICIES)}, got {missing_policy!r}")
+        changes["missing_policy"] = missing_policy
+    if stats_preset is not None or stats_options:
+        if stats_preset == "default":
+            options: dict[str, Any] = {}
+        elif stats_preset is not None:
+            options = {"preset": stats_preset}
+        else:
+            options = dict(testset.stats_options or {})
+        options.update(stats_options or {})
+        try:
+            changes["stats_options"] = normalize_stats_options(options)
+        except ValueError as exc:
+            raise StatisticsSettingsError(str(exc)) from None
+    if subgroup_variables is not None:
+        variables = [str(v).strip() for v in subgroup_variables if str(v).strip()]
+        known = _case_columns(session, testset)
+        unknown = [v for v in variables if v not in known]
+        if unknown:
+            raise StatisticsSettingsError(
+                f"no case metadata column {', '.join(map(repr, unknown))} in test set {testset.name!r}; "
+                f"columns: {', '.join(sorted(known))}")
+        changes["subgroup_variables"] = variables or None
+    if min_group_size is not None:
+        if int(min_group_size) < 1:
+            raise StatisticsSettingsError(f"min_group_size must be >= 1, got {min_group_size}")
+        changes["min_group_size"] = int(min_group_size)
+    if not changes:
+        return changes
+    for key, value in changes.items():
+        setattr(testset, key, value)
+    session.add(AuditLog(actor_id=actor.id if actor else None, action="testset.statistics",
+                         target=f"testset:{testset.id}", details=changes))
+    session.flush()
+    if recompute:
+        recompute_all(session, testset)
+    return changes

@@ -84,9 +84,18 @@ def update_testset(
     changes = body.model_dump(exclude_unset=True, exclude_none=True)
     if not changes:
         raise ApiError("nothing to change: give at least one field (e.g. quota_submissions)", 422)
+    from services.db.testsets import STATISTICS_SETTINGS, StatisticsSettingsError, update_statistics_settings
+
+    statistics = {k: changes.pop(k) for k in STATISTICS_SETTINGS if k in changes}
     for key, value in changes.items():
         setattr(testset, key, value)
-    db.add(AuditLog(actor_id=organizer.id, action="testset.update", target=f"testset:{testset.id}", details=changes))
+    if changes:
+        db.add(AuditLog(actor_id=organizer.id, action="testset.update", target=f"testset:{testset.id}", details=changes))
+    if statistics:  # one domain function (also the CLI's): validates, stores, recomputes the statistics
+        try:
+            update_statistics_settings(db, testset, actor=organizer, **statistics)
+        except StatisticsSettingsError as exc:
+            raise ApiError(str(exc), 422) from None
     db.commit()
     return testset_out(db, testset)
 
