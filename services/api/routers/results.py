@@ -33,8 +33,9 @@ def submission_scores(
     offset: Offset = 0,
     limit: PageLimit10000 = 1000,
 ) -> dict:
-    """Per-case scores (every protocol key stored). Organizers: any submission. Analysts: published
-    ones. Inventors: their own team's submissions, public-sample cases only. Anything else: 404."""
+    """Per-case scores (every protocol key stored). Organizers: any submission, every case.
+    Analysts: published ones, public-sample cases only. Inventors: their own team's submissions,
+    public-sample cases only. Anything else: 404."""
     submission = db.get(Submission, submission_id)
     hidden = ApiError(f"no submission {submission_id} with results visible to you", 404)
     if submission is None:
@@ -48,11 +49,13 @@ def submission_scores(
     elif user.role is Role.inventor:
         if submission.team_id != user.team_id:
             raise hidden
+    if user.role is not Role.organizer:
+        # hidden cases reach organizers only (analysts read them aggregated, as the leaderboard does)
         conditions.append(Case.public_sample.is_(True))
     if organ:
         conditions.append(Score.organ == organ)
     count = sa.select(sa.func.count(Score.id)).where(*conditions)
-    if user.role is Role.inventor:  # the public-sample condition needs the case
+    if user.role is not Role.organizer:  # the public-sample condition needs the case
         count = count.join(Case, Case.id == Score.case_id)
     total = db.scalar(count)
     # ordered as the unique index (submission, case, organ, protocol) is: a page is an index range

@@ -79,6 +79,7 @@ def settings(tmp_path, database_url) -> Settings:
         max_upload_bytes=1024 * 1024,
         default_quota_submissions=3,
         import_roots=[tmp_path / "testset"],  # where manifest_csv lies (POST /testsets is confined to these)
+        allowed_registries=["registry.example.org"],  # image_ref submissions name this (nothing is pulled here)
     )
 
 
@@ -214,6 +215,7 @@ def live_server(settings):
         "TOUCHSTONE_MAX_UPLOAD_BYTES": str(settings.max_upload_bytes),
         "TOUCHSTONE_LOG_LEVEL": "WARNING",
         "TOUCHSTONE_IMPORT_ROOTS": ",".join(str(root) for root in settings.import_roots),
+        "TOUCHSTONE_ALLOWED_REGISTRIES": json.dumps(settings.allowed_registries),
         "TOUCHSTONE_MAX_REQUEST_BODY_BYTES": str(settings.max_request_body_bytes),
     }
     process = subprocess.Popen(

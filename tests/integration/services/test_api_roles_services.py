@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from services.db.enums import SubmissionState
-from services.db.models import Algorithm, Case, Score, Submission
+from services.db.models import Algorithm, Case, Score, Submission, TestSet
 from services.db.session import create_db_engine
 from services.leaderboard import on_submission_scored
 
@@ -25,6 +25,9 @@ def scene(world, settings):
     with Session(engine) as s:
         algos = {a.name: a for a in s.scalars(sa.select(Algorithm))}
         cases = list(s.scalars(sa.select(Case).order_by(Case.id)))
+        # 3 hidden cases: below any real small-cell threshold; this file tests who sees what, the
+        # suppression rule has its own tests (tests/integration/leaderboard/test_small_cells.py)
+        s.get(TestSet, world["testset_id"]).min_group_size = 1
 
         def submission(algo: str, state: SubmissionState, sha: str) -> Submission:
             a = algos[algo]
@@ -163,8 +166,9 @@ def test_lists_show_only_what_each_role_may_see(client, world, scene):
         own = ids("inv_a", f"/results/submissions/{sub}/scores")
         assert own["total"] == 2 and {i["case_id"] for i in own["items"]} == {scene["public_case"]}
     assert ids("org", f"/results/submissions/{U}/scores")["total"] == 8
+    # analysts: the published submission's public-sample rows only (hidden cases reach organizers only)
     analyst = ids("ana", f"/results/submissions/{P}/scores")
-    assert analyst["total"] == 8 and len({i["case_id"] for i in analyst["items"]}) == 4
+    assert analyst["total"] == 2 and {i["case_id"] for i in analyst["items"]} == {scene["public_case"]}
 
     # per-case scores of another team's submission: not even its existence
     for sub in (P, U):
@@ -195,13 +199,13 @@ def test_lists_show_only_what_each_role_may_see(client, world, scene):
     assert [e["submission_id"] for e in everything["entries"]] == [P, U]
     assert everything["entries"][1]["mean"] == pytest.approx(expected_liver - 0.4)
     assert ids("org", f"/leaderboards/ts1/submissions/{U}")["aggregates"]
-    # per-case rows of the leaderboard router: analysts the published one, all 4 cases x 2 organs
-    assert ids("ana", f"/leaderboards/ts1/submissions/{P}/cases")["total"] == 8
+    # per-case rows of the leaderboard router: analysts the published one, its public-sample case x 2 organs
+    assert ids("ana", f"/leaderboards/ts1/submissions/{P}/cases")["total"] == 2
     # analysts' case-level export holds the published submission only
     export = _call(client, world, "ana", "GET", "/exports/ts1?level=case").text.splitlines()
     header = export[0].split(",")
     column = header.index("submission_id")
-    assert {row.split(",")[column] for row in export[1:]} == {str(P)} and len(export) == 1 + 8
+    assert {row.split(",")[column] for row in export[1:]} == {str(P)} and len(export) == 1 + 2
 
 
 def _case_pks(world, hidden_only: bool = False):

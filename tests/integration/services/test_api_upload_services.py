@@ -39,7 +39,6 @@ def test_upload_is_stored_received_and_enqueued(client, world, form, image_tar, 
 
 
 def test_image_reference_submission(client, world, form, sent_tasks):
-    world["settings"].allowed_registries = ["registry.example.org"]
     response = _post(client, world, form, fields={"image_ref": "registry.example.org/team-a/seg:1.0"})
     assert response.status_code == 202, response.text
     assert response.json()["image_ref"] == "registry.example.org/team-a/seg:1.0"

@@ -48,7 +48,7 @@ def test_another_teams_image_is_refused_like_an_unknown_one(client, world, form,
     unknown = _post(client, world, form, fields={"image_ref": UNKNOWN_DIGEST})
     assert unknown.status_code == 422
     wording = unknown.json()["detail"]
-    assert wording == images.refusal([])
+    assert wording == images.refusal(world["settings"].allowed_registries)
     for spelling in (TEAM_B_DIGEST, f"team-b/seg@{TEAM_B_DIGEST}", f"algo0:team-b-image@{TEAM_B_DIGEST}",
                      "algo0:team-b-image", "touchstone/example-trivial:latest", "b" * 12):
         response = _post(client, world, form, fields={"image_ref": spelling})
