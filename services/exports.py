@@ -54,7 +54,12 @@ _GROUP = [
     ("variable", pa.string()), ("group", pa.string()), ("organ", pa.string()), ("metric", pa.string()),
     ("n", pa.int64()), ("n_failed", pa.int64()), ("n_missing", pa.int64()), ("mean", pa.float64()),
     ("median", pa.float64()), ("std", pa.float64()), ("mean_ci_low", pa.float64()), ("mean_ci_high", pa.float64()),
-    ("median_ci_low", pa.float64()), ("median_ci_high", pa.float64()), ("suppressed", pa.bool_()),
+    ("median_ci_low", pa.float64()), ("median_ci_high", pa.float64()),
+    # what produced the numbers (issue 9): small group flag, interval method, missing-case policy and
+    # the statistical options / tie rule (services.leaderboard.StatsOptions.footer)
+    ("too_small", pa.bool_()), ("ci_method", pa.string()), ("missing_policy", pa.string()),
+    ("statistics", pa.string()),
+    ("suppressed", pa.bool_()),
 ]
 SCHEMAS: dict[str, pa.Schema] = {
     "case": pa.schema(_SUBMISSION + _CASE),
@@ -100,12 +105,17 @@ def _statement(testset: TestSet, level: str, scope: str) -> sa.Select:
             .where(*in_scope, Score.protocol_key == testset.protocol_key, *visible_cases)
             .order_by(Submission.id, Case.case_id, Score.organ)
         )
-    variables = ["hospital"] if level == "hospital" else [v for v in BREAKDOWNS if v != "hospital"]
+    from services.leaderboard.compute import breakdown_variables, options_for_testset
+
+    breakdowns = breakdown_variables(testset)
+    variables = ["hospital"] if level == "hospital" else [v for v in breakdowns if v != "hospital"]
     return (
         sa.select(*submission_cols, Aggregate.scope, Aggregate.group_value, Aggregate.organ, Aggregate.metric,
                   Aggregate.n, Aggregate.n_failed, Aggregate.n_missing, Aggregate.mean, Aggregate.median,
                   Aggregate.std, Aggregate.ci_low, Aggregate.ci_high, Aggregate.median_ci_low,
-                  Aggregate.median_ci_high)
+                  Aggregate.median_ci_high, Aggregate.too_small, Aggregate.ci_method,
+                  sa.literal(testset.missing_policy).label("missing_policy"),
+                  sa.literal(options_for_testset(testset).footer()).label("statistics"))
         .select_from(Aggregate)
         .join(Submission, Submission.id == Aggregate.submission_id)
         .join(Algorithm, Algorithm.id == Submission.algorithm_id)

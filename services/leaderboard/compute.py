@@ -363,11 +363,12 @@ def build_matrices(
     expected: set[tuple[int, str]] | None = None,
 ) -> tuple[dict[tuple[str, str], ScoreMatrix], dict[tuple[str, str], np.ndarray]]:
     """``({(organ, metric): ScoreMatrix}, {(organ, metric): missing})`` over every case of the test
-    set, organs plus ``average``; ``missing`` marks the (algorithm, case) cells without a score
-    of the algorithm (what ``n_missing`` counts).
+    set, organs plus ``average``; ``missing`` marks the (algorithm, case) cells left without a value
+    (what ``n_missing`` counts).
 
     Under the ``worst`` policy the missing cells of the benchmark (``expected``, default: cells
-    some algorithm here scored) hold the protocol's worst value; under ``common`` they stay NaN. The average follows ``options.organ_average``. Organs nobody scored are absent.
+    some algorithm here scored) hold the protocol's worst value and are marked ``failed`` (a
+    missing case counts like a failed prediction); under ``common`` they stay NaN. The average follows ``options.organ_average``. Organs nobody scored are absent.
     """
     options = options or DEFAULT_OPTIONS
     if scores.empty or not len(algorithms):
@@ -386,27 +387,25 @@ def build_matrices(
         for case_pk, organ in expected:
             if case_pk in case_of:
                 expected_by_organ.setdefault(organ, set()).add(case_of[case_pk])
-    missing: dict[tuple[str, str], np.ndarray] = {}
-    raw = dict(matrices)
     for key, m in list(matrices.items()):
         if expected_by_organ is None:
             want = m.scored.any(axis=0)
         else:
             wanted = expected_by_organ.get(key[0], set())
             want = np.array([c in wanted for c in m.case_ids], dtype=bool) | m.scored.any(axis=0)
-        missing[key] = np.isnan(m.values)  # no score of the algorithm (n_missing counts these)
-        fill = missing[key] & want[None, :]
+        fill = np.isnan(m.values) & want[None, :]
         if options.missing_policy == "worst" and fill.any():
+            # a missing case is scored like a failed prediction: the worst value, counted in n_failed
             matrices[key] = ScoreMatrix(organ=m.organ, metric=m.metric, algorithms=m.algorithms,
                                         case_ids=m.case_ids, values=np.where(fill, options.worst[m.metric], m.values),
-                                        failed=m.failed, higher_is_better=m.higher_is_better)
+                                        failed=m.failed | fill, higher_is_better=m.higher_is_better)
     for metric in METRICS:
         keys = [k for k in matrices if k[1] == metric and k[0] != AVERAGE_ORGAN]
         if keys:
             matrices[(AVERAGE_ORGAN, metric)] = average_over_organs([matrices[k] for k in keys],
                                                                      rule=options.organ_average)
-            missing[(AVERAGE_ORGAN, metric)] = np.isnan(
-                average_over_organs([raw[k] for k in keys], rule=options.organ_average).values)
+    # n + n_missing is always the group's hidden cases (what small-cell suppression counts)
+    missing = {key: np.isnan(m.values) for key, m in matrices.items()}
     return matrices, missing
 
 

@@ -179,7 +179,8 @@ def _run_info(session: Session, testset: TestSet, scope: str, organ: str, metric
 def _agg_dict(a: Aggregate) -> dict[str, Any]:
     return {"n": a.n, "n_failed": a.n_failed, "n_missing": a.n_missing, "mean": a.mean, "median": a.median,
             "std": a.std, "mean_ci_low": a.ci_low, "mean_ci_high": a.ci_high,
-            "median_ci_low": a.median_ci_low, "median_ci_high": a.median_ci_high}
+            "median_ci_low": a.median_ci_low, "median_ci_high": a.median_ci_high,
+            "too_small": a.too_small, "ci_method": a.ci_method}
 
 
 class _BoardCache:
@@ -335,10 +336,22 @@ def _build_leaderboard(
             "p_best": s.p_best if s else None,
             **eff[r.submission_id],
         })
+    run = _run_info(session, testset, scope, organ, metric)
+    # issue 9: n on every row (the cases the ranking compared: the same on every row under the
+    # "common" policy; each submission's own scored cases are in run.n_scored), incomplete ones marked
+    n_scored = {int(k): v for k, v in ((run or {}).get("n_scored") or {}).items()}
+    most = max(n_scored.values(), default=0)
+    for e in entries:
+        own = n_scored.get(e["submission_id"], e.get("n"))
+        if run and run.get("n_ranked") is not None:
+            e["n"] = run["n_ranked"]
+        e["incomplete"] = bool(own is not None and own < most)
     return {
         "testset": testset.name, "protocol_key": testset.protocol_key, "scope": scope, "organ": organ,
         "metric": metric, "method": method, "value": METHOD_VALUE[method], "stability_method": stability_method,
-        "run": _run_info(session, testset, scope, organ, metric), "entries": entries,
+        "missing_policy": (run or {}).get("missing_policy", testset.missing_policy),
+        "statistics": (run or {}).get("footer"),
+        "run": run, "entries": entries,
     }
 
 
@@ -438,7 +451,12 @@ def breakdown(session: Session, testset: TestSet, *, variable: str = "hospital",
     """Per-group aggregates (hospital or a subgroup variable) of every submission in scope, each
     row with ``suppressed`` (fewer than ``min_group_size`` hidden cases; outside ``scope=all`` such
     a row's ``n`` reads ``"< k"`` and its statistics are ``None``, see :mod:`.suppression`)."""
-    check_params(variable=variable, organ=organ, metric=metric, scope=scope)
+    check_params(organ=organ, metric=metric, scope=scope)
+    from services.leaderboard.compute import breakdown_variables
+
+    if variable not in breakdown_variables(testset):  # the test set's own subgroup variables
+        raise LeaderboardQueryError(f"unknown variable {variable!r}; choose one of "
+                                    f"{', '.join(breakdown_variables(testset))}")
     visible = _in_scope(session, testset, scope)
     ids = sorted(visible if submission_ids is None else visible & set(submission_ids))
     info = _submission_info(session, ids)
