@@ -204,34 +204,33 @@ def read_manifest(
     rows: list[ManifestRow] = []
     seen: dict[str, int] = {}
     reader, header, _ = open_table(path)  # any delimiter (sniffed), UTF-8 with or without BOM
-    if True:
-        missing = [c for c in REQUIRED_COLUMNS if c not in header]
-        if missing:
-            raise ManifestError(path, [f"line 1: missing required column(s) {missing}; the header must name {list(REQUIRED_COLUMNS)}"])
-        dupes = sorted({h for h in header if header.count(h) > 1})
-        if dupes:
-            raise ManifestError(path, [f"line 1: duplicate column(s) {dupes}"])
-        for record in reader:
-            line = reader.line_num
-            if None in record:  # more cells than header columns
-                problems.append(f"line {line}: {len(record[None])} more cell(s) than header columns; quote cells that contain commas")
-                continue
-            if all((v or "").strip() == "" for v in record.values()):
-                continue  # blank line
-            known = {k: (v if v is not None else "") for k, v in record.items() if k in COLUMNS}
-            extras = {k: v.strip() for k, v in record.items() if k not in COLUMNS and v and v.strip()}
-            try:
-                row = ManifestRow(**known, extras=extras)
-            except ValidationError as exc:
-                problems.extend(_pydantic_problems(line, exc))
-                continue
-            if row.case_id in seen:
-                problems.append(f"line {line}, column case_id: duplicate case id {row.case_id!r} (first on line {seen[row.case_id]})")
-                continue
-            seen[row.case_id] = line
-            if check_files:
-                problems.extend(_file_problems(line, row, root, verify_checksums))
-            rows.append(row)
+    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    if missing:
+        raise ManifestError(path, [f"line 1: missing required column(s) {missing}; the header must name {list(REQUIRED_COLUMNS)}"])
+    dupes = sorted({h for h in header if header.count(h) > 1})
+    if dupes:
+        raise ManifestError(path, [f"line 1: duplicate column(s) {dupes}"])
+    for record in reader:
+        line = reader.line_num
+        if None in record:  # more cells than header columns
+            problems.append(f"line {line}: {len(record[None])} more cell(s) than header columns; quote cells that contain commas")
+            continue
+        if all((v or "").strip() == "" for v in record.values()):
+            continue  # blank line
+        known = {k: (v if v is not None else "") for k, v in record.items() if k in COLUMNS}
+        extras = {k: v.strip() for k, v in record.items() if k not in COLUMNS and v and v.strip()}
+        try:
+            row = ManifestRow(**known, extras=extras)
+        except ValidationError as exc:
+            problems.extend(_pydantic_problems(line, exc))
+            continue
+        if row.case_id in seen:
+            problems.append(f"line {line}, column case_id: duplicate case id {row.case_id!r} (first on line {seen[row.case_id]})")
+            continue
+        seen[row.case_id] = line
+        if check_files:
+            problems.extend(_file_problems(line, row, root, verify_checksums))
+        rows.append(row)
     if not rows and not problems:
         problems.append("no case rows; add one row per case under the header")
     if problems:
@@ -341,7 +340,10 @@ class CaseMetadata(BaseModel):
 def open_table(path: Path) -> tuple[Any, list[str], str]:
     """``(csv.DictReader, header, delimiter)`` of a delimited text file: UTF-8 with or without
     BOM, delimiter sniffed among comma, semicolon and tab (comma when undecidable)."""
-    text = path.read_text(encoding="utf-8-sig")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ManifestError(path, [f"byte {exc.start}: not UTF-8 text; save the file as UTF-8 (with or without BOM)"]) from None
     first = text.splitlines()[0] if text else ""
     counts = {d: first.count(d) for d in (",", ";", "\t")}
     delimiter = max(counts, key=lambda d: counts[d]) if any(counts.values()) else ","

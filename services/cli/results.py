@@ -77,7 +77,7 @@ def _with_testset(testset: str, fn):
 
 
 LEADERBOARD_COLUMNS = ["rank", "label", "team", "value", "mean", "mean_ci_low", "mean_ci_high", "median", "std", "n",
-                       "n_failed", "rank_median", "rank_ci_low", "rank_ci_high", "seconds_per_case",
+                       "n_failed", "incomplete", "rank_median", "rank_ci_low", "rank_ci_high", "seconds_per_case",
                        "gpu_memory_peak_bytes"]
 
 
@@ -94,7 +94,8 @@ def leaderboard_command(
 
     board = _with_testset(testset, lambda s, ts: queries.leaderboard(s, ts, organ=organ, metric=metric, method=method,
                                                                       scope=scope))
-    title = f"{board['testset']} · {organ} · {metric.upper()} · ranked by {method} ({board['protocol_key']}, {scope})"
+    title = (f"{board['testset']} · {organ} · {metric.upper()} · ranked by {method} ({board['protocol_key']}, {scope}); "
+             f"{board.get('statistics') or 'missing cases: ' + str(board.get('missing_policy'))}")
     _suppression_note(board, format, scope)
     _emit(board["entries"], LEADERBOARD_COLUMNS, format, title, board)
 
@@ -129,7 +130,8 @@ def stats_command(
     _suppression_note(sig, format, scope)
     _emit(pairs, pair_columns, format,
           f"{testset} · {organ} · {metric.upper()}: one-sided paired Wilcoxon 'a better than b', "
-          f"{sig['correction']}-adjusted (alpha {sig['alpha']})", payload)
+          f"{sig['correction']}-adjusted (alpha {sig['alpha']}); protocol {sig['protocol_key']}; "
+          f"{sig.get('statistics') or 'missing cases: ' + str(sig.get('missing_policy'))}", payload)
     tau = payload["stability"]["kendall_tau"] or {}
     _emit(payload["stability"]["entries"], stab_columns, format,
           f"rank stability over {payload['stability']['n_resamples']} bootstrap samples; Kendall's tau median "

@@ -397,6 +397,7 @@ def significance(session: Session, testset: TestSet, *, organ: str = "average", 
         "metric": metric, "alpha": (run.get("options") or {}).get("alpha"),
         "correction": (run.get("options") or {}).get("correction"), "method": run.get("pairwise_method"),
         "min_group_size": k, "suppressed": small,
+        "missing_policy": board["missing_policy"], "statistics": board["statistics"],
         "submissions": [{"submission_id": sid, "label": labels[sid]} for sid in order],
         "p_adjusted": p, "significant": sig, "pairs": pairs,
     }

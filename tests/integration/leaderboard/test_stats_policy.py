@@ -69,3 +69,49 @@ def test_touchstone_metadata_policy_and_update(tmp_path, writers):
         assert all(r["missing_policy"] == "worst" and "touchstone-2024" in r["statistics"] for r in rows)
         assert {"too_small", "ci_method"} <= set(rows[0])
     engine.dispose()
+
+
+def test_page_and_cli_name_the_policy_and_mark_incomplete_baselines(tmp_path, writers, monkeypatch):
+    """A published model that lacks cases is marked on the page and in the CLI; the page, the
+    submission page and `touchstone stats` name the protocol, missing-case policy, tie rule and
+    test options under their tables."""
+    from fastapi.testclient import TestClient
+    from typer.testing import CliRunner
+
+    from services.api.app import create_app
+    from services.cli.main import app as cli
+    from services.config import Settings, get_settings
+    from services.db import migrate
+
+    write_dir, _ = writers
+    results = write_dir(tmp_path / "results", {"Full": 0.85, "Partial": 0.80}, n_cases=24)
+    for metric in ("dsc", "nsd"):  # Partial lacks its last 4 cases, as published folders sometimes do
+        path = results / "Partial" / f"{metric}.csv"
+        path.write_text("\n".join(path.read_text().splitlines()[:-4]) + "\n")
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    migrate.upgrade("head", url)
+    monkeypatch.setenv("TOUCHSTONE_DATABASE_URL", url)
+    monkeypatch.setenv("TOUCHSTONE_DATA_DIR", str(tmp_path / "data"))
+    get_settings.cache_clear()
+    try:
+        runner = CliRunner()
+        imported = runner.invoke(cli, ["results", "import-touchstone", str(results), "--testset", "pub"])
+        assert imported.exit_code == 0, imported.output
+        board = runner.invoke(cli, ["leaderboard", "pub", "--format", "json"])
+        assert board.exit_code == 0, board.output
+        import json
+
+        entries = {e["label"]: e for e in json.loads(board.stdout)["entries"]}
+        assert entries["Partial"]["incomplete"] is True and entries["Full"]["incomplete"] is False
+        table = runner.invoke(cli, ["leaderboard", "pub"], terminal_width=400)
+        assert "missing cases: common" in " ".join(table.output.split())
+        stats = runner.invoke(cli, ["stats", "pub", "--organ", "liver"], terminal_width=400)
+        assert stats.exit_code == 0 and "missing cases: common" in " ".join(stats.output.split())
+        with TestClient(create_app(Settings(database_url=url, data_dir=tmp_path / "data"))) as client:
+            page = client.get("/leaderboards/pub")
+            assert page.status_code == 200
+            assert 'id="statistics"' in page.text and "missing cases: common" in page.text
+            assert "tie" in page.text.split('id="statistics"')[1].split("</p>")[0]
+            assert page.text.count('class="badge incomplete"') == 1
+    finally:
+        get_settings.cache_clear()
