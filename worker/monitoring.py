@@ -297,7 +297,7 @@ class TreeUsage:
     files: list[tuple[str, float]] = field(default_factory=list)  # (relative path, mtime) of regular files
 
 
-def _entry_kind(mode: int) -> str | None:
+def entry_kind(mode: int) -> str | None:
     if stat.S_ISLNK(mode):
         return "a symbolic link"
     if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
@@ -341,7 +341,7 @@ def measure_tree(root: Path | str, max_bytes: int | None = None, max_entries: in
                 if stat.S_ISDIR(st.st_mode):
                     stack.append((entry.path, rel, depth + 1))
                     continue
-                kind = _entry_kind(st.st_mode)
+                kind = entry_kind(st.st_mode)
                 if kind is None and st.st_nlink > 1:
                     kind = "a hard link"
                 if kind is not None:
@@ -470,17 +470,23 @@ class CgroupPidsMonitor:
             self.refused = max(self.refused, value)
 
 
-def freeze(container_id: str, root: Path = CGROUP_ROOT) -> bool:
-    """Freeze every process of a container at once through its cgroup (v1 ``freezer.state``,
-    v2 ``cgroup.freeze``), so that nothing more is written while the engine is asked to kill it.
-    False when the cgroup cannot be written (not root, another layout)."""
-    candidates = [
-        (root / "freezer" / "docker" / container_id / "freezer.state", "FROZEN"),
-        (root / "freezer" / "system.slice" / f"docker-{container_id}.scope" / "freezer.state", "FROZEN"),
-        (root / "docker" / container_id / "cgroup.freeze", "1"),
-        (root / "system.slice" / f"docker-{container_id}.scope" / "cgroup.freeze", "1"),
+def _freezer_files(container_id: str, root: Path, frozen: bool) -> list[tuple[Path, str]]:
+    """The freezer file of a container's cgroup under each layout Docker uses (v1
+    ``freezer.state``, v2 ``cgroup.freeze``; cgroupfs or systemd driver) and the value to write."""
+    v1, v2 = ("FROZEN", "1") if frozen else ("THAWED", "0")
+    return [
+        (root / "freezer" / "docker" / container_id / "freezer.state", v1),
+        (root / "freezer" / "system.slice" / f"docker-{container_id}.scope" / "freezer.state", v1),
+        (root / "docker" / container_id / "cgroup.freeze", v2),
+        (root / "system.slice" / f"docker-{container_id}.scope" / "cgroup.freeze", v2),
     ]
-    for path, value in candidates:
+
+
+def freeze(container_id: str, root: Path = CGROUP_ROOT) -> bool:
+    """Freeze every process of a container at once through its cgroup, so that nothing more is
+    written while the engine is asked to kill it. False when the cgroup cannot be written (not
+    root, another layout)."""
+    for path, value in _freezer_files(container_id, root, frozen=True):
         try:
             path.write_text(value)
             return True
@@ -491,13 +497,7 @@ def freeze(container_id: str, root: Path = CGROUP_ROOT) -> bool:
 
 def thaw(container_id: str, root: Path = CGROUP_ROOT) -> None:
     """Undo :func:`freeze` (a frozen process cannot act on its SIGKILL until thawed)."""
-    candidates = [
-        (root / "freezer" / "docker" / container_id / "freezer.state", "THAWED"),
-        (root / "freezer" / "system.slice" / f"docker-{container_id}.scope" / "freezer.state", "THAWED"),
-        (root / "docker" / container_id / "cgroup.freeze", "0"),
-        (root / "system.slice" / f"docker-{container_id}.scope" / "cgroup.freeze", "0"),
-    ]
-    for path, value in candidates:
+    for path, value in _freezer_files(container_id, root, frozen=False):
         try:
             path.write_text(value)
         except OSError:

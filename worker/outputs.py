@@ -41,6 +41,7 @@ import numpy as np
 from evaluation.io import CaseError, Geometry, GeometryTolerance, ReadLimits, read_labels
 from evaluation.labels import COMBINED_LABELS_FILE, LABEL_IDS, ORGANS, SEGMENTATIONS_DIR
 from worker.runtime.base import FailureReason
+from worker.monitoring import entry_kind
 
 CaseStatus = Literal["ok", "missing", "invalid"]
 Layout = Literal["combined", "per_organ"]
@@ -105,17 +106,9 @@ class _Invalid(Exception):
 
 
 def _kind(mode: int) -> str:
-    if stat.S_ISLNK(mode):
-        return "a symbolic link"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device"
-    if stat.S_ISFIFO(mode):
-        return "a FIFO"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    if stat.S_ISDIR(mode):
-        return "a folder"
-    return "a file"
+    """How to name an entry in a reason: links, devices, FIFOs and sockets as the run watcher
+    names them (worker.monitoring.entry_kind), else a folder or a file."""
+    return entry_kind(mode) or ("a folder" if stat.S_ISDIR(mode) else "a file")
 
 
 def _plain_file(path: Path, rel: str, limits: OutputLimits) -> os.stat_result:

@@ -158,9 +158,15 @@ def _aware(value: dt.datetime) -> dt.datetime:
 
 def beat(session: Session, shard_id: int, owner: str) -> bool:
     """Write the heartbeat of a shard this process runs; False when it is no longer ours (reaped)."""
+    return _beat(session, Shard, shard_id, owner, Shard.state == ShardState.running)
+
+
+def _beat(session: Session, table, row_id: int, owner: str, still_running) -> bool:
+    """Set ``heartbeat_at`` of the row ``row_id`` of ``table`` (Shard or Submission) when
+    ``owner`` still holds it and ``still_running`` is true of it; commit; True when written."""
     result = session.execute(
-        sa.update(Shard)
-        .where(Shard.id == shard_id, Shard.worker_hostname == owner, Shard.state == ShardState.running)
+        sa.update(table)
+        .where(table.id == row_id, table.worker_hostname == owner, still_running)
         .values(heartbeat_at=utcnow())
         .execution_options(synchronize_session=False)
     )
@@ -196,15 +202,7 @@ def release_validation(submission: Submission, now: dt.datetime) -> None:
 
 def beat_validation(session: Session, submission_id: int, owner: str) -> bool:
     """Heartbeat of a validation run this process runs; False when it is no longer ours."""
-    result = session.execute(
-        sa.update(Submission)
-        .where(Submission.id == submission_id, Submission.worker_hostname == owner,
-               Submission.state == S.validating)
-        .values(heartbeat_at=utcnow())
-        .execution_options(synchronize_session=False)
-    )
-    session.commit()
-    return result.rowcount == 1
+    return _beat(session, Submission, submission_id, owner, Submission.state == S.validating)
 
 
 def stale_validations(session: Session, now: dt.datetime, stale_after_s: float) -> list[int]:
