@@ -126,33 +126,49 @@ def _statement(testset: TestSet, level: str, scope: str) -> sa.Select:
 
 
 def _suppressor(testset: TestSet, level: str, scope: str):
-    """Row -> row of a group level: the ``suppressed`` column added and, outside ``scope=all``,
-    small groups blanked by :func:`services.leaderboard.suppression.suppress_group`."""
+    """Rows of one (submission, variable) block -> rows of a group level: the ``suppressed``
+    column added and, outside ``scope=all``, small groups (and their complements, decided per
+    organ and metric within the block) blanked by
+    :func:`services.leaderboard.suppression.suppress_breakdown`."""
     names = COLUMNS[level]
     k, reveal = int(testset.min_group_size or 1), suppression.reveals(scope)
 
-    def apply(row: tuple) -> tuple:
-        out = suppression.suppress_group(dict(zip(names[:-1], row)), k, reveal)
-        return tuple(out[name] for name in names)
+    def apply(block: list[tuple]) -> list[tuple]:
+        dicts = [dict(zip(names[:-1], row)) for row in block]
+        return [tuple(out[name] for name in names) for out in suppression.suppress_breakdown(dicts, k, reveal)]
 
     return apply
 
 
 def iter_row_chunks(session: Session, testset: TestSet, level: str, scope: str = "published",
                     chunk: int = ROW_GROUP) -> Iterator[list[tuple]]:
-    """Lists of at most ``chunk`` rows (tuples in :data:`COLUMNS` order), streamed from the database."""
-    state_index = COLUMNS[level].index("state")
+    """Lists of at most ``chunk`` rows (tuples in :data:`COLUMNS` order), streamed from the database.
+
+    Group levels are read in (submission, variable) blocks -- the statement orders them so --
+    because suppressing a breakdown needs all of its groups; a block is a few hundred rows."""
+    names = COLUMNS[level]
+    state_index = names.index("state")
     suppress = _suppressor(testset, level, scope) if level != "case" else None
+    block_of = (lambda row: (row[names.index("submission_id")], row[names.index("variable")])) if suppress else None
     result = session.execute(_statement(testset, level, scope).execution_options(yield_per=min(chunk, 5000)))
     batch: list[tuple] = []
+    block: list[tuple] = []
     for row in result:
         row = tuple(row)
         state = row[state_index]
         row = row[:state_index] + (getattr(state, "value", state),) + row[state_index + 1:]
-        batch.append(suppress(row) if suppress else row)
+        if suppress is None:
+            batch.append(row)
+        else:
+            if block and block_of(block[0]) != block_of(row):
+                batch.extend(suppress(block))
+                block = []
+            block.append(row)
         if len(batch) >= chunk:
             yield batch
             batch = []
+    if block:
+        batch.extend(suppress(block))
     if batch:
         yield batch
 

@@ -257,6 +257,12 @@ def leaderboard(
         out["entries"] = sorted((suppression.suppress_entry(e, k) for e in board["entries"]),
                                 key=lambda e: (e["label"], e["submission_id"]))
         out["run"] = _suppress_run(board["run"])
+    elif not suppression.reveals(scope):
+        # an entry summarising fewer than k hidden cases (an organ few ground truths hold, a
+        # baseline with mostly empty cells) is a small cell of its own
+        out["entries"] = [suppression.suppress_group(e, k, False, fields=suppression.GROUP_STATISTICS + ("value",))
+                          if suppression.is_small(suppression.hidden_cases(e), k) and isinstance(e.get("n"), int)
+                          else e for e in board["entries"]]
     return out
 
 
@@ -470,8 +476,8 @@ def breakdown(session: Session, testset: TestSet, *, variable: str = "hospital",
                 Aggregate.scope == variable, Aggregate.organ == organ, Aggregate.metric == metric,
             ).order_by(Aggregate.group_value, Aggregate.submission_id)
         ):
-            rows.append(suppression.suppress_group({**info[a.submission_id], "group": a.group_value,
-                                                    **_agg_dict(a)}, k, reveal))
+            rows.append({**info[a.submission_id], "group": a.group_value, **_agg_dict(a)})
+        rows = suppression.suppress_breakdown(rows, k, reveal, key=lambda row: row["submission_id"])
     return {"testset": testset.name, "protocol_key": testset.protocol_key, "scope": scope, "variable": variable,
             "organ": organ, "metric": metric, "min_group_size": k, "rows": rows}
 

@@ -25,9 +25,10 @@ def test_a_small_group_keeps_its_name_and_loses_its_numbers():
 def test_organizers_and_big_groups_keep_every_number():
     seen = suppression.suppress_group(ROW, 10, viewer_is_organizer=True)
     assert seen == {**ROW, "suppressed": True}
-    big = {**ROW, "n": 9, "n_missing": 1}  # 10 hidden cases, one of them unscored
+    big = {**ROW, "n": 10, "n_missing": 1}  # a mean over 10 values
     assert suppression.suppress_group(big, 10, False) == {**big, "suppressed": False}
-    assert suppression.suppress_group({**ROW, "n": 8, "n_missing": 1}, 10, False)["n"] == "< 10"
+    # 9 values and one unscored case: a mean over 9 cases (the "common" policy leaves it out)
+    assert suppression.suppress_group({**ROW, "n": 9, "n_missing": 1}, 10, False)["n"] == "< 10"
     assert suppression.suppress_group(ROW, 1, False)["mean"] == 0.91
 
 
@@ -58,3 +59,21 @@ def test_names_with_dollars_are_drawn_literally(name):
     assert name in _drawn(blobs)
     boxes = plots.box_plots({"liver": [0.8, 0.9, 0.85]}, "dsc")
     assert "<svg" in boxes
+
+
+def test_small_groups_take_their_smallest_neighbours_along():
+    """Complementary suppression: the suppressed groups of a breakdown hold at least k cases."""
+    assert suppression.groups_to_suppress({"a": 1, "b": 2, "c": 11, "d": 16}, 10) == {"a", "b", "c"}
+    assert suppression.groups_to_suppress({"a": 4, "b": 7, "c": 30}, 10) == {"a", "b"}  # 11 >= 10 already
+    assert suppression.groups_to_suppress({"M": 3, "F": 27}, 10) == {"M", "F"}  # two groups: both
+    assert suppression.groups_to_suppress({"a": 12, "b": 30}, 10) == set()  # nothing small, nothing hidden
+    assert suppression.groups_to_suppress({"a": 1, "b": 12, "c": 12}, 10) == {"a", "b"}  # ties: by name
+    assert suppression.groups_to_suppress({"a": 1, "b": 2}, 10) == {"a", "b"}  # all of them, if need be
+    rows = [{"submission_id": 1, "group": g, "n": n, "n_missing": 0, "mean": 0.5} for g, n in
+            (("a", 1), ("b", 12), ("c", 15))] + [{"submission_id": 2, "group": "b", "n": 12, "n_missing": 0,
+                                                   "mean": 0.5}]
+    out = suppression.suppress_breakdown(rows, 10, False, key=lambda r: r["submission_id"])
+    assert [(r["group"], r["n"], r["mean"]) for r in out] == [
+        ("a", "< 10", None), ("b", "suppressed", None), ("c", 15, 0.5), ("b", 12, 0.5)]
+    seen = suppression.suppress_breakdown(rows, 10, True, key=lambda r: r["submission_id"])
+    assert [r["suppressed"] for r in seen] == [True, True, False, False] and seen[1]["n"] == 12
