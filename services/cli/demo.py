@@ -488,7 +488,7 @@ def write_static_report(api: Api, root: Path, submission_ids: list[int]) -> Path
 # the command
 # --------------------------------------------------------------------------------------------------
 def run_demo(root: Path, n_cases: int, port: int, serve: bool, hospitals: int = 3, public: int = 2,
-             timeout: float = 900) -> int:
+             timeout: float = 900, min_group_size: int = 3) -> int:
     t0 = time.monotonic()
     root = root.resolve()
     if n_cases < public + 2:
@@ -538,10 +538,12 @@ def run_demo(root: Path, n_cases: int, port: int, serve: bool, hospitals: int = 
             "description": f"{n_cases} synthetic abdominal CTs (tiny phantoms) from {hospitals} hospitals"})
         hidden = n_cases - public
         limits = {"gpus": 0, "time_per_case_s": 60.0, "memory_bytes": 2 * 1024**3, "shm_bytes": 256 * 1024**2,
-                  "shard_size": max(2, -(-hidden // 3)), "quota_submissions": 5}
+                  "shard_size": max(2, -(-hidden // 3)), "quota_submissions": 5, "min_group_size": min_group_size}
         api.call("PATCH", f"/testsets/{TESTSET}", organizer, json=limits)
         console.print(f"[green]✓[/] test set {TESTSET} imported through the API (checksummed); limits: no GPU, "
-                      f"{limits['time_per_case_s']:.0f} s per case, 2 GiB, {limits['shard_size']} cases per container run")
+                      f"{limits['time_per_case_s']:.0f} s per case, 2 GiB, {limits['shard_size']} cases per container run; "
+                      f"breakdowns of fewer than {min_group_size} hidden cases suppressed for the public (phantom data: "
+                      "a real test set's k is 10)")
 
         submissions: list[tuple[DemoAlgorithm, int]] = []
         for algo in ALGORITHMS:
@@ -633,6 +635,9 @@ def register(app: typer.Typer) -> None:
         no_serve: bool = typer.Option(False, "--no-serve", help="write a static HTML report and exit"),
         hospitals: int = typer.Option(3, "--hospitals", min=1, help="hospitals the phantoms come from"),
         timeout: float = typer.Option(900, "--timeout", min=30, help="seconds to wait for the submissions"),
+        min_group_size: int = typer.Option(
+            3, "--min-group-size", min=1,
+            help="small-cell threshold k of the phantom test set (a real test set's default is 10)"),
     ) -> None:
         """From nothing to a populated leaderboard: phantoms, the embedded stack, three submissions, statistics."""
 
@@ -641,7 +646,8 @@ def register(app: typer.Typer) -> None:
 
         previous = signal.signal(signal.SIGTERM, terminate)
         try:
-            code = run_demo(data_dir, cases, port, serve=not no_serve, hospitals=hospitals, timeout=timeout)
+            code = run_demo(data_dir, cases, port, serve=not no_serve, hospitals=hospitals, timeout=timeout,
+                            min_group_size=min_group_size)
         except DemoError as exc:
             err.print(f"[red]error:[/red] {exc}")
             raise typer.Exit(1) from None
