@@ -167,7 +167,8 @@ async def stream_submission_form(request: Request, storage: Storage, max_bytes: 
     returned upload (commit or abort).
     """
     content_type, params = parse_options_header(request.headers.get("content-type"))
-    if content_type != b"multipart/form-data" or b"boundary" not in params:
+    if content_type != b"multipart/form-data" or not 1 <= len(params.get(b"boundary", b"")) <= 70:
+        # RFC 2046: a boundary is 1 to 70 characters (the parser refuses longer ones with an error)
         raise ApiError(
             "send the submission as multipart/form-data with fields algorithm, testset and a file part "
             "'image' (or a text field 'image_ref')",
@@ -225,6 +226,8 @@ async def stream_submission_form(request: Request, storage: Storage, max_bytes: 
             except UnicodeDecodeError as exc:
                 errors.append(ApiError(f"form field {state['name']!r} is not UTF-8 text", 422))
                 raise exc
+            if "\x00" in fields[state["name"]]:  # PostgreSQL text cannot hold NUL (a 500 there)
+                raise ApiError(f"form field {state['name']!r} contains a NUL character; send plain text", 422)
 
     def on_end() -> None:
         done["end"] = True

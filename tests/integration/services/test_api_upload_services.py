@@ -162,3 +162,18 @@ def test_inventor_reads_own_submission_and_logs(client, world, form, image_tar):
     logs = client.get(f"/api/v1/submissions/{sub['id']}/logs", headers=world["headers"]["inv_a"])
     assert logs.status_code == 200 and logs.json()["validation_log"] is None
     assert client.get(f"/api/v1/submissions/{sub['id']}", headers=world["headers"]["inv_b"]).status_code == 404
+
+
+def test_nul_in_a_form_field_and_an_overlong_boundary_are_4xx(client, world, form, image_tar, settings):
+    """Found by attack: NUL in a text field was a 500 on PostgreSQL (text cannot hold it), a
+    boundary over 256 characters a 500 everywhere (the parser's own error)."""
+    for field in ("algorithm", "testset", "team", "image_ref"):
+        response = _post(client, world, form, fields={field: "a\x00b"}, image=None if field == "image_ref" else image_tar())
+        assert response.status_code == 422, (field, response.text)
+        assert "NUL" in response.json()["detail"]
+    body = b"--" + b"z" * 300 + b"--\r\n"
+    for boundary in ("z" * 300, "z" * 71):
+        response = client.post("/api/v1/submissions", content=body, headers={
+            **world["headers"]["inv_a"], "Content-Type": f"multipart/form-data; boundary={boundary}"})
+        assert response.status_code == 415, response.text
+    assert _stored_files(settings) == []
