@@ -71,7 +71,8 @@ class Settings(BaseSettings):
     keep_failed_outputs: bool = Field(
         False, description="Keep the outputs of failed runs (debugging); default: deleted.")
     failed_tarball_grace_s: float = Field(
-        24 * 3600.0, ge=0, description="Seconds a failed validation's tarball is kept before deletion.")
+        24 * 3600.0, ge=0, description="Seconds a failed or cancelled submission's tarball and run outputs are kept "
+        "(an organizer may re-run it meanwhile) before the reaper deletes them.")
     failed_validations_per_day: int = Field(
         10, ge=0, description="Failed validations a team may have per test set per day before intake refuses.")
 

@@ -228,16 +228,16 @@ def quiet_validations(session: Session, now: dt.datetime, quiet_s: float) -> lis
     ))
 
 
-def failed_tarballs(session: Session, now: dt.datetime, grace_s: float) -> list[int]:
-    """Failed submissions whose last validation never passed (not queued since it began), failed
-    more than ``grace_s`` seconds ago, that still hold an uploaded tarball."""
+def ended_submissions_holding_files(session: Session, now: dt.datetime, grace_s: float) -> list[int]:
+    """Failed or cancelled submissions that ended more than ``grace_s`` seconds ago and still hold
+    bytes in storage (an uploaded tarball, or outputs of their runs)."""
     cutoff = now - dt.timedelta(seconds=grace_s)
+    ended_at = sa.func.coalesce(Submission.failed_at, Submission.cancelled_at, Submission.updated_at)
     return list(session.scalars(
         sa.select(Submission.id).where(
-            Submission.state == S.failed, Submission.image_path.is_not(None), Submission.image_deleted_at.is_(None),
-            Submission.failed_at < cutoff,
-            sa.or_(Submission.queued_at.is_(None), Submission.validating_at.is_(None),
-                   Submission.queued_at < Submission.validating_at))
+            Submission.state.in_([S.failed, S.cancelled]), Submission.is_baseline.is_(False), ended_at < cutoff,
+            sa.or_(sa.and_(Submission.image_path.is_not(None), Submission.image_deleted_at.is_(None)),
+                   Submission.storage_bytes > 0))
         .order_by(Submission.id)
     ))
 

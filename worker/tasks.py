@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import shutil
+import stat
 import threading
 import time
 import uuid
@@ -940,9 +942,9 @@ def reap() -> str:
     for shard_id in retried:
         infer_shard.apply_async(args=[shard_id], queue=GPU_QUEUE)
     v_retried, v_failed = _reap_validations(wsettings)
-    deleted = _reap_failed_tarballs()
+    reclaimed = _reap_ended_submissions()
     return (f"retried {len(retried)}, failed {failed}; validations retried {v_retried}, failed {v_failed}; "
-            f"tarballs deleted {deleted}")
+            f"storage of {reclaimed} ended submission(s) reclaimed")
 
 
 def _reap_validations(wsettings) -> tuple[int, int]:
@@ -984,32 +986,62 @@ def _reap_validations(wsettings) -> tuple[int, int]:
     return len(retried) + len(resent), failed
 
 
-def _reap_failed_tarballs() -> int:
-    """Delete the uploaded tarballs of failed validations ``failed_tarball_grace_s`` after the
-    failure: ``image_path`` = None, ``image_deleted_at`` set, ``storage_bytes`` decreased."""
+def _tree_bytes(path: Path) -> int:
+    """Bytes of the regular files under ``path`` (links not followed)."""
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                st = os.lstat(os.path.join(root, name))
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                total += st.st_size
+    return total
+
+
+def _reap_ended_submissions() -> int:
+    """Reclaim the storage of failed and cancelled submissions ``failed_tarball_grace_s`` after
+    they ended (the window in which an organizer may re-run them from their tarball): the
+    uploaded tarball is deleted (``image_path`` = None, ``image_deleted_at`` set) and, unless
+    ``keep_failed_outputs``, every output folder of their runs (``runs/submission-<id>``: the
+    predictions of shards that had finished before the failure or cancellation). Their
+    ``storage_bytes`` is then what is left (0, or the kept outputs). Returns how many were reclaimed."""
     settings = get_settings()
     storage = Storage.from_settings(settings)
     now = utcnow()
     with session_scope() as session:
-        candidates = pipeline.failed_tarballs(session, now, settings.failed_tarball_grace_s)
-    deleted = 0
+        candidates = pipeline.ended_submissions_holding_files(session, now, settings.failed_tarball_grace_s)
+    reclaimed = 0
     for submission_id in candidates:
         with session_scope() as session:
             sub = pipeline.lock_submission(session, submission_id)
-            if sub is None or sub.state is not S.failed or not sub.image_path or sub.image_deleted_at is not None:
+            if sub is None or sub.state not in (S.failed, S.cancelled):
                 continue
+            freed = 0
             try:
-                path = storage.path(sub.image_path)
-                size = path.lstat().st_size if path.exists() else 0
-                path.unlink(missing_ok=True)
+                if sub.image_path and sub.image_deleted_at is None:
+                    path = storage.path(sub.image_path)
+                    freed += path.lstat().st_size if path.exists() else 0
+                    path.unlink(missing_ok=True)
+                    sub.image_path, sub.image_deleted_at = None, now
+                runs = _storage_root() / RUNS_DIR / f"submission-{submission_id}"
+                kept = 0
+                if runs.exists():
+                    if settings.keep_failed_outputs:
+                        kept = _tree_bytes(runs)
+                    else:
+                        freed += _tree_bytes(runs)
+                        shutil.rmtree(runs, ignore_errors=True)
             except (OSError, ValueError):
-                log.exception("deleting the tarball of submission %s failed", submission_id)
+                log.exception("reclaiming the storage of submission %s failed", submission_id)
                 continue
-            pipeline.add_storage_bytes(session, submission_id, -(size or int(sub.image_size_bytes or 0)))
-            sub.image_path, sub.image_deleted_at = None, now
-            _audit(session, "submission.tarball.deleted", submission_id, bytes=size)
-            deleted += 1
-    return deleted
+            if freed == 0 and sub.storage_bytes == kept:
+                continue  # outputs kept for debugging: nothing changed since the last pass
+            sub.storage_bytes = kept
+            _audit(session, "submission.storage.reclaimed", submission_id, bytes=freed, kept_bytes=kept)
+            reclaimed += 1
+    return reclaimed
 
 
 def submission_summary(submission_id: int) -> dict[str, Any]:

@@ -309,3 +309,37 @@ def test_reaper_deletes_failed_validation_tarballs_after_the_grace(env, tmp_path
     assert not (storage / "uploads" / "old.tar").exists()
     assert recent.image_path == "uploads/recent.tar" and recent.storage_bytes == 1000
     assert (storage / "uploads" / "recent.tar").exists()
+
+
+def test_reaper_reclaims_cancelled_and_late_failed_submissions(env, tmp_path, monkeypatch):
+    """Found by review: outputs kept from finished shards of a cancelled (or later failed)
+    submission, and its tarball, stayed on disk and in the team's storage for ever."""
+    from services.config import get_settings
+    from worker import tasks
+
+    monkeypatch.setenv("TOUCHSTONE_FAILED_TARBALL_GRACE_S", "60")
+    get_settings.cache_clear()
+    storage = env["data"] / "storage"
+    now = dt.datetime.now(dt.timezone.utc)
+    (storage / "uploads").mkdir(exist_ok=True)
+    ids = {}
+    for name, state, ended in (("cancelled", S.cancelled, "cancelled_at"), ("late", S.failed, "failed_at"),
+                               ("scored", S.scored, "scored_at")):
+        (storage / "uploads" / f"{name}.tar").write_bytes(b"x" * 1000)
+        ids[name] = _submission(tmp_path, state=state, image_path=f"uploads/{name}.tar", image_sha256=name[0] * 64,
+                                queued_at=now - dt.timedelta(seconds=900), storage_bytes=1000 + 3 * 500,
+                                **{ended: now - dt.timedelta(seconds=600)})
+        out = storage / "runs" / f"submission-{ids[name]}" / "shard-0" / "t" / "output" / "c1" / "deep" / "deeper"
+        out.mkdir(parents=True)
+        for i in range(3):
+            (out / f"f{i}.bin").write_bytes(b"y" * 500)
+    tasks.reap()
+    for name in ("cancelled", "late"):
+        sub = _get(ids[name])
+        assert sub.image_path is None and sub.image_deleted_at is not None and sub.storage_bytes == 0, name
+        assert not (storage / "uploads" / f"{name}.tar").exists()
+        assert not (storage / "runs" / f"submission-{ids[name]}").exists()
+    scored = _get(ids["scored"])  # kept: its predictions are the record of a scored result
+    assert scored.storage_bytes == 2500 and (storage / "runs" / f"submission-{ids['scored']}").exists()
+    # a second pass has nothing to do, and writes nothing more to the audit log
+    assert "reclaimed" in tasks.reap() and "storage of 0 ended" in tasks.reap()
