@@ -69,6 +69,18 @@ def security_headers(path: str = "", csp: str | None = None) -> dict[str, str]:
     }
 
 
+def _relative_location(value: bytes) -> bytes:
+    """A redirect to this service as a path (``/leaderboards``), never ``http://<Host header>/...``:
+    Starlette's trailing-slash redirect builds an absolute URL from the request's Host header,
+    which a client (or a cache in between) could point anywhere."""
+    text = value.decode("latin-1")
+    if text.startswith(("http://", "https://")):
+        rest = text.split("://", 1)[1]
+        path = "/" + rest.split("/", 1)[1] if "/" in rest else "/"
+        return path.encode("latin-1")
+    return value
+
+
 class SecurityHeadersMiddleware:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -83,7 +95,8 @@ class SecurityHeadersMiddleware:
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                headers = list(message.get("headers", []))
+                headers = [(name, _relative_location(value)) if name.lower() == b"location" else (name, value)
+                           for name, value in message.get("headers", [])]
                 present = {name.lower() for name, _ in headers}
                 headers.extend((k, v) for k, v in extra if k not in present)
                 message = {**message, "headers": headers}

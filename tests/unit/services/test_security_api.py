@@ -104,3 +104,14 @@ def test_import_roots_from_the_environment(monkeypatch, tmp_path):
     assert Settings().import_roots == [tmp_path / "a", tmp_path / "b"]
     monkeypatch.setenv("TOUCHSTONE_IMPORT_ROOTS", f'["{tmp_path}/c"]')
     assert Settings().import_roots == [tmp_path / "c"]
+
+
+def test_redirects_do_not_follow_the_host_header(make_client):
+    """Found by review: the trailing-slash redirect answered Location: http://<any Host>/..."""
+    client = make_client()
+    response = client.get("/leaderboards/", headers={"Host": "evil.example"}, follow_redirects=False)
+    assert response.status_code in (307, 308)
+    assert response.headers["location"] == "/leaderboards"
+    assert response.headers["x-content-type-options"] == "nosniff"
+    home = client.get("/", headers={"Host": "evil.example"}, follow_redirects=False)
+    assert home.headers["location"] == "/leaderboards"
