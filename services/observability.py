@@ -276,10 +276,12 @@ class TouchstoneCollector:
         from services.db.models import CaseRun, Shard, Submission, Team
 
         with self.sessionmaker() as session:
-            team_storage = session.execute(
-                sa.select(Team.name, sa.func.coalesce(sa.func.sum(Submission.storage_bytes), 0))
-                .join(Submission, Submission.team_id == Team.id, isouter=True)
-                .group_by(Team.id, Team.name).order_by(Team.name)).all() if self.team_metrics else []
+            team_storage = []
+            if self.team_metrics:
+                from services.db.accounts import team_storage_bytes
+
+                names = dict(session.execute(sa.select(Team.id, Team.name)).all())
+                team_storage = sorted((names[tid], total) for tid, total in team_storage_bytes(session).items())
             by_state = dict(session.execute(
                 sa.select(Submission.state, sa.func.count()).group_by(Submission.state)).all())
             shard_states = dict(session.execute(

@@ -416,14 +416,10 @@ def check_failed_validation_rate(db: Session, team_id: int, testset: TestSet, no
         )
 
 
-def team_storage_bytes(db: Session, team_id: int) -> int:
-    """Bytes the team's submissions hold in storage now (tarballs and kept outputs)."""
-    return int(db.scalar(sa.select(sa.func.coalesce(sa.func.sum(Submission.storage_bytes), 0)).where(
-        Submission.team_id == team_id)) or 0)
-
-
 def check_team_storage(db: Session, team_id: int, new_bytes: int, cap: int) -> None:
-    used = team_storage_bytes(db, team_id)
+    from services.db.accounts import team_storage_bytes
+
+    used = team_storage_bytes(db, team_id).get(team_id, 0)
     if used + new_bytes > cap:
         raise ApiError(
             f"your team's submissions hold {used / 2**30:.2f} GiB in storage; this image "

@@ -48,6 +48,8 @@ class TeamOut(Out):
     id: int
     name: str
     created_at: dt.datetime
+    #: bytes the team's submissions hold in storage (tarballs and kept outputs; capped per team)
+    storage_bytes: int = 0
 
 
 class UserCreate(In):
@@ -192,6 +194,8 @@ class SubmissionOut(Out):
     counts_against_quota: bool
     is_baseline: bool
     rerun_count: int
+    #: bytes it holds in storage now (its tarball and kept outputs)
+    storage_bytes: int = 0
     received_at: dt.datetime
     validating_at: dt.datetime | None
     queued_at: dt.datetime | None

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from services.db.base import utcnow
 from services.db.enums import Role
-from services.db.models import ApiToken, AuditLog, Team, User
+from services.db.models import ApiToken, AuditLog, Submission, Team, User
 
 TOKEN_PREFIX = "ts_"
 
@@ -81,3 +81,14 @@ def lookup_token(session: Session, plain: str) -> ApiToken | None:
 def revoke_token(session: Session, token: ApiToken) -> None:
     if token.revoked_at is None:
         token.revoked_at = utcnow()
+
+
+def team_storage_bytes(session: Session, team_id: int | None = None) -> dict[int, int]:
+    """Bytes each team's submissions hold in storage now (SUM of ``submissions.storage_bytes``:
+    tarballs and kept outputs), by team id; every team (0 when it holds nothing), or only
+    ``team_id``. Intake's cap, the teams listing and ``/metrics`` read this one sum."""
+    query = (sa.select(Team.id, sa.func.coalesce(sa.func.sum(Submission.storage_bytes), 0))
+             .join(Submission, Submission.team_id == Team.id, isouter=True).group_by(Team.id))
+    if team_id is not None:
+        query = query.where(Team.id == team_id)
+    return {tid: int(total or 0) for tid, total in session.execute(query)}

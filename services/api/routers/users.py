@@ -64,8 +64,13 @@ def create_user_endpoint(
 
 
 @router.get("/teams", response_model=list[TeamOut])
-def list_teams(db: Session = Depends(get_db), _: User = Depends(require_organizer)) -> list[Team]:
-    return list(db.scalars(sa.select(Team).order_by(Team.id)))
+def list_teams(db: Session = Depends(get_db), _: User = Depends(require_organizer)) -> list[TeamOut]:
+    """Every team with the storage its submissions hold (organizers only)."""
+    from services.db.accounts import team_storage_bytes
+
+    storage = team_storage_bytes(db)
+    return [TeamOut(id=t.id, name=t.name, created_at=t.created_at, storage_bytes=storage.get(t.id, 0))
+            for t in db.scalars(sa.select(Team).order_by(Team.id))]
 
 
 @router.post("/teams", response_model=TeamOut, status_code=status.HTTP_201_CREATED)

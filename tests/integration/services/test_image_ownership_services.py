@@ -136,3 +136,10 @@ def test_storage_is_recorded_and_capped_per_team(client, world, form, image_tar,
     assert over.status_code == 413 and "cap" in over.json()["detail"]
     assert sorted(p for p in Path(settings.storage_dir).rglob("*") if p.is_file()) == files_before
     assert _post(client, world, form, who="inv_b", image=image_tar(tag="b", layer_bytes=20_000)).status_code == 202
+    # organizers see each team's storage; the submission shows its own
+    teams = client.get("/api/v1/teams", headers=world["headers"]["org"]).json()
+    by_name = {t["name"]: t["storage_bytes"] for t in teams}
+    assert by_name["team-a"] == len(body) and by_name["team-b"] > 0
+    assert client.get("/api/v1/teams", headers=world["headers"]["inv_a"]).status_code == 403
+    mine = client.get(f"/api/v1/submissions/{first.json()['id']}", headers=world["headers"]["inv_a"]).json()
+    assert mine["storage_bytes"] == len(body)
