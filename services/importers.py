@@ -59,6 +59,8 @@ class ModelResults:
     folder: Path
     sha256: dict[str, str]
     scores: dict[str, dict[str, dict[str, float | None]]] = field(default_factory=dict)
+    #: "dsc.csv row N: case X repeats row M" for every repeated case id (the first value is kept)
+    repeated: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -72,14 +74,20 @@ class ImportReport:
     #: how the metadata file's columns were used, and rows skipped (lines for the CLI)
     metadata: list[str] = field(default_factory=list)
     metadata_skipped: list[str] = field(default_factory=list)
+    #: repeated case ids in the result files (first value per organ kept, as Touchstone does)
+    repeated: list[str] = field(default_factory=list)
 
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def read_metric_csv(path: Path) -> dict[str, dict[str, float | None]]:
-    """``{case_id: {organ: value | None}}`` of one dsc.csv / nsd.csv, checked cell by cell."""
+def read_metric_csv(path: Path, repeated: list[str] | None = None) -> dict[str, dict[str, float | None]]:
+    """``{case_id: {organ: value | None}}`` of one dsc.csv / nsd.csv, checked cell by cell.
+
+    A case id on several rows (Touchstone's own published files have some) keeps, per organ, the
+    first row's value that is not empty -- what Touchstone's ``allign()`` does (``dropna()`` then
+    ``drop_duplicates(subset=["name"])``, first kept); each repetition is noted in ``repeated``."""
     try:
         handle = open(path, newline="", encoding="utf-8-sig")
     except OSError as exc:
@@ -97,12 +105,15 @@ def read_metric_csv(path: Path) -> dict[str, dict[str, float | None]]:
                 f"{CASE_COLUMN},{','.join(ORGANS)}"
             )
         out: dict[str, dict[str, float | None]] = {}
+        first_row: dict[str, int] = {}
         for row_number, row in enumerate(reader, start=2):  # row 1 is the header
             case_id = (row.get(CASE_COLUMN) or "").strip()
             if not case_id:
                 raise TouchstoneFormatError(f"{path}, row {row_number}: empty '{CASE_COLUMN}' (the case id)")
-            if case_id in out:
-                raise TouchstoneFormatError(f"{path}, row {row_number}: case {case_id!r} appears twice")
+            if case_id in first_row and repeated is not None:
+                repeated.append(f"{path.name} row {row_number}: case {case_id!r} repeats row {first_row[case_id]} "
+                                "(the first non-empty value per organ is kept)")
+            first_row.setdefault(case_id, row_number)
             values: dict[str, float | None] = {}
             for organ in ORGANS:
                 cell = (row.get(organ) or "").strip()
@@ -121,7 +132,11 @@ def read_metric_csv(path: Path) -> dict[str, dict[str, float | None]]:
                         f"{path}, row {row_number}, column {organ}: {cell} is outside [0, 1]"
                     )
                 values[organ] = value
-            out[case_id] = values
+            earlier = out.setdefault(case_id, values)
+            if earlier is not values:
+                for organ, value in values.items():
+                    if earlier[organ] is None:
+                        earlier[organ] = value
     return out
 
 
@@ -132,7 +147,7 @@ def read_model_folder(folder: Path) -> ModelResults:
     model = ModelResults(name=folder.name, folder=folder,
                          sha256={m: _sha256(folder / f) for m, f in METRIC_FILES.items()})
     for metric, filename in METRIC_FILES.items():
-        for case_id, values in read_metric_csv(folder / filename).items():
+        for case_id, values in read_metric_csv(folder / filename, model.repeated).items():
             case = model.scores.setdefault(case_id, {})
             for organ, value in values.items():
                 case.setdefault(organ, {"dsc": None, "nsd": None})[metric] = value
@@ -309,4 +324,5 @@ def import_touchstone(
         lines.append(f"  {len(skipped)} metadata row(s) name cases without results (skipped)")
     return ImportReport(testset=testset.name, created_testset=created, models=[m.name for m in models],
                         submission_ids=submission_ids, cases_created=created_cases, scores=n_scores,
-                        metadata=lines, metadata_skipped=skipped)
+                        metadata=lines, metadata_skipped=skipped,
+                        repeated=[f"{m.name}/{line}" for m in models for line in m.repeated])

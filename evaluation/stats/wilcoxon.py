@@ -329,7 +329,7 @@ def holm(p: np.ndarray, m: int | None = None) -> np.ndarray:
     m = p.size if m is None else int(m)  # m > p.size: the family has untested members (sorted last)
     order = np.argsort(p, kind="stable")
     adjusted = np.minimum(1.0, np.maximum.accumulate(p[order] * np.arange(m, m - p.size, -1)))
-    out = np.empty(m)
+    out = np.empty(p.size)  # one value per tested p; the untested members of the family have none
     out[order] = adjusted
     return out
 

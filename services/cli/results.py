@@ -77,7 +77,7 @@ def _with_testset(testset: str, fn):
 
 
 LEADERBOARD_COLUMNS = ["rank", "label", "team", "value", "mean", "mean_ci_low", "mean_ci_high", "median", "std", "n",
-                       "n_failed", "incomplete", "rank_median", "rank_ci_low", "rank_ci_high", "seconds_per_case",
+                       "n_scored", "n_failed", "incomplete", "rank_median", "rank_ci_low", "rank_ci_high", "seconds_per_case",
                        "gpu_memory_peak_bytes"]
 
 
@@ -207,6 +207,11 @@ def import_touchstone_command(
     )
     for line in [*report.metadata, *report.metadata_skipped[:5]]:
         console.print(line, markup=False, highlight=False)
+    if report.repeated:
+        console.print(f"  {len(report.repeated)} repeated case row(s) in the result files; the first value is kept:",
+                      markup=False, highlight=False)
+        for line in report.repeated[:5]:
+            console.print(f"    {line}", markup=False, highlight=False)
 
 
 def register(app: typer.Typer) -> None:

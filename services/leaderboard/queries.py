@@ -260,9 +260,11 @@ def leaderboard(
     elif not suppression.reveals(scope):
         # an entry summarising fewer than k hidden cases (an organ few ground truths hold, a
         # baseline with mostly empty cells) is a small cell of its own
-        out["entries"] = [suppression.suppress_group(e, k, False, fields=suppression.GROUP_STATISTICS + ("value",))
-                          if suppression.is_small(suppression.hidden_cases(e), k) and isinstance(e.get("n"), int)
-                          else e for e in board["entries"]]
+        out["entries"] = [
+            {**suppression.suppress_group(e, k, False, n_hidden=0, fields=suppression.GROUP_STATISTICS + ("value",)),
+             "n_scored": suppression.suppressed_count(k)}
+            if isinstance(e.get("n"), int) and suppression.is_small(min(e["n"], e.get("n_scored") or e["n"]), k)
+            else e for e in board["entries"]]
     return out
 
 
@@ -349,6 +351,9 @@ def _build_leaderboard(
     most = max(n_scored.values(), default=0)
     for e in entries:
         own = n_scored.get(e["submission_id"], e.get("n"))
+        # mean, median, SD and CIs describe the submission's own scored cases (n_scored); n is
+        # the cases the ranking compared (its value): the same on every row under "common"
+        e["n_scored"] = e.get("n")
         if run and run.get("n_ranked") is not None:
             e["n"] = run["n_ranked"]
         e["incomplete"] = bool(own is not None and own < most)

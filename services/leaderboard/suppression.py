@@ -117,4 +117,6 @@ def suppress_entry(entry: dict[str, Any], k: int) -> dict[str, Any]:
     out = suppress_group(entry, k, False, n_hidden=0, fields=GROUP_STATISTICS + ENTRY_STATISTICS)
     if "organs" in out:
         out["organs"] = {}
+    if "n_scored" in out:
+        out["n_scored"] = suppressed_count(k)
     return out

@@ -36,8 +36,11 @@ def test_summary_row_of_nothing_and_of_one_case():
     assert one["mean"] == one["ci_low"] == one["ci_high"] == 0.7 and one["std"] is None
 
 
-@pytest.mark.parametrize("status, failed", [("ok", False), ("missing_prediction", True), ("invalid_prediction", True),
-                                            ("timeout", True), ("empty_reference", False), (None, False)])
+@pytest.mark.parametrize("status, failed", [
+    ("ok", False), ("missing_prediction", True), ("invalid_prediction", True), ("unreadable", True),
+    ("too_large", True), ("geometry_mismatch", True), ("invalid_labels", True),
+    ("timeout", True), ("empty_reference", True),  # outside the enum (no writer makes them): a failure
+    (None, False), ("", False)])
 def test_failure_statuses(status, failed):
     assert is_failure(status) is failed
 
@@ -46,9 +49,14 @@ def test_read_metric_csv(tmp_path):
     path = tmp_path / "dsc.csv"
     path.write_text("name," + ",".join(ORGANS) + ",extra\nc1," + ",".join(["0.5"] * 8) + ",,x\n")
     assert read_metric_csv(path) == {"c1": {**{o: 0.5 for o in ORGANS[:8]}, "stomach": None}}
-    path.write_text("name," + ",".join(ORGANS) + "\nc1," + ",".join(["0.5"] * 9) + "\nc1," + ",".join(["0.5"] * 9) + "\n")
-    with pytest.raises(TouchstoneFormatError, match="row 3: case 'c1' appears twice"):
-        read_metric_csv(path)
+    # a repeated case id (Touchstone's published STU-Net files have some): per organ the first
+    # non-empty value, as Touchstone's allign() keeps it (dropna, then drop_duplicates keep first)
+    path.write_text("name," + ",".join(ORGANS) + "\nc1,," + ",".join(["0.5"] * 8) + "\nc1," + ",".join(["0.7"] * 9)
+                    + "\nc2," + ",".join(["0.1"] * 9) + "\n")
+    repeated: list[str] = []
+    out = read_metric_csv(path, repeated)
+    assert out["c1"] == {ORGANS[0]: 0.7, **{o: 0.5 for o in ORGANS[1:]}} and out["c2"][ORGANS[0]] == 0.1
+    assert repeated == ["dsc.csv row 3: case 'c1' repeats row 2 (the first non-empty value per organ is kept)"]
     path.write_text("")
     with pytest.raises(TouchstoneFormatError, match="empty file"):
         read_metric_csv(path)

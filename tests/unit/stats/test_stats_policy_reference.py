@@ -199,3 +199,27 @@ def test_metadata_errors_name_file_row_and_column(tmp_path):
     ok.write_text("case,site,kvp\nc1,A,120\n", encoding="utf-8")
     meta = read_case_metadata(ok, {"case": "case_id", "site": "hospital"})
     assert meta.rows["c1"] == {"hospital": "A", "extra": {"kvp": "120"}}
+
+
+def test_a_pair_without_a_test_under_family_all(tmp_path):
+    """Found by review: one model equal to another on an organ (every difference zero, no test:
+    scipy gives NaN, or raised and Touchstone's script recorded p = 100) crashed Holm over all
+    ordered pairs. The tested pairs
+    get the script's adjusted p (the untested pair counts in m); the untested pair has no p."""
+    root = _write_models(tmp_path / "res", 30, seed=5)
+    (root / "model4").mkdir()
+    for metric in ("dsc", "nsd"):  # a copy of model0: every difference to it is zero
+        (root / "model4" / f"{metric}.csv").write_text((root / "model0" / f"{metric}.csv").read_text())
+    mats = _matrices(root)
+    ref = _touchstone_script(root, "liver")
+    table = pairwise_wilcoxon(mats[("liver", "dsc")], options=WilcoxonOptions.scipy_default(),
+                              correction="holm", family="all").set_index(["algorithm", "opponent"])
+    # scipy 1.17 answers NaN for 30 all-zero differences (older versions raised: the script's 100)
+    untested = [pair for pair, (p, _) in ref.items() if np.isnan(p) or p == 100.0]
+    assert set(untested) == {("model0", "model4"), ("model4", "model0")}
+    for pair, (p, q) in ref.items():
+        row = table.loc[pair]
+        if pair in untested:
+            assert np.isnan(row.p_value) and np.isnan(row.p_adjusted) and not row.significant
+        else:
+            assert abs(row.p_value - p) <= 1e-12 and abs(row.p_adjusted - q) <= 1e-12
