@@ -6,6 +6,8 @@
 # BASE_IMAGE (default $TOUCHSTONE_BASE_IMAGE or touchstone/base:bookworm, built offline by
 # scripts/build-base-image.sh) is passed as --build-arg BASE_IMAGE. With --save DIR each image is
 # also written as DIR/<name>.tar by `docker save` (the file an inventor uploads).
+# A folder with its own build.sh (monai-segresnet: PyTorch + MONAI from a wheelhouse, ~1.5 GB) is
+# built only when --only names it, by that script: plain runs and the test fixtures skip it.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BASE="${TOUCHSTONE_BASE_IMAGE:-touchstone/base:bookworm}"
@@ -29,7 +31,12 @@ for dir in "$ROOT"/examples/algorithms/*/; do
   if [ -n "$ONLY" ] && [[ ",$ONLY," != *",$name,"* ]]; then continue; fi
   tag="touchstone/example-$name:latest"
   echo "[examples] building $tag" >&2
-  docker build -q --build-arg "BASE_IMAGE=$BASE" -t "$tag" "$dir" >/dev/null
+  if [ -f "$dir/build.sh" ]; then
+    [ -n "$ONLY" ] || { echo "[examples] skipping $name (own build.sh; name it in --only)" >&2; continue; }
+    bash "$dir/build.sh" "$BASE" "$tag"
+  else
+    docker build -q --build-arg "BASE_IMAGE=$BASE" -t "$tag" "$dir" >/dev/null
+  fi
   if [ -n "$SAVE_DIR" ]; then
     docker save -o "$SAVE_DIR/$name.tar" "$tag"
     echo "[examples] saved $SAVE_DIR/$name.tar" >&2
