@@ -31,6 +31,7 @@ installed and the standard library ``zlib`` otherwise; :data:`GZIP_BACKEND` says
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import os
 import stat
@@ -66,22 +67,62 @@ Layout = Literal["masks", "combined"]
 # Statuses and errors
 # --------------------------------------------------------------------------------------------------
 
-STATUS_OK = "ok"
-STATUS_MISSING_PREDICTION = "missing_prediction"
-STATUS_UNREADABLE = "unreadable"
-STATUS_TOO_LARGE = "too_large"
-STATUS_GEOMETRY_MISMATCH = "geometry_mismatch"
-STATUS_INVALID_LABELS = "invalid_labels"
+class ScoreStatus(enum.StrEnum):
+    """Every status a score row can carry (the one list: the scorer, the worker, the leaderboard's
+    ``n_failed`` and the exports all read it). Every status but ``ok`` is a failed prediction scored
+    with the protocol's worst values (:attr:`is_failure`)."""
+
+    OK = "ok"
+    MISSING_PREDICTION = "missing_prediction"
+    UNREADABLE = "unreadable"
+    TOO_LARGE = "too_large"
+    GEOMETRY_MISMATCH = "geometry_mismatch"
+    INVALID_LABELS = "invalid_labels"
+    #: the worker's output check refused the case's files unread (a link, a device, an unexpected
+    #: name, a file over the size cap, a run that broke an output limit)
+    INVALID_PREDICTION = "invalid_prediction"
+
+    @property
+    def is_failure(self) -> bool:
+        """A failed prediction (scored worst, counted in ``n_failed``): every status but ``ok``."""
+        return self is not ScoreStatus.OK
+
+    @property
+    def description(self) -> str:
+        return STATUSES[self.value]
+
+    @classmethod
+    def status_is_failure(cls, status: str | None) -> bool:
+        """Whether a *stored* status marks a failed prediction: none (``None``, "") is not; a
+        value that is no member (a row written by something else) is."""
+        if status is None or status == "":
+            return False
+        try:
+            return cls(str(status)).is_failure
+        except ValueError:
+            return True
+
+
+STATUS_OK = ScoreStatus.OK
+STATUS_MISSING_PREDICTION = ScoreStatus.MISSING_PREDICTION
+STATUS_UNREADABLE = ScoreStatus.UNREADABLE
+STATUS_TOO_LARGE = ScoreStatus.TOO_LARGE
+STATUS_GEOMETRY_MISMATCH = ScoreStatus.GEOMETRY_MISMATCH
+STATUS_INVALID_LABELS = ScoreStatus.INVALID_LABELS
+STATUS_INVALID_PREDICTION = ScoreStatus.INVALID_PREDICTION
 
 #: every status a score row can carry, with what it means
 STATUSES: dict[str, str] = {
-    STATUS_OK: "scored normally",
-    STATUS_MISSING_PREDICTION: "no prediction for the case (no folder, or no label file in it)",
-    STATUS_UNREADABLE: "not a readable NIfTI file (corrupt or truncated gzip, not NIfTI, a symlink)",
-    STATUS_TOO_LARGE: "file, declared voxel count or decompressed data over the read limits",
-    STATUS_GEOMETRY_MISMATCH: "grid differs from the ground truth (shape, spacing, affine, "
+    "ok": "scored normally",
+    "missing_prediction": "no prediction for the case (no folder, or no label file in it)",
+    "unreadable": "not a readable NIfTI file (corrupt or truncated gzip, not NIfTI, a symlink)",
+    "too_large": "file, declared voxel count or decompressed data over the read limits "
+    "(the decompression-bomb guard)",
+    "geometry_mismatch": "grid differs from the ground truth (shape, spacing, affine, "
     "orientation) or the file is not 3-D",
-    STATUS_INVALID_LABELS: "values outside the protocol: NaN, non-integer, negative, unknown label",
+    "invalid_labels": "values outside the protocol: NaN, non-integer, negative, unknown label",
+    "invalid_prediction": "refused unread by the service's output check (a link or special file, "
+    "an unexpected name, a file over the size cap, or a run that broke an output limit)",
 }
 
 
@@ -92,7 +133,7 @@ class CaseError(Exception):
     one organ's mask only (the ``masks`` layout), so the other organs can still be scored.
     """
 
-    status: str = STATUS_UNREADABLE
+    status: ScoreStatus = STATUS_UNREADABLE
 
     def __init__(self, problem: str, fix: str, *, path: Path | str | None = None, organ: str | None = None):
         self.problem = problem
@@ -671,7 +712,7 @@ def read_labels(
                 np.copyto(sub, label_id, where=msub)
         else:
             masks[organ] = mask
-    if geometry is None:
+    if geometry is None or len(missing) == len(organs):
         if errors:
             if len(errors) == len(organs) or not collect_organ_errors:
                 raise next(iter(errors.values()))
@@ -680,6 +721,9 @@ def read_labels(
             f"write {SEGMENTATIONS_DIR}/<organ>.nii.gz files named after the organs",
             path=source,
         )
+    if label_map is None and masks is None:
+        # every file that exists was refused (collected in ``errors``): the others are empty masks
+        label_map = np.zeros(geometry.shape, np.uint8 if max(organs.values()) <= 255 else np.int32)
     return CaseLabels(
         layout="masks",
         geometry=geometry,

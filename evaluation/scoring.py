@@ -3,7 +3,7 @@ a bad prediction.
 
 ``score_case`` is what the Celery ``score`` task and ``touchstone evaluate`` call. It turns every
 problem with a *prediction* into rows carrying the protocol's worst values and a status
-(:data:`evaluation.io.STATUSES`); a problem with the *ground truth* is the organizer's and raises
+(:class:`evaluation.io.ScoreStatus`); a problem with the *ground truth* is the organizer's and raises
 :class:`evaluation.io.GroundTruthError` (it must be fixed, not scored against a submission).
 
 Granularity: in the ``masks`` layout each organ file stands alone, so a refused organ file scores
@@ -28,6 +28,7 @@ from evaluation.io import (
     STATUS_OK,
     STATUS_TOO_LARGE,
     CaseError,
+    ScoreStatus,
     GeometryTolerance,
     GroundTruthError,
     ReadLimits,
@@ -50,8 +51,16 @@ class ScoreRow:
     nsd: float | None
     hd95: float | None
     assd: float | None
-    status: str
+    status: str  # a ScoreStatus value (stored as the plain string)
     detail: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "status", str(ScoreStatus(self.status)))
+
+    @property
+    def failed(self) -> bool:
+        """A failed prediction (any status but ``ok``): scored worst, counted in ``n_failed``."""
+        return ScoreStatus(self.status).is_failure
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)

@@ -25,8 +25,9 @@ counted in memory by the workers. Families (all gauges unless noted):
 ``touchstone_running_containers``   shards in state ``running`` (one container each)
 ``touchstone_case_runs_total``      counter: cases ever run (CaseRun rows); use ``rate()``
 ``touchstone_cases_per_minute``     CaseRuns recorded in the last ``window`` minutes / window
-``touchstone_failed_submissions``   failed submissions by ``reason`` code (see :func:`failure_code`)
-``touchstone_failed_shards``        failed shards by ``reason`` code
+``touchstone_failed_submissions``   failed submissions by ``reason``: the stored ``failure_code``
+                                    (:class:`services.db.enums.FailureCode`; ``unknown`` if none)
+``touchstone_failed_shards``        failed shards by ``reason`` (their stored ``failure_code``)
 ``touchstone_queue_depth``          messages waiting per ``queue`` (Redis ``LLEN`` over kombu's
                                     priority lists; the filesystem broker: its message files)
 ``touchstone_queue_unacked``        Redis only: messages taken by a worker but not yet acknowledged
@@ -45,7 +46,6 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
-import re
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -143,47 +143,6 @@ def get_logger(name: str = "touchstone", **bound):
     import structlog
 
     return structlog.get_logger(name, **bound)
-
-
-# --------------------------------------------------------------------------------------------------
-# failure reasons -> codes
-# --------------------------------------------------------------------------------------------------
-#: (code, pattern) in order; the first match wins. The sentences are the workers' (worker/runtime/
-#: base.py FailureReason, worker/tasks.py); a prefix such as "Validation on the public sample
-#: failed:" does not matter because the patterns are searched, not anchored.
-FAILURE_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
-    (code, re.compile(pattern, re.IGNORECASE))
-    for code, pattern in (
-        ("attempts_exhausted", r"could not be completed in \d+ attempts"),
-        ("worker_lost", r"stopped answering"),
-        ("time_limit", r"time limit exceeded"),
-        ("out_of_memory", r"out of memory"),
-        ("nonzero_exit", r"exited with code"),
-        ("no_output", r"wrote nothing to /output|no prediction for public case"),
-        ("invalid_output", r"unreadable or mis-shaped"),
-        ("too_many_files", r"files and folders in /output and was stopped"),
-        ("output_too_deep", r"nested folders more than \d+ levels"),
-        ("forbidden_output", r"only plain files and folders are allowed"),
-        ("pids_limit", r"process limit reached"),
-        ("output_too_large", r"to /output and was stopped"),
-        ("wrong_architecture", r"the image is built for"),
-        ("image_too_large", r"uncompressed, more than the limit"),
-        ("image_load_failed", r"could not be loaded|not a .*docker save|image .*not found"),
-        ("cancelled", r"cancelled"),
-        ("runtime_error", r"could not run the container"),
-    )
-)
-
-
-def failure_code(reason: str | None) -> str:
-    """A short, bounded label for a stored failure sentence (``other`` when none matches, ``unknown``
-    when there is none): metric labels must not carry free text."""
-    if not reason:
-        return "unknown"
-    for code, pattern in FAILURE_PATTERNS:
-        if pattern.search(reason):
-            return code
-    return "other"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -290,10 +249,12 @@ class TouchstoneCollector:
             since = self._now() - dt.timedelta(minutes=self.window_min)
             recent_runs = session.scalar(
                 sa.select(sa.func.count(CaseRun.id)).where(CaseRun.created_at >= since)) or 0
-            failed_subs = session.scalars(
-                sa.select(Submission.failure_reason).where(Submission.state == SubmissionState.failed)).all()
-            failed_shards = session.scalars(
-                sa.select(Shard.failure_reason).where(Shard.state == ShardState.failed)).all()
+            failed_subs = dict(session.execute(
+                sa.select(Submission.failure_code, sa.func.count()).where(Submission.state == SubmissionState.failed)
+                .group_by(Submission.failure_code)).all())
+            failed_shards = dict(session.execute(
+                sa.select(Shard.failure_code, sa.func.count()).where(Shard.state == ShardState.failed)
+                .group_by(Shard.failure_code)).all())
 
         submissions = Gauge("touchstone_submissions", "Submissions by state.", labels=["state"])
         for state in SubmissionState:
@@ -311,13 +272,13 @@ class TouchstoneCollector:
         yield Gauge("touchstone_cases_per_minute",
                     f"Cases run per minute, averaged over the last {self.window_min:g} minutes.",
                     value=recent_runs / self.window_min)
-        for name, what, reasons in (("touchstone_failed_submissions", "Failed submissions", failed_subs),
+        for name, what, by_code in (("touchstone_failed_submissions", "Failed submissions", failed_subs),
                                     ("touchstone_failed_shards", "Failed shards", failed_shards)):
             family = Gauge(name, f"{what} by failure reason code.", labels=["reason"])
             counts: dict[str, int] = {}
-            for reason in reasons:
-                code = failure_code(reason)
-                counts[code] = counts.get(code, 0) + 1
+            for code, n in by_code.items():  # the stored code: a bounded label, never free text
+                label = code or "unknown"
+                counts[label] = counts.get(label, 0) + n
             for code, count in sorted(counts.items()):
                 family.add_metric([code], count)
             yield family

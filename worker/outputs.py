@@ -1,7 +1,8 @@
-"""Checking what a container wrote to /output. Every byte of it is untrusted.
+"""Checking what a container wrote to /output, and scoring it. Every byte of it is untrusted.
 
-:func:`check_outputs` walks the output folder without following any link and answers, per case
-of the shard, ``ok`` / ``missing`` / ``invalid`` with a reason a person can act on. The rules:
+:func:`check_outputs` walks the output folder without following any link, and without opening a
+single file, and answers, per case of the shard, ``ok`` / ``missing`` / ``invalid`` with a reason
+a person can act on. It is the safety check; the rules:
 
 - only the case folders of the shard may exist at the top; anything else is listed in
   ``OutputReport.unexpected`` and never read;
@@ -10,14 +11,19 @@ of the shard, ``ok`` / ``missing`` / ``invalid`` with a reason a person can act 
   scorer's :func:`evaluation.io.detect_layout`); no other name, no deeper folder;
 - every entry must be a plain file or folder: no symbolic link, no hard link (link count > 1), no
   device, FIFO or socket;
-- per-file and per-run size caps (compressed bytes on disk);
-- the contents are read with the evaluation engine's guarded reader
-  (:func:`evaluation.io.read_labels` under :class:`evaluation.io.ReadLimits`), the same code the
-  scorer uses: the decompression-bomb guard (the header's declared size is checked before any
-  data is decompressed, and never more than that is decompressed), NIfTI-1/2 parsing, the grid
-  equal to the input CT's (shape, spacing, direction, origin within
-  :class:`evaluation.io.GeometryTolerance`), values: a label map holds integers 0..9, a
-  per-organ mask 0 and 1 only, no NaN.
+- per-file and per-run size caps (compressed bytes on disk).
+
+A case that breaks a rule is ``invalid`` as a whole and scored worst with status
+``invalid_prediction``, its files unread. The contents of an ``ok`` case are read once, when it is
+scored, by :func:`score_outputs` -- which calls :func:`evaluation.scoring.score_case`, the function
+``touchstone evaluate`` calls, so the service and the CLI give one folder the same rows. That read
+applies the evaluation engine's guards (:func:`evaluation.io.read_nifti` under
+:meth:`OutputLimits.read_limits`): the decompression-bomb guard (the header's declared size is
+checked before any data is decompressed, and never more than that is decompressed), NIfTI-1/2
+parsing, the grid equal to the ground truth's, values (a label map holds integers 0..9, a
+per-organ mask 0 and 1 only, no NaN). A refused file gives its organ (per-organ layout) or its case
+(label map) the protocol's worst score and a status (``unreadable``, ``too_large``,
+``geometry_mismatch``, ``invalid_labels``); a missing organ file is an empty mask; nothing raises.
 
 The check is read-only and runs after the container has been removed. :func:`prune_outputs`
 then deletes everything outside the contract (at any depth) before scoring, and
@@ -26,20 +32,23 @@ then deletes everything outside the contract (at any depth) before scoring, and
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
-import shutil
+import logging
 import os
+import shutil
 import stat
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import nibabel as nib
-import numpy as np
+if TYPE_CHECKING:
+    from evaluation.protocols import Protocol
+    from evaluation.scoring import ScoreRow
 
-from evaluation.io import CaseError, Geometry, GeometryTolerance, ReadLimits, read_labels
-from evaluation.labels import COMBINED_LABELS_FILE, LABEL_IDS, ORGANS, SEGMENTATIONS_DIR
+from evaluation.io import GeometryTolerance, GroundTruthError, ReadLimits
+from evaluation.labels import COMBINED_LABELS_FILE, ORGANS, SEGMENTATIONS_DIR
 from worker.runtime.base import FailureReason
 from worker.monitoring import entry_kind
 
@@ -53,11 +62,12 @@ class OutputLimits:
     max_file_bytes: int = 256 * 2**20  # compressed, per file
     max_total_bytes: int = 2 * 2**30  # compressed, the whole output folder
     max_entries: int = 10_000  # entries at the top of the output folder
-    max_voxels: int = ReadLimits.max_voxels  # declared by a header (the bomb guard)
+    max_voxels: int = ReadLimits.max_voxels  # declared by a header (the bomb guard, at scoring)
     max_decompressed_bytes: int = ReadLimits.max_decompressed_bytes
     tolerance: GeometryTolerance = GeometryTolerance()
 
     def read_limits(self) -> ReadLimits:
+        """The read limits the scorer applies to these outputs (the bomb guard among them)."""
         return ReadLimits(max_file_bytes=self.max_file_bytes, max_voxels=self.max_voxels,
                           max_decompressed_bytes=self.max_decompressed_bytes, allow_symlinks=False)
 
@@ -131,14 +141,7 @@ def _listing(directory: Path, limits: OutputLimits) -> list[os.DirEntry]:
     return sorted(entries, key=lambda e: e.name)
 
 
-def _ct_geometry(ct: Path) -> Geometry:
-    """The input CT's grid from its header alone (the organizer's own file: trusted)."""
-    image = nib.load(str(ct))
-    return Geometry(tuple(int(n) for n in image.shape[:3]), np.asarray(image.affine, dtype=np.float64))
-
-
-def _check_case(case_dir: Path, case_id: str, ct: Path | None, limits: OutputLimits,
-                check_contents: bool) -> tuple[CaseOutput, int]:
+def _check_case(case_dir: Path, case_id: str, limits: OutputLimits) -> tuple[CaseOutput, int]:
     rel_case = case_id
     entries = _listing(case_dir, limits)
     if not entries:
@@ -172,24 +175,18 @@ def _check_case(case_dir: Path, case_id: str, ct: Path | None, limits: OutputLim
         return CaseOutput(case_id, "missing", f"/output/{case_id}/{SEGMENTATIONS_DIR} is empty"), total
     files = [combined] if combined is not None else [organ_files[o] for o in ORGANS if o in organ_files]
     rels = tuple(str(p.relative_to(case_dir.parent)) for p in files)
-    if check_contents and ct is not None:
-        # the guarded reader of the evaluation engine: decompression-bomb guard, NIfTI parsing,
-        # geometry against the CT, label values (0..9 for a label map, 0/1 for masks)
-        read_labels(case_dir, LABEL_IDS, limits=limits.read_limits(), untrusted=True,
-                    reference=_ct_geometry(ct), tolerance=limits.tolerance)
     if combined is not None:
         return CaseOutput(case_id, "ok", "", "combined", rels, ORGANS), total
     return CaseOutput(case_id, "ok", "", "per_organ", rels, tuple(o for o in ORGANS if o in organ_files)), total
 
 
-def check_outputs(output_dir: Path, cts: Mapping[str, Path], limits: OutputLimits | None = None,
-                  check_contents: bool = True) -> OutputReport:
-    """Check the output folder of one run against the shard's cases (``case_id -> input CT path``).
-
-    ``check_contents=False`` checks names, kinds and sizes only (fast, for a first look).
-    """
+def check_outputs(output_dir: Path, cts: Mapping[str, Path] | Iterable[str],
+                  limits: OutputLimits | None = None) -> OutputReport:
+    """Check the output folder of one run against the shard's cases (their ids, or a mapping
+    ``case_id -> input CT path`` whose keys are used): names, kinds and sizes; no file is opened."""
     limits = limits or OutputLimits()
     output_dir = Path(output_dir)
+    cts = list(cts)  # the case ids
     unexpected: list[str] = []
     problems: list[str] = []
     case_dirs: dict[str, Path] = {}
@@ -209,17 +206,14 @@ def check_outputs(output_dir: Path, cts: Mapping[str, Path], limits: OutputLimit
             unexpected.append(f"{entry.name} ({_kind(st.st_mode)})")
     cases: dict[str, CaseOutput] = {}
     total = 0
-    for case_id, ct in cts.items():
+    for case_id in cts:
         if case_id not in case_dirs:
             cases[case_id] = CaseOutput(case_id, "missing", f"no folder /output/{case_id}")
             continue
         try:
-            result, size = _check_case(case_dirs[case_id], case_id, ct, limits, check_contents)
+            result, size = _check_case(case_dirs[case_id], case_id, limits)
         except _Invalid as exc:
             result, size = CaseOutput(case_id, "invalid", str(exc)), 0
-        except CaseError as exc:
-            message = str(exc).replace(str(case_dirs[case_id].parent), "/output")
-            result, size = CaseOutput(case_id, "invalid", message), 0
         except OSError as exc:
             result, size = CaseOutput(case_id, "invalid", f"cannot be read ({exc.strerror})"), 0
         cases[case_id] = result
@@ -294,3 +288,52 @@ def prune_outputs(output_dir: Path, report: OutputReport) -> tuple[int, int]:
 
     walk(output_dir, "")
     return kept, removed
+
+
+# --------------------------------------------------------------------------------------------------
+# scoring: the one path (evaluation.scoring, as `touchstone evaluate`)
+# --------------------------------------------------------------------------------------------------
+log = logging.getLogger("touchstone.worker")
+
+#: how the output folder is named in the rows' details (the container's path, never the worker's)
+CONTAINER_OUTPUT = "/output"
+
+
+def _as_container_paths(rows: list[ScoreRow], output_dir: Path) -> list[ScoreRow]:
+    forms = sorted({str(output_dir), str(output_dir.absolute()), str(output_dir.resolve())}, key=len, reverse=True)
+
+    def shown(detail: str) -> str:
+        for form in forms:
+            detail = detail.replace(form, CONTAINER_OUTPUT)
+        return detail
+
+    return [dataclasses.replace(r, detail=shown(r.detail)) if r.detail else r for r in rows]
+
+
+def score_output(case_id: str, labels: Path, output_dir: Path, protocol: Protocol | str,
+                 limits: OutputLimits | None = None, *, device: str = "cpu") -> list[ScoreRow]:
+    """Score one case of a checked output folder (``output_dir/<case_id>``) against its ground
+    truth with :func:`evaluation.scoring.score_case` -- the function ``touchstone evaluate`` calls --
+    under :meth:`OutputLimits.read_limits`. Each file is read once, here; a bad file gives its
+    organ (or, for a label map, its case) the worst score and a status; paths in the details are
+    the container's (``/output/...``). Raises :class:`evaluation.io.GroundTruthError` only."""
+    from evaluation.scoring import score_case
+
+    limits = limits or OutputLimits()
+    output_dir = Path(output_dir)
+    rows = score_case(case_id, labels, output_dir / case_id, protocol, limits.read_limits(),
+                      tolerance=limits.tolerance, device=device)
+    return _as_container_paths(rows, output_dir)
+
+
+def score_outputs(cases: Sequence[tuple[str, Path]], output_dir: Path, protocol: Protocol | str,
+                  limits: OutputLimits | None = None) -> dict[str, list[ScoreRow]]:
+    """:func:`score_output` for each ``(case_id, labels path)``; a case whose ground truth is
+    unusable is left out and logged (the organizer's data, not the submission's fault)."""
+    rows: dict[str, list[ScoreRow]] = {}
+    for case_id, labels in cases:
+        try:
+            rows[case_id] = score_output(case_id, labels, output_dir, protocol, limits)
+        except GroundTruthError as exc:
+            log.error("case %s: ground truth cannot be used: %s", case_id, exc)
+    return rows

@@ -25,7 +25,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from services.db.base import finite_or_none, utcnow
-from services.db.enums import ShardState
+from services.db.enums import FailureCode, ShardState
 from services.db.enums import SubmissionState as S
 from services.db.models import Case, CaseRun, Score, Shard, Submission, TestSet
 from services.db.states import transition
@@ -340,12 +340,13 @@ def advance(session: Session, submission: Submission) -> bool:
     return unscored_hidden_cases(session, submission, submission.testset) == 0
 
 
-def fail_submission(session: Session, submission: Submission, reason: str) -> bool:
-    """Fail an unfinished submission (False when it is already finished or cancelled); its open
-    shards become cancelled."""
+def fail_submission(session: Session, submission: Submission, reason: str,
+                    code: FailureCode | str = FailureCode.OTHER) -> bool:
+    """Fail an unfinished submission with ``reason`` and its ``code`` (stored beside it; False when
+    it is already finished or cancelled); its open shards become cancelled."""
     if S(submission.state) not in (S.received, S.validating, S.queued, S.running, S.evaluating):
         return False
-    transition(submission, S.failed, reason=reason)
+    transition(submission, S.failed, reason=reason, code=code)
     _close_open_shards(session, submission.id, ShardState.cancelled)
     return True
 

@@ -51,11 +51,11 @@ from services.db.models import AuditLog, Case, CaseRun, Shard, Submission, TestS
 from services.db.session import get_sessionmaker, session_scope
 from services.db.states import transition
 from services.storage import Storage
-from evaluation.io import GroundTruthError
+from evaluation.io import GroundTruthError, ScoreStatus
 from evaluation.scoring import ScoreRow
 from worker import pipeline
 from worker.app import CPU_QUEUE, GPU_QUEUE, app, worker_settings
-from worker.outputs import check_outputs, delete_tree, prune_outputs
+from worker.outputs import check_outputs, delete_tree, prune_outputs, score_output, score_outputs
 from worker.runtime.base import (
     ContainerRuntime,
     EngineUnavailable,
@@ -140,8 +140,9 @@ def _public(text: str | None) -> str | None:
     return text
 
 
-def _fail(session, sub: Submission, reason: str) -> bool:
-    return pipeline.fail_submission(session, sub, _public(reason) or reason)
+def _fail(session, sub: Submission, reason: str, code: FailureCode) -> bool:
+    """Fail the submission with ``reason`` (server paths removed) and its ``code`` beside it."""
+    return pipeline.fail_submission(session, sub, _public(reason) or reason, code)
 
 
 def _infrastructure_reason(what: str, attempts: int) -> str:
@@ -335,7 +336,7 @@ def validate(self, submission_id: int) -> str:
         if sub is None or sub.state is not S.validating:
             return "skipped: no longer validating"
         if failure is not None:
-            _fail(session, sub, failure.message)
+            _fail(session, sub, failure.message, failure.code)
             _audit(session, "submission.validate.rejected", submission_id, code=failure.code.value)
         else:
             assert info is not None
@@ -373,7 +374,8 @@ def _public_sample_failure(result: RunResult, report) -> FailureReason | None:
     return FailureReason.invalid_output(f"case {first.case_id}: {first.reason}{more}")
 
 
-def _format_log(title: str, result: RunResult, report=None) -> str:
+def _format_log(title: str, result: RunResult, report=None, public_rows: dict[int, list[ScoreRow]] | None = None,
+                labels: dict[int, tuple[str, Path]] | None = None) -> str:
     lines = [f"== {title}", f"exit code {result.exit_code}, {result.duration_s:.1f} s"
              + (f", peak memory {result.peak_memory_bytes / 2**20:.0f} MiB" if result.peak_memory_bytes else "")]
     if result.failure is not None:
@@ -383,6 +385,11 @@ def _format_log(title: str, result: RunResult, report=None) -> str:
             lines.append(f"case {out.case_id}: {out.status}" + (f" -- {out.reason}" if out.reason else ""))
         if report.unexpected:
             lines.append("ignored at the top of /output: " + ", ".join(report.unexpected[:10]))
+    for case_pk, rows in (public_rows or {}).items():
+        case_id = labels[case_pk][0] if labels else str(case_pk)
+        for row in rows:
+            if row.failed:
+                lines.append(f"case {case_id}, {row.organ}: {row.status} -- {row.detail}")
     lines.append("== container log (tail)")
     lines.append(result.log_tail.rstrip())
     return "\n".join(lines) + "\n"
@@ -407,7 +414,7 @@ def _retry_validation(task, submission_id: int, owner: str | None, exc: BaseExce
         if retries >= wsettings.engine_max_retries or (sub.validation_attempts or 0) >= wsettings.max_attempts:
             sub.counts_against_quota = False
             _fail(session, sub, _infrastructure_reason("the container engine on the worker failed",
-                                                       sub.validation_attempts or 0))
+                                                       sub.validation_attempts or 0), FailureCode.INFRASTRUCTURE)
             _audit(session, "submission.validate.infrastructure", submission_id, error=type(exc).__name__)
             return "failed: infrastructure"
     raise task.retry(countdown=wsettings.engine_retry_s * min(2 ** retries, 8), max_retries=None)
@@ -454,7 +461,8 @@ def validate_run(self, submission_id: int) -> str:
             if (sub.validation_attempts or 0) >= wsettings.max_attempts:
                 sub.counts_against_quota = False
                 _fail(session, sub, _infrastructure_reason(
-                    "the workers running it were lost or their container engine failed", sub.validation_attempts))
+                    "the workers running it were lost or their container engine failed", sub.validation_attempts),
+                      FailureCode.INFRASTRUCTURE)
                 return "failed: attempts exhausted"
             attempt = pipeline.claim_validation(sub, owner, utcnow())
         try:
@@ -480,13 +488,17 @@ def validate_run(self, submission_id: int) -> str:
                 delete_tree(workdir)
                 return _retry_validation(self, submission_id, owner, exc)
             cancelled = result.cancelled
-            report = check_outputs(output, dict(cases))
+            report = check_outputs(output, [case_id for case_id, _ in cases])
             failure = _public_sample_failure(result, report)
-            run_log = _format_log(f"public sample ({len(cases)} case(s)), attempt {attempt}", result, report)
             if failure is None and not cancelled:
-                # the team's own feedback: its public-sample cases scored like hidden ones (they are
-                # left out of the benchmark's statistics); the hidden cases are never shown per case
+                # the one scoring path (evaluation.scoring, as `touchstone evaluate`): each file is
+                # read once, here; the rows are the team's own feedback (public-sample cases are
+                # left out of the benchmark's statistics; the hidden cases are never shown per
+                # case), and a public case whose files the scorer refuses fails the validation
                 public_rows = _score_public_sample(labels, output, protocol)
+                failure = _public_rows_failure(public_rows, labels)
+            run_log = _format_log(f"public sample ({len(cases)} case(s)), attempt {attempt}", result, report,
+                                  public_rows, labels)
         finally:
             delete_tree(workdir / "input")
 
@@ -507,7 +519,7 @@ def validate_run(self, submission_id: int) -> str:
                 outcome = "cancelled"
             else:
                 assert failure is not None
-                _fail(session, sub, f"Validation on the public sample failed: {failure.message}")
+                _fail(session, sub, f"Validation on the public sample failed: {failure.message}", failure.code)
                 _audit(session, "submission.validate.failed", submission_id, code=failure.code.value)
                 outcome = f"failed: {failure.code.value}"
         else:
@@ -540,31 +552,42 @@ def validate_run(self, submission_id: int) -> str:
 
 
 def _score_public_sample(labels: dict[int, tuple[str, Path]], output: Path, protocol) -> dict[int, list[ScoreRow]]:
-    """Score rows of each public-sample case (pk → rows); a case whose ground truth is unusable is
-    left unscored and logged (the organizer's data, not the submission's fault)."""
-    from evaluation.scoring import score_case
+    """Score rows of each public-sample case (pk → rows) through :func:`worker.outputs.score_outputs`
+    (:func:`evaluation.scoring.score_case`); a case whose ground truth is unusable is left
+    unscored and logged (the organizer's data, not the submission's fault)."""
+    pk_of = {case_id: case_pk for case_pk, (case_id, _) in labels.items()}
+    by_id = score_outputs([(case_id, path) for case_id, path in labels.values()], output, protocol)
+    return {pk_of[case_id]: rows for case_id, rows in by_id.items()}
 
-    rows: dict[int, list[ScoreRow]] = {}
-    for case_pk, (case_id, labels_path) in labels.items():
-        try:
-            rows[case_pk] = score_case(case_id, labels_path, output / case_id, protocol)
-        except GroundTruthError as exc:
-            log.error("public-sample case %s: ground truth cannot be used: %s", case_id, exc)
-    return rows
+
+def _public_rows_failure(public_rows: dict[int, list[ScoreRow]],
+                         labels: dict[int, tuple[str, Path]]) -> FailureReason | None:
+    """The validation's failure when the scorer refused a file of a public case (any row with a
+    failure status): ``invalid_output`` naming the first such case and organ and why."""
+    bad = [(labels[pk][0], rows, [r for r in rows if r.failed]) for pk, rows in public_rows.items()]
+    bad = [entry for entry in bad if entry[2]]
+    if not bad:
+        return None
+    case_id, rows, failed = bad[0]
+    first = failed[0]
+    organs = "all organs" if len(failed) == len(rows) else ", ".join(r.organ for r in failed)
+    more = f" (and {len(bad) - 1} more case(s))" if len(bad) > 1 else ""
+    return FailureReason.invalid_output(f"case {case_id} ({organs}): {first.status}: {first.detail}{more}")
 
 
 # --------------------------------------------------------------------------------------------
 # infer_shard (gpu)
 # --------------------------------------------------------------------------------------------
-def _case_status(out_status: str, run_failure: FailureReason | None) -> tuple[str, str]:
-    """(CaseRun status, Score status) of one case's output."""
+def _case_status(out_status: str, run_failure: FailureReason | None) -> tuple[str, ScoreStatus]:
+    """(CaseRun status, Score status) of one case's output after the safety check; an ``ok`` case
+    gets its final statuses when it is scored (:func:`worker.outputs.score_output`)."""
     if out_status == "ok":
-        return "ok", "ok"
+        return "ok", ScoreStatus.OK
     if out_status == "invalid":
-        return "invalid_output", "invalid_prediction"
+        return "invalid_output", ScoreStatus.INVALID_PREDICTION
     if run_failure is not None and run_failure.code is FailureCode.TIME_LIMIT:
-        return "timeout", "missing_prediction"
-    return "missing_output", "missing_prediction"
+        return "timeout", ScoreStatus.MISSING_PREDICTION
+    return "missing_output", ScoreStatus.MISSING_PREDICTION
 
 
 @app.task(name="touchstone.infer_shard", bind=True, max_retries=None)
@@ -593,7 +616,8 @@ def infer_shard(self, shard_id: int) -> str:
             reason = (f"Shard {shard.index} could not be completed in {shard.attempts} attempts "
                       f"(last: {shard.failure_reason or 'the worker running it was lost'}); an organizer can re-run it.")
             shard.state, shard.finished_at, shard.failure_reason = ShardState.failed, now, reason
-            _fail(session, sub, reason)
+            shard.failure_code = FailureCode.ATTEMPTS_EXHAUSTED.value
+            _fail(session, sub, reason, FailureCode.ATTEMPTS_EXHAUSTED)
             return "failed: attempts exhausted"
         testset = sub.testset
         cases = pipeline.cases_by_id(session, testset.id, shard.case_ids)
@@ -621,7 +645,7 @@ def infer_shard(self, shard_id: int) -> str:
             shard.worker_hostname = owner
             shard.started_at = shard.heartbeat_at = now
             shard.finished_at = None
-            shard.failure_reason = None
+            shard.failure_reason = shard.failure_code = None
             if sub.state in (S.queued, S.evaluating):
                 transition(sub, S.running)
             work = dict(
@@ -701,7 +725,7 @@ def _run_shard(shard_id: int, owner: str, *, submission_id: int, index: int, att
                                 "error, not the image's fault)")
     cts = {case_id: ct for _, case_id, ct in cases}
     limit_broken = result.failure is not None and result.failure.code in OUTPUT_LIMIT_CODES
-    report = check_outputs(output, cts, check_contents=not limit_broken)
+    report = check_outputs(output, cts)
     wall = per_case_wall_times(result.output_seen_s)
     items: list[list[Any]] = []
     keep_outputs = False
@@ -722,7 +746,7 @@ def _run_shard(shard_id: int, owner: str, *, submission_id: int, index: int, att
                 if limit_broken:
                     # a run that broke an output limit: none of its files is used (or kept)
                     run_status, score_status, detail, prediction = (
-                        "invalid_output", "invalid_prediction", result.failure.message, None)  # type: ignore[union-attr]
+                        "invalid_output", ScoreStatus.INVALID_PREDICTION, result.failure.message, None)  # type: ignore[union-attr]
                 else:
                     run_status, score_status = _case_status(out.status, result.failure)
                     detail = out.reason or (result.failure.message if result.failure else None)
@@ -730,8 +754,8 @@ def _run_shard(shard_id: int, owner: str, *, submission_id: int, index: int, att
                 pipeline.upsert_case_run(session, submission_id, case_pk, shard_id, run_status,
                                          prediction if prediction else _public(detail),
                                          wall.get(case_id) if prediction else None)
-                items.append([case_pk, case_id, score_status, _public(detail) if score_status != "ok" else None,
-                              prediction])
+                items.append([case_pk, case_id, score_status.value,
+                              _public(detail) if score_status.is_failure else None, prediction])
                 keep_outputs = keep_outputs or prediction is not None
             failure = result.failure or report.failure()
             shard.state = ShardState.succeeded if failure is None else ShardState.failed
@@ -744,6 +768,7 @@ def _run_shard(shard_id: int, owner: str, *, submission_id: int, index: int, att
                 shard.gpu_memory_auc = result.gpu.area_byte_s
             shard.log_tail = result.log_tail  # hidden cases: organizers only
             shard.failure_reason = _public(failure.message) if failure else None
+            shard.failure_code = failure.code.value if failure else None
             ready = pipeline.advance(session, sub)
     if outcome:
         _discard_run(submission_id, workdir, failed=False)
@@ -770,6 +795,7 @@ def _shard_error(shard_id: int, owner: str, message: str) -> str:
         if shard is None or shard.worker_hostname != owner or shard.state is not ShardState.running:
             return "abandoned"
         shard.state, shard.failure_reason, shard.worker_hostname = ShardState.pending, message, None
+        shard.failure_code = None
     infer_shard.apply_async(args=[shard_id], queue=GPU_QUEUE, countdown=5)
     return f"retrying: {message}"
 
@@ -799,19 +825,20 @@ def protocol_of(testset: TestSet):
     return _protocols[key]
 
 
-def worst_rows(case: Case, protocol, status: str, detail: str | None) -> list[ScoreRow]:
-    """The protocol's worst score for every organ (a missing or invalid prediction)."""
+def worst_rows(case: Case, protocol, status: ScoreStatus | str, detail: str | None) -> list[ScoreRow]:
+    """The protocol's worst score for every organ (a missing prediction, or one the safety check
+    refused unread)."""
     from evaluation.scoring import worst_rows as evaluation_worst_rows
 
     return evaluation_worst_rows(case.case_id, protocol, status, detail or "")
 
 
 def prediction_rows(case: Case, prediction_dir: Path, protocol) -> list[ScoreRow]:
-    """Score one prediction against the case's labels (:func:`evaluation.scoring.score_case`
-    never raises for a bad prediction: it answers the worst score and a status)."""
-    from evaluation.scoring import score_case
-
-    return score_case(case.case_id, Path(case.labels_path), prediction_dir, protocol)
+    """Score one checked prediction (``<output>/<case_id>``) against the case's labels through
+    :func:`worker.outputs.score_output` -- :func:`evaluation.scoring.score_case`, as ``touchstone
+    evaluate``: never raises for a bad prediction, it answers the worst score and a status per
+    organ (or per case for a label map)."""
+    return score_output(case.case_id, Path(case.labels_path), prediction_dir.parent, protocol)
 
 
 @app.task(name="touchstone.score")
@@ -832,7 +859,7 @@ def score(submission_id: int, shard_id: int | None, items: list[list[Any]]) -> s
             continue  # scored by an earlier delivery: never scored twice
         started = time.perf_counter()
         try:
-            if status == "ok" and prediction:
+            if ScoreStatus(status) is ScoreStatus.OK and prediction:
                 rows = prediction_rows(cases[case_pk], _storage_root() / prediction, protocol)
             else:
                 rows = worst_rows(cases[case_pk], protocol, status, detail)
@@ -845,7 +872,8 @@ def score(submission_id: int, shard_id: int | None, items: list[list[Any]]) -> s
                 if sub is not None:
                     pipeline.fail_submission(session, sub, (
                         "The ground truth of a hidden case cannot be used (not the submission's fault); an "
-                        "organizer must fix the test set (see the worker log) and re-run the submission."))
+                        "organizer must fix the test set (see the worker log) and re-run the submission."),
+                        FailureCode.GROUND_TRUTH)
             return f"failed: ground truth of {case_id}"
         seconds = time.perf_counter() - started
         with session_scope() as session:
@@ -934,7 +962,8 @@ def reap() -> str:
                 reason = (f"Shard {shard.index} could not be completed in {shard.attempts} attempts ({lost}); "
                           "an organizer can re-run the submission.")
                 shard.state, shard.finished_at, shard.failure_reason = ShardState.failed, now, reason
-                _fail(session, sub, reason)
+                shard.failure_code = FailureCode.ATTEMPTS_EXHAUSTED.value
+                _fail(session, sub, reason, FailureCode.ATTEMPTS_EXHAUSTED)
                 failed += 1
                 continue
             shard.state, shard.worker_hostname, shard.failure_reason = ShardState.pending, None, lost
@@ -968,7 +997,7 @@ def _reap_validations(wsettings) -> tuple[int, int]:
             pipeline.release_validation(sub, utcnow())
             if (sub.validation_attempts or 0) >= wsettings.max_attempts:
                 sub.counts_against_quota = False
-                _fail(session, sub, _infrastructure_reason(lost, sub.validation_attempts))
+                _fail(session, sub, _infrastructure_reason(lost, sub.validation_attempts), FailureCode.WORKER_LOST)
                 failed += 1
                 continue
             retried.append(submission_id)
@@ -1058,6 +1087,6 @@ def submission_summary(submission_id: int) -> dict[str, Any]:
             sa.select(sa.func.count(Score.id)).join(Case, Case.id == Score.case_id)
             .where(Score.submission_id == submission_id, Case.public_sample.is_(False))
         ) or 0
-        return {"state": sub.state.value, "failure_reason": sub.failure_reason,
+        return {"state": sub.state.value, "failure_reason": sub.failure_reason, "failure_code": sub.failure_code,
                 "shards": {s.index: s.state.value for s in shards}, "scores": n_scores,
                 "at": dt.datetime.now(dt.timezone.utc).isoformat()}

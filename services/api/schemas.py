@@ -187,6 +187,8 @@ class SubmissionOut(Out):
     testset: str
     state: SubmissionState
     failure_reason: str | None
+    #: the code of that reason (services.db.enums.FailureCode value), None when it did not fail
+    failure_code: str | None = None
     image_ref: str | None
     image_sha256: str | None
     image_digest: str | None
@@ -211,6 +213,7 @@ class SubmissionLogs(BaseModel):
     id: int
     state: SubmissionState
     failure_reason: str | None
+    failure_code: str | None = None
     validation_log: str | None
 
 
@@ -228,6 +231,7 @@ class ShardOut(Out):
     gpu_memory_peak_bytes: int | None
     gpu_memory_auc: float | None
     failure_reason: str | None
+    failure_code: str | None = None
     log_tail: str | None
 
 

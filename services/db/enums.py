@@ -34,6 +34,37 @@ class ShardState(str, enum.Enum):
     cancelled = "cancelled"
 
 
+class FailureCode(str, enum.Enum):
+    """Why a submission or a shard failed (or was cancelled): the one list. Stored beside the
+    sentence (``failure_code`` next to ``failure_reason``) by every place that fails a submission;
+    ``/metrics`` labels failures with it. The worker's :class:`worker.runtime.base.FailureReason`
+    pairs the image/run codes with their sentences (worker.runtime.base re-exports this enum)."""
+
+    # the image and its run (worker.runtime.base.FailureReason)
+    TIME_LIMIT = "time_limit"
+    OUT_OF_MEMORY = "out_of_memory"
+    NONZERO_EXIT = "nonzero_exit"
+    NO_OUTPUT = "no_output"
+    INVALID_OUTPUT = "invalid_output"
+    OUTPUT_TOO_LARGE = "output_too_large"
+    TOO_MANY_FILES = "too_many_files"
+    OUTPUT_TOO_DEEP = "output_too_deep"
+    FORBIDDEN_OUTPUT = "forbidden_output"
+    PIDS_LIMIT = "pids_limit"
+    WRONG_ARCHITECTURE = "wrong_architecture"
+    IMAGE_TOO_LARGE = "image_too_large"
+    IMAGE_LOAD_FAILED = "image_load_failed"
+    CANCELLED = "cancelled"
+    RUNTIME_ERROR = "runtime_error"
+    # the pipeline around it (worker/tasks.py)
+    ATTEMPTS_EXHAUSTED = "attempts_exhausted"  # a shard used up its attempts
+    WORKER_LOST = "worker_lost"  # the worker running a validation stopped answering
+    INFRASTRUCTURE = "infrastructure"  # our side (engine, lost workers); not the image's fault
+    GROUND_TRUTH = "ground_truth"  # a hidden case's ground truth is unusable (the organizer's)
+    #: a reason stored without a code (an older row no pattern matched, a caller that gave none)
+    OTHER = "other"
+
+
 def enum_column_type(enum_cls: type[enum.Enum]):
     """A VARCHAR column holding the enum's *values*; no native ENUM type, no CHECK constraint, so a
     later migration can add a member without rewriting the table on either database."""

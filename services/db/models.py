@@ -196,6 +196,8 @@ class Submission(Base):
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     #: why it failed / was cancelled, in words a person can act on
     failure_reason: Mapped[str | None] = mapped_column(sa.Text)
+    #: the :class:`services.db.enums.FailureCode` value of that reason (added by 0006_failure_codes)
+    failure_code: Mapped[str | None] = mapped_column(sa.String(32))
     #: an image reference (registry) -- or None when the image was uploaded as a tarball
     image_ref: Mapped[str | None] = mapped_column(sa.Text)
     #: the uploaded ``docker save`` tarball, relative to settings.storage_dir
@@ -258,6 +260,8 @@ class Shard(Base):
     #: integral of GPU memory over time (byte-seconds)
     gpu_memory_auc: Mapped[float | None]
     failure_reason: Mapped[str | None] = mapped_column(sa.Text)
+    #: the :class:`services.db.enums.FailureCode` value of a failed shard's reason (0006_failure_codes)
+    failure_code: Mapped[str | None] = mapped_column(sa.String(32))
     log_tail: Mapped[str | None] = mapped_column(sa.Text)
 
     submission: Mapped[Submission] = relationship(back_populates="shards")
@@ -304,7 +308,7 @@ class Score(Base):
     hd95: Mapped[float | None]
     #: mm
     assd: Mapped[float | None]
-    #: ok | missing_prediction | invalid_prediction | empty_reference | ...
+    #: an :class:`evaluation.io.ScoreStatus` value (every one but ``ok`` is a failure)
     status: Mapped[str] = mapped_column(sa.String(32), default="ok")
     detail: Mapped[str | None] = mapped_column(sa.Text)
 

@@ -15,6 +15,7 @@ against its team's quota).
 from __future__ import annotations
 
 from services.db.base import utcnow
+from services.db.enums import FailureCode
 from services.db.enums import SubmissionState as S
 from services.db.models import Submission
 
@@ -56,15 +57,18 @@ def can_transition(current: S | str, new: S | str) -> bool:
     return S(new) in ALLOWED[S(current)]
 
 
-def transition(submission: Submission, new_state: S | str, reason: str | None = None) -> Submission:
+def transition(submission: Submission, new_state: S | str, reason: str | None = None,
+               code: FailureCode | str | None = None) -> Submission:
     """Move ``submission`` to ``new_state`` (in the caller's session; the caller commits).
 
     - raises :class:`IllegalTransition` for a move not in :data:`ALLOWED`;
     - stamps ``<new_state>_at`` with the current UTC time;
-    - ``failed`` / ``cancelled`` store ``reason`` in ``failure_reason`` (``failed`` requires one);
+    - ``failed`` / ``cancelled`` store ``reason`` in ``failure_reason`` (``failed`` requires one)
+      and ``code`` (a :class:`FailureCode`) beside it in ``failure_code`` (default: ``cancelled``
+      for a cancel, ``other`` for a failure given no code);
     - failing while ``received`` or ``validating`` (the image was never accepted) sets
       ``counts_against_quota = False``: failed validations do not count against the quota;
-    - going back to ``received`` (re-run) clears the failure reason and counts the re-run.
+    - going back to ``received`` (re-run) clears the failure reason and code and counts the re-run.
     """
     current = S(submission.state)
     new = S(new_state)
@@ -72,14 +76,19 @@ def transition(submission: Submission, new_state: S | str, reason: str | None = 
         raise IllegalTransition(submission.id, current, new)
     if new is S.failed and not reason:
         raise ValueError("a submission may only fail with a reason a person can act on")
+    if new in (S.failed, S.cancelled):
+        code = FailureCode(code) if code is not None else (
+            FailureCode.CANCELLED if new is S.cancelled else FailureCode.OTHER)
     now = utcnow()
     setattr(submission, TIMESTAMP_COLUMN[new], now)
     if new in (S.failed, S.cancelled):
         submission.failure_reason = reason
+        submission.failure_code = code.value  # type: ignore[union-attr]
         if new is S.failed and current in (S.received, S.validating):
             submission.counts_against_quota = False
     elif new is S.received:
         submission.failure_reason = None
+        submission.failure_code = None
         submission.rerun_count = (submission.rerun_count or 0) + 1
     submission.state = new
     return submission

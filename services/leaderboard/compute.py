@@ -48,6 +48,7 @@ import pandas as pd
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from evaluation.io import ScoreStatus
 from evaluation.labels import ORGANS
 from evaluation.stats import (
     AVERAGE_ORGAN,
@@ -86,8 +87,6 @@ STABILITY_METHODS: tuple[str, ...] = ("mean", "rank-mean")
 BREAKDOWNS: tuple[str, ...] = SUBGROUP_VARIABLES
 #: metadata columns of a case (age_decade is derived from age)
 CASE_METADATA = ("hospital", "age", "sex", "race", "manufacturer", "scanner", "contrast_phase", "diagnosis")
-#: score statuses that are a failed prediction scored with the worst value
-FAILURE_PREFIXES = ("missing", "invalid", "timeout", "error", "failed", "crash")
 #: which submission states each scope holds
 SCOPE_STATES: dict[str, tuple[SubmissionState, ...]] = {
     "published": (SubmissionState.published,),
@@ -97,8 +96,11 @@ ORGANS_AND_AVERAGE: tuple[str, ...] = (AVERAGE_ORGAN, *ORGANS)
 
 
 def is_failure(status: str | None) -> bool:
-    """Whether a score status marks a failed prediction (``missing_prediction``, ``timeout``...)."""
-    return bool(status) and str(status).lower().startswith(FAILURE_PREFIXES)
+    """Whether a stored score status marks a failed prediction scored with the worst value:
+    :attr:`evaluation.io.ScoreStatus.is_failure` (every status but ``ok``: ``missing_prediction``,
+    ``unreadable``, ``too_large``, ``geometry_mismatch``, ``invalid_labels``,
+    ``invalid_prediction``); no status is not, a value outside the enum is."""
+    return ScoreStatus.status_is_failure(status)
 
 
 CI_METHODS = ("percentile", "bca")

@@ -16,10 +16,11 @@ Units: bytes for memory and sizes, seconds for times, byte·seconds for the GPU 
 from __future__ import annotations
 
 import abc
-import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from services.db.enums import FailureCode as _FailureCode
 
 #: Docker label keys put on every container a runtime starts; cancellation finds containers by them.
 LABEL_MANAGED = "touchstone.managed"
@@ -42,24 +43,9 @@ def _gib(n_bytes: int) -> str:
     return f"{n_bytes / 2**30:.2f} GiB"
 
 
-class FailureCode(str, enum.Enum):
-    """Why a submission's image or run failed; stored with the shard/submission."""
-
-    TIME_LIMIT = "time_limit"
-    OUT_OF_MEMORY = "out_of_memory"
-    NONZERO_EXIT = "nonzero_exit"
-    NO_OUTPUT = "no_output"
-    INVALID_OUTPUT = "invalid_output"
-    OUTPUT_TOO_LARGE = "output_too_large"
-    TOO_MANY_FILES = "too_many_files"
-    OUTPUT_TOO_DEEP = "output_too_deep"
-    FORBIDDEN_OUTPUT = "forbidden_output"
-    PIDS_LIMIT = "pids_limit"
-    WRONG_ARCHITECTURE = "wrong_architecture"
-    IMAGE_TOO_LARGE = "image_too_large"
-    IMAGE_LOAD_FAILED = "image_load_failed"
-    CANCELLED = "cancelled"
-    RUNTIME_ERROR = "runtime_error"
+#: the one enum of failure codes lives with the database enums (services may not import worker);
+#: re-exported here for the worker's callers
+FailureCode = _FailureCode
 
 
 @dataclass(frozen=True)

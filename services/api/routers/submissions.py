@@ -155,6 +155,7 @@ def read_logs(submission_id: IdPath, db: Session = Depends(get_db), user: User =
         id=submission.id,
         state=submission.state,
         failure_reason=submission.failure_reason,
+        failure_code=submission.failure_code,
         validation_log=submission.validation_log,
     )
 

@@ -1,18 +1,30 @@
-"""``GET /metrics`` on a real (SQLite, migrated) database with known rows, the failure-reason codes
-against the workers' own sentences, and the structured log lines."""
+"""``GET /metrics`` on a real (SQLite, migrated) database with known rows, the stored failure codes
+(and the one-time backfill of 0006_failure_codes against the workers' own sentences), and the
+structured log lines."""
 
 from __future__ import annotations
 
 import datetime as dt
+import importlib.util
 import io
 import json
 import logging
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.observability import configure_logging, failure_code, filesystem_queue_depths
+from services.observability import configure_logging, filesystem_queue_depths
+
+MIGRATION_0006 = Path(__file__).resolve().parents[3] / "migrations" / "versions" / "0006_failure_codes.py"
+
+
+def _migration_0006():
+    spec = importlib.util.spec_from_file_location("migration_0006_failure_codes", MIGRATION_0006)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
 
 
 def _samples(text: str) -> dict[tuple[str, tuple], float]:
@@ -43,7 +55,8 @@ def app_and_db(tmp_path, monkeypatch):
     get_settings.cache_clear()
 
 
-def _populate(sessionmaker) -> None:
+def _populate(sessionmaker, with_codes: bool = True) -> None:
+    """Known rows; ``with_codes=False`` leaves ``failure_code`` empty (rows from before 0006)."""
     from services.db.base import utcnow
     from services.db.enums import Role, ShardState, SubmissionState
     from services.db.models import Algorithm, Case, CaseRun, Shard, Submission, Team, TestSet, User
@@ -64,9 +77,9 @@ def _populate(sessionmaker) -> None:
         s.add_all(cases)
         s.flush()
 
-        def sub(state, reason=None):
+        def sub(state, reason=None, code=None):
             row = Submission(algorithm_id=algo.id, testset_id=ts.id, team_id=team.id, state=state,
-                             failure_reason=reason)
+                             failure_reason=reason, failure_code=code if with_codes else None)
             s.add(row)
             s.flush()
             return row
@@ -75,16 +88,18 @@ def _populate(sessionmaker) -> None:
         sub(SubmissionState.running)
         sub(SubmissionState.scored)
         sub(SubmissionState.failed, "Validation on the public sample failed: The container exited with code 1; "
-                                    "the end of its log shows the error")
+                                    "the end of its log shows the error", "nonzero_exit")
         sub(SubmissionState.failed, "Validation on the public sample failed: The container wrote unreadable or "
-                                    "mis-shaped files: case c0: not a NIfTI file.")
-        sub(SubmissionState.failed, "Shard 0 could not be completed in 3 attempts (last: Out of memory: ...)")
+                                    "mis-shaped files: case c0: not a NIfTI file.", "invalid_output")
+        sub(SubmissionState.failed, "Shard 0 could not be completed in 3 attempts (last: Out of memory: ...)",
+            "attempts_exhausted")
         sub(SubmissionState.failed, None)
         s.add_all([
             Shard(submission_id=running.id, index=0, case_ids=["c0", "c1"], state=ShardState.running),
             Shard(submission_id=running.id, index=1, case_ids=["c2"], state=ShardState.running),
             Shard(submission_id=running.id, index=2, case_ids=["c3"], state=ShardState.failed,
-                  failure_reason="Time limit exceeded: the container was still running after 30 s"),
+                  failure_reason="Time limit exceeded: the container was still running after 30 s",
+                  failure_code="time_limit" if with_codes else None),
             Shard(submission_id=running.id, index=3, case_ids=[], state=ShardState.pending),
         ])
         s.flush()
@@ -158,10 +173,66 @@ def test_metrics_answers_when_the_database_is_gone(app_and_db):
     assert m[("touchstone_queue_depth", (("queue", "gpu"),))] == 0
 
 
-def test_failure_codes_match_the_worker_sentences():
-    """Every FailureReason the workers store maps to its own code (guards against rewording)."""
-    from worker.runtime.base import FailureCode, FailureReason
+def _failure_families(app) -> dict[tuple[str, tuple], float]:
+    m = _samples(TestClient(app).get("/metrics", headers=_organizer(app)).text)
+    return {k: v for k, v in m.items() if k[0] in ("touchstone_failed_submissions", "touchstone_failed_shards")}
 
+
+def test_metrics_read_the_stored_codes_not_the_sentences(app_and_db):
+    """A code stored beside a sentence is what /metrics shows, whatever the sentence says."""
+    app, _ = app_and_db
+    from services.db.enums import SubmissionState
+    from services.db.models import Submission
+
+    _populate(app.state.sessionmaker)
+    with app.state.sessionmaker() as s:
+        row = s.query(Submission).filter(Submission.failure_code == "nonzero_exit").one()
+        row.failure_reason = "a sentence reworded since: time limit exceeded, out of memory"
+        s.add(Submission(algorithm_id=row.algorithm_id, testset_id=row.testset_id, team_id=row.team_id,
+                         state=SubmissionState.failed, failure_reason="anything", failure_code="ground_truth"))
+        s.commit()
+    m = _failure_families(app)
+    assert m[("touchstone_failed_submissions", (("reason", "nonzero_exit"),))] == 1
+    assert m[("touchstone_failed_submissions", (("reason", "ground_truth"),))] == 1
+    assert ("touchstone_failed_submissions", (("reason", "time_limit"),)) not in m
+
+
+def test_migration_0006_backfills_the_codes_of_older_rows(app_and_db):
+    """Rows written before 0006 (sentence only): the database is put back to 0005's schema (the
+    two columns dropped in place: SQLite's batch downgrade would recreate ``submissions`` and
+    cascade-delete the shards) and upgraded again; each row gets its code."""
+    import sqlalchemy as sa
+
+    from services.db import migrate
+    from services.db.session import dispose_engines
+
+    app, settings = app_and_db
+    _populate(app.state.sessionmaker, with_codes=False)
+    dispose_engines()
+    engine = sa.create_engine(settings.database_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("ALTER TABLE submissions DROP COLUMN failure_code"))
+        conn.execute(sa.text("ALTER TABLE shards DROP COLUMN failure_code"))
+        conn.execute(sa.text("UPDATE alembic_version SET version_num = '0005_stats_policy'"))
+    engine.dispose()
+    migrate.upgrade("head", settings.database_url)
+    m = _failure_families(app)
+    assert m == {
+        ("touchstone_failed_submissions", (("reason", "nonzero_exit"),)): 1,
+        ("touchstone_failed_submissions", (("reason", "invalid_output"),)): 1,
+        ("touchstone_failed_submissions", (("reason", "attempts_exhausted"),)): 1,
+        ("touchstone_failed_submissions", (("reason", "unknown"),)): 1,  # failed without a reason
+        ("touchstone_failed_shards", (("reason", "time_limit"),)): 1,
+    }
+
+
+def test_backfill_patterns_match_the_worker_sentences():
+    """The one-time mapping of 0006 gives every FailureReason sentence the workers stored its own
+    code (also under the validation prefix), and the pipeline's own sentences theirs."""
+    from services.db.enums import FailureCode
+    from worker.runtime.base import FailureReason
+
+    code_of = _migration_0006().code_of
     reasons = [
         FailureReason.time_limit(30, 2), FailureReason.out_of_memory(1 << 30), FailureReason.nonzero_exit(1),
         FailureReason.no_output(), FailureReason.invalid_output("case c0: not a NIfTI file"),
@@ -171,13 +242,23 @@ def test_failure_codes_match_the_worker_sentences():
         FailureReason.too_many_files(20000), FailureReason.output_too_deep(6),
         FailureReason.forbidden_output("a symbolic link"), FailureReason.pids_limit(512),
     ]
-    assert {r.code for r in reasons} == set(FailureCode)
     for reason in reasons:
-        assert failure_code(reason.message) == reason.code.value, reason.message
-        assert failure_code(f"Validation on the public sample failed: {reason.message}") == reason.code.value
-    assert failure_code("No prediction for public case c0 (missing); write an output") == "no_output"
-    assert failure_code("something new") == "other"
-    assert failure_code(None) == "unknown"
+        assert code_of(reason.message, "failed") == reason.code.value, reason.message
+        assert code_of(f"Validation on the public sample failed: {reason.message}", "failed") == reason.code.value
+    assert code_of("No prediction for public case c0 (missing); write an output", "failed") == "no_output"
+    assert code_of("Shard 2 could not be completed in 3 attempts (the worker w stopped answering)",
+                   "failed") == "attempts_exhausted"
+    assert code_of("Validation could not be completed (the worker running attempt 3 stopped answering, 3 "
+                   "attempt(s)); this is a problem on our side", "failed") == "worker_lost"
+    assert code_of("Validation could not be completed (the container engine on the worker failed, 2 "
+                   "attempt(s)); this is a problem on our side", "failed") == "infrastructure"
+    assert code_of("The ground truth of a hidden case cannot be used (not the submission's fault)",
+                   "failed") == "ground_truth"
+    assert code_of("something new", "failed") == "other"
+    assert code_of(None, "failed") is None
+    assert code_of("stopped by organizer o", "cancelled") == "cancelled"
+    every = {code for code, _ in _migration_0006().FAILURE_PATTERNS} | {"other"}
+    assert every == {c.value for c in FailureCode}  # the mapping knows every code of the one enum
 
 
 def test_filesystem_depths_of_a_missing_folder(tmp_path):

@@ -1,4 +1,6 @@
-"""Checking untrusted outputs: layout, kinds, sizes, grid, labels (worker/outputs.py)."""
+"""Checking untrusted outputs (worker/outputs.py): the safety check (layout, kinds, links, sizes)
+opens no file; the contents (NIfTI, bomb guard, grid, labels) are read once, by the one scoring
+path (score_output -> evaluation.scoring.score_case), which answers a status per organ or case."""
 
 from __future__ import annotations
 
@@ -10,7 +12,9 @@ import numpy as np
 import pytest
 
 from evaluation.io import write_combined_labels, write_ct, write_masks, write_nifti
-from worker.outputs import OutputLimits, check_outputs
+from evaluation.labels import ORGANS
+from evaluation.protocols import load_protocol
+from worker.outputs import OutputLimits, check_outputs, score_output
 from worker.runtime.base import FailureCode
 
 AFFINE = np.diag([1.5, 1.5, 2.0, 1.0])
@@ -66,13 +70,6 @@ def test_nothing_written_is_no_output(tmp_path, cts):
         (lambda d: os.mkfifo(d / "combined_labels.nii.gz"), "FIFO"),
         (lambda d: (d / "README").write_text("x"), "unexpected a file a/README"),
         (lambda d: (d / "segmentations").mkdir() or (d / "segmentations" / "brain.nii.gz").write_bytes(b"x"), "brain.nii.gz"),
-        (lambda d: (d / "combined_labels.nii.gz").write_bytes(b"not a nifti at all"), "too short for a NIfTI header"),
-        (lambda d: (d / "combined_labels.nii.gz").write_bytes(gzip.compress(b"\0" * 2000)), "not a NIfTI file"),
-        (lambda d: write_combined_labels(d, np.zeros((8, 9, 7), np.uint8), AFFINE), "shape"),
-        (lambda d: write_combined_labels(d, _labels(), np.diag([1.0, 1.5, 2.0, 1.0])), "spacing"),
-        (lambda d: write_combined_labels(d, _labels(value=12), AFFINE), "label value 12"),
-        (lambda d: write_masks(d, {"liver": _labels(value=2)}, AFFINE) and write_nifti(d / "segmentations" / "liver.nii.gz", _labels(value=2), AFFINE), "only 0 and 1"),
-        (lambda d: write_nifti(d / "combined_labels.nii.gz", np.full(SHAPE, np.nan, np.float32), AFFINE), "NaN"),
     ],
 )
 def test_invalid_outputs_say_why(tmp_path, cts, make, expected):
@@ -87,6 +84,49 @@ def test_invalid_outputs_say_why(tmp_path, cts, make, expected):
     assert failure.code is FailureCode.INVALID_OUTPUT and "case a" in failure.message
 
 
+@pytest.fixture
+def gt(tmp_path):
+    """Ground truth of case a on the CT's grid (organ 5 present)."""
+    return write_combined_labels(tmp_path / "gt" / "a", _labels(), AFFINE)
+
+
+@pytest.mark.parametrize(
+    "make, status, expected, organs",
+    [
+        (lambda d: (d / "combined_labels.nii.gz").write_bytes(b"not a nifti at all"), "unreadable",
+         "too short for a NIfTI header", None),
+        (lambda d: (d / "combined_labels.nii.gz").write_bytes(gzip.compress(b"\0" * 2000)), "unreadable",
+         "not a NIfTI file", None),
+        (lambda d: write_combined_labels(d, np.zeros((8, 9, 7), np.uint8), AFFINE), "geometry_mismatch", "shape", None),
+        (lambda d: write_combined_labels(d, _labels(), np.diag([1.0, 1.5, 2.0, 1.0])), "geometry_mismatch",
+         "spacing", None),
+        (lambda d: write_combined_labels(d, _labels(value=12), AFFINE), "invalid_labels", "label value 12", None),
+        (lambda d: write_masks(d, {"liver": _labels(value=2)}, AFFINE)
+         and write_nifti(d / "segmentations" / "liver.nii.gz", _labels(value=2), AFFINE), "invalid_labels",
+         "only 0 and 1", {"liver"}),
+        (lambda d: write_nifti(d / "combined_labels.nii.gz", np.full(SHAPE, np.nan, np.float32), AFFINE),
+         "invalid_labels", "NaN", None),
+    ],
+)
+def test_contents_are_read_once_at_scoring_and_say_why(tmp_path, cts, gt, make, status, expected, organs):
+    """The safety check does not open the files (the case is ``ok``); scoring them through the one
+    path gives the refused organ (masks) or case (label map) the worst score and a status whose
+    detail names the container's path, never the worker's."""
+    case_dir = tmp_path / "out" / "a"
+    case_dir.mkdir(parents=True)
+    make(case_dir)
+    assert check_outputs(tmp_path / "out", cts).cases["a"].status == "ok"
+    protocol = load_protocol("touchstone")
+    rows = score_output("a", gt, tmp_path / "out", protocol)
+    bad = {r.organ for r in rows if r.status != "ok"}
+    assert bad == (organs or set(ORGANS))
+    for row in rows:
+        if row.organ in bad:
+            assert row.status == status and expected in row.detail, row
+            assert row.dsc == protocol.worst["dsc"] and row.nsd == protocol.worst["nsd"]
+            assert "/output/a/" in row.detail and str(tmp_path) not in row.detail
+
+
 def test_hard_link_is_refused(tmp_path, cts):
     out = tmp_path / "out"
     path = write_combined_labels(out / "a", _labels(), AFFINE)
@@ -95,7 +135,11 @@ def test_hard_link_is_refused(tmp_path, cts):
     assert "hard link" in report.cases["a"].reason
 
 
-def test_decompression_bomb_is_refused_before_inflating(tmp_path, cts):
+def test_decompression_bomb_is_refused_before_inflating(tmp_path, cts, gt, monkeypatch):
+    """The bomb guard runs where the file is read, at scoring: the header's declared size is over
+    the limit, the case scores worst with ``too_large``, nothing is inflated, nothing raises."""
+    import evaluation.io as eio
+
     out = tmp_path / "out"
     # a header that declares 2000^3 voxels on top of a tiny gzip stream
     (out / "a").mkdir(parents=True)
@@ -105,8 +149,22 @@ def test_decompression_bomb_is_refused_before_inflating(tmp_path, cts):
     header.set_data_dtype(np.uint8)
     header["vox_offset"] = 352
     (out / "a" / "combined_labels.nii.gz").write_bytes(gzip.compress(header.binaryblock + b"\0" * 4 + b"\0" * 4096))
-    report = check_outputs(out, cts)
-    assert report.cases["a"].status == "invalid" and "over the limit" in report.cases["a"].reason
+    assert check_outputs(out, cts).cases["a"].status == "ok"  # names, kinds, sizes: nothing opened
+    inflated = []
+    real = eio._inflate
+    monkeypatch.setattr(eio, "_inflate", lambda *a, **k: inflated.append(a) or real(*a, **k))
+    rows = score_output("a", gt, out, "touchstone")
+    assert {r.status for r in rows} == {"too_large"} and "over the limit" in rows[0].detail
+    assert [a for a in inflated if str(out) in str(a[-1])] == []  # the ground truth is inflated, not the bomb
+    # per-organ masks: the bomb scores only its own organ worst
+    (out / "a" / "combined_labels.nii.gz").unlink()
+    write_masks(out / "a", _labels(), AFFINE)
+    (out / "a" / "segmentations" / "liver.nii.gz").write_bytes(
+        gzip.compress(header.binaryblock + b"\0" * 4 + b"\0" * 4096))
+    assert check_outputs(out, cts).cases["a"].status == "ok"
+    rows = {r.organ: r for r in score_output("a", gt, out, "touchstone")}
+    assert rows["liver"].status == "too_large"
+    assert {r.status for o, r in rows.items() if o != "liver"} == {"ok"}
 
 
 def test_size_caps(tmp_path, cts):
@@ -120,8 +178,16 @@ def test_size_caps(tmp_path, cts):
     assert report.problems and report.failure().code is FailureCode.INVALID_OUTPUT
 
 
-def test_names_only_mode_does_not_read_contents(tmp_path, cts):
+def test_the_check_opens_no_file(tmp_path, cts, monkeypatch):
+    import builtins
+
     case_dir = tmp_path / "out" / "a"
     case_dir.mkdir(parents=True)
     (case_dir / "combined_labels.nii.gz").write_bytes(b"garbage")
-    assert check_outputs(tmp_path / "out", cts, check_contents=False).cases["a"].status == "ok"
+    opened = []
+    real_open = os.open
+    monkeypatch.setattr(os, "open", lambda path, *a, **k: opened.append(path) or real_open(path, *a, **k))
+    monkeypatch.setattr(builtins, "open", lambda path, *a, **k: opened.append(path) or pytest.fail(f"opened {path}"))
+    assert check_outputs(tmp_path / "out", cts).cases["a"].status == "ok"
+    assert check_outputs(tmp_path / "out", ["a", "b"]).cases["a"].status == "ok"  # case ids are enough
+    assert [p for p in opened if str(p).endswith(".nii.gz")] == []
