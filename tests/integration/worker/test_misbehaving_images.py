@@ -65,10 +65,22 @@ def test_garbage_outputs_are_refused(harness, example_images, tiny_cts):
     result, output = harness.run(example_images["garbage"], tiny_cts)
     assert result.failure is None  # the run itself went fine...
     report = check_outputs(output, tiny_cts)
-    assert [c.status for c in report.cases.values()] == ["invalid", "invalid"]  # ...its files did not
-    failure = report.failure()
-    assert failure.code is FailureCode.INVALID_OUTPUT
-    assert "/output/case_a/combined_labels.nii.gz" in failure.message and "gzip" in failure.message
+    # ...and the files are where the contract wants them (the safety check opens none of them)...
+    assert [c.status for c in report.cases.values()] == ["ok", "ok"]
+    # ...but the one scoring path refuses their contents: every organ worst, ``unreadable``
+    import nibabel as nib
+    import numpy as np
+
+    from evaluation.io import write_combined_labels
+    from worker.outputs import score_output
+
+    for case_id, ct in tiny_cts.items():
+        image = nib.load(str(ct))
+        labels = write_combined_labels(harness.tmp_path / "gt" / case_id, np.zeros(image.shape, np.uint8), image.affine)
+        rows = score_output(case_id, labels, output, "touchstone")
+        assert {r.status for r in rows} == {"unreadable"}
+        assert f"/output/{case_id}/combined_labels.nii.gz" in rows[0].detail and "NIfTI" in rows[0].detail
+        assert str(output) not in rows[0].detail  # the container's path, never the worker's
     _assert_healthy(harness, example_images, tiny_cts)
 
 
