@@ -81,9 +81,9 @@ def evaluate(model: torch.nn.Module, n_cases: int, seed: int, folder: Path) -> d
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", type=int, default=240, help="training phantoms (tiny)")
-    parser.add_argument("--iterations", type=int, default=300)
+    parser.add_argument("--iterations", type=int, default=600)
     parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--lr", type=float, default=4e-3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-cases", type=int, default=0)
@@ -109,8 +109,16 @@ def main(argv: list[str] | None = None) -> int:
                             generator=torch.Generator().manual_seed(args.seed))
         print(f"{len(items)} training phantoms cached in {time.monotonic() - start:.1f} s", flush=True)
 
-        model = predict.build_model()
-        loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+        # class weights ~ frequency^-1/2 (normalised to mean 1), so that gall bladder, pancreas and the
+        # vessels (about 1 % of the liver's voxels) are learned within a few hundred steps
+        counts = np.bincount(np.concatenate([np.asarray(d["label"]).ravel().astype(np.int64)
+                                             for d in dataset._cache]), minlength=predict.N_CLASSES)
+        weights = 1.0 / np.sqrt(np.maximum(counts, 1) / counts.sum())
+        weights = torch.tensor(weights / weights.mean(), dtype=torch.float32)
+        print("class weights " + " ".join(f"{w:.2f}" for w in weights.tolist()), flush=True)
+        # channels-last 3-D tensors: oneDNN's fast convolution path on the CPU (about 1.8x here)
+        model = predict.build_model().to(memory_format=torch.channels_last_3d)
+        loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True, weight=weights)
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-5)
         scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=args.iterations,
                                                         pct_start=0.1)
@@ -118,20 +126,21 @@ def main(argv: list[str] | None = None) -> int:
         step, t0 = 0, time.monotonic()
         while step < args.iterations:
             for batch in loader:
-                x, y = batch["image"].as_tensor(), batch["label"].as_tensor()
+                x = batch["image"].as_tensor().contiguous(memory_format=torch.channels_last_3d)
+                y = batch["label"].as_tensor()
                 optimizer.zero_grad(set_to_none=True)
                 loss = loss_fn(model(x), y)
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
                 step += 1
-                if step % 25 == 0 or step <= 3 or step == args.iterations:
+                if step % 50 == 0 or step == args.iterations:
                     print(f"step {step}/{args.iterations} loss {loss.item():.4f} "
                           f"({time.monotonic() - t0:.0f} s)", flush=True)
                 if step == args.iterations:
                     break
         train_s = time.monotonic() - t0
-        state = {k: v.half() for k, v in model.state_dict().items()}  # fp16 on disk: half the size
+        state = {k: v.contiguous().half() for k, v in model.state_dict().items()}  # fp16 on disk: half the size
         torch.save({"model": state, "spacing": predict.SPACING, "roi": predict.ROI, "iterations": args.iterations,
                     "cases": len(items), "seed": args.seed}, args.out)
         print(f"trained {args.iterations} steps in {train_s:.0f} s; wrote {args.out} "
