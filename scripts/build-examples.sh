@@ -30,9 +30,11 @@ for dir in "$ROOT"/examples/algorithms/*/; do
   [ -f "$dir/Dockerfile" ] || continue
   if [ -n "$ONLY" ] && [[ ",$ONLY," != *",$name,"* ]]; then continue; fi
   tag="touchstone/example-$name:latest"
+  if [ -f "$dir/build.sh" ] && [ -z "$ONLY" ]; then
+    echo "[examples] skipping $name (own build.sh; name it in --only)" >&2; continue
+  fi
   echo "[examples] building $tag" >&2
   if [ -f "$dir/build.sh" ]; then
-    [ -n "$ONLY" ] || { echo "[examples] skipping $name (own build.sh; name it in --only)" >&2; continue; }
     bash "$dir/build.sh" "$BASE" "$tag"
   else
     docker build -q --build-arg "BASE_IMAGE=$BASE" -t "$tag" "$dir" >/dev/null
