@@ -75,6 +75,9 @@ ALGORITHMS = (
     DemoAlgorithm("Anatomy Lab", "alice", "random-bytes", "garbage",
                   "writes random bytes where NIfTI files belong: fails validation", expect_failure=True),
 )
+#: with --with-monai: the trained MONAI network (image: scripts/build-examples.sh --only monai-segresnet)
+MONAI_ALGORITHM = DemoAlgorithm("Deep Lab", "carol", "monai-segresnet", "monai-segresnet",
+                                "MONAI SegResNet trained on phantoms (examples/algorithms/monai-segresnet)")
 
 
 class DemoError(Exception):
@@ -254,7 +257,8 @@ def check_docker(images: list[str]) -> None:
             missing.append(image)
     if missing:
         raise DemoError(f"missing example image(s) {', '.join(missing)}; build them with "
-                        "`bash scripts/build-examples.sh` (or run `bash scripts/demo.sh`)")
+                        "`bash scripts/build-examples.sh` (or run `bash scripts/demo.sh`; the MONAI model: "
+                        "`bash scripts/build-examples.sh --only monai-segresnet`)")
 
 
 def make_testset(root: Path, n_cases: int, hospitals: int, public: int) -> Path:
@@ -488,13 +492,14 @@ def write_static_report(api: Api, root: Path, submission_ids: list[int]) -> Path
 # the command
 # --------------------------------------------------------------------------------------------------
 def run_demo(root: Path, n_cases: int, port: int, serve: bool, hospitals: int = 3, public: int = 2,
-             timeout: float = 900, min_group_size: int = 3) -> int:
+             timeout: float = 900, min_group_size: int = 3, with_monai: bool = False) -> int:
     t0 = time.monotonic()
+    algorithms = ALGORITHMS + ((MONAI_ALGORITHM,) if with_monai else ())
     root = root.resolve()
     if n_cases < public + 2:
         raise DemoError(f"--cases must be at least {public + 2} (the public sample is {public} case(s))")
     check_folder(root)
-    check_docker([a.image for a in ALGORITHMS])
+    check_docker([a.image for a in algorithms])
     prepare_folder(root)
     env = embedded_env(root)
     _use_in_process(env)
@@ -505,7 +510,7 @@ def run_demo(root: Path, n_cases: int, port: int, serve: bool, hospitals: int = 
     from concurrent.futures import ThreadPoolExecutor
 
     saver = ThreadPoolExecutor(max_workers=2, thread_name_prefix="docker-save")
-    tarballs = {a.image: saver.submit(save_tarball, a.image, root / "images") for a in ALGORITHMS}
+    tarballs = {a.image: saver.submit(save_tarball, a.image, root / "images") for a in algorithms}
     saver.shutdown(wait=False)
     manifest = make_testset(root, n_cases, hospitals, public)
     console.print(f"[green]✓[/] {n_cases} phantom CTs from {hospitals} hospitals, {public} in the public sample: {manifest}")
@@ -526,7 +531,7 @@ def run_demo(root: Path, n_cases: int, port: int, serve: bool, hospitals: int = 
         api = Api(api_url)
 
         tokens = {"olivia (organizer)": organizer}
-        people = {a.inventor: a.team for a in ALGORITHMS}
+        people = {a.inventor: a.team for a in algorithms}
         for name, team in people.items():
             tokens[name] = api.call("POST", "/users", organizer, json={"name": name, "role": "inventor", "team": team})["token"]
         tokens["ana (analyst)"] = api.call("POST", "/users", organizer, json={"name": "ana", "role": "analyst"})["token"]
@@ -546,7 +551,7 @@ def run_demo(root: Path, n_cases: int, port: int, serve: bool, hospitals: int = 
                       "a real test set's k is 10)")
 
         submissions: list[tuple[DemoAlgorithm, int]] = []
-        for algo in ALGORITHMS:
+        for algo in algorithms:
             token = tokens[algo.inventor]
             api.call("POST", "/algorithms", token, json={"name": algo.algorithm, "description": algo.description})
             with console.status(f"waiting for `docker save {algo.image}`"):
@@ -638,6 +643,9 @@ def register(app: typer.Typer) -> None:
         min_group_size: int = typer.Option(
             3, "--min-group-size", min=1,
             help="small-cell threshold k of the phantom test set (a real test set's default is 10)"),
+        with_monai: bool = typer.Option(
+            False, "--with-monai",
+            help="also submit the trained MONAI SegResNet (build it: scripts/build-examples.sh --only monai-segresnet)"),
     ) -> None:
         """From nothing to a populated leaderboard: phantoms, the embedded stack, three submissions, statistics."""
 
@@ -647,7 +655,7 @@ def register(app: typer.Typer) -> None:
         previous = signal.signal(signal.SIGTERM, terminate)
         try:
             code = run_demo(data_dir, cases, port, serve=not no_serve, hospitals=hospitals, timeout=timeout,
-                            min_group_size=min_group_size)
+                            min_group_size=min_group_size, with_monai=with_monai)
         except DemoError as exc:
             err.print(f"[red]error:[/red] {exc}")
             raise typer.Exit(1) from None
