@@ -178,3 +178,15 @@ def writers():
 def world_builder():
     """build_world(url, root) for tests on another database (PostgreSQL)."""
     return build_world
+
+
+@pytest.fixture()
+def cli_env(world, monkeypatch):
+    """The CLI's settings pointed at the world's database (commands run in this process)."""
+    from services.config import get_settings
+
+    monkeypatch.setenv("TOUCHSTONE_DATABASE_URL", world.url)
+    monkeypatch.setenv("TOUCHSTONE_DATA_DIR", str(world.root / "data"))
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()

@@ -17,17 +17,6 @@ from services.exports import COLUMNS
 EXPORTS = "/api/v1/exports/abdomen-ct"
 
 
-@pytest.fixture()
-def cli_env(world, monkeypatch):
-    from services.config import get_settings
-
-    monkeypatch.setenv("TOUCHSTONE_DATABASE_URL", world.url)
-    monkeypatch.setenv("TOUCHSTONE_DATA_DIR", str(world.root / "data"))
-    get_settings.cache_clear()
-    yield
-    get_settings.cache_clear()
-
-
 def _n_scores(session, ids):
     from services.db.models import Score
 

@@ -337,17 +337,6 @@ def test_small_test_set_pages_and_exports(world, client, small):
     assert rows and all(r["suppressed"] == "True" and r["mean"] == "" for r in rows)
 
 
-@pytest.fixture()
-def cli_env(world, monkeypatch):
-    from services.config import get_settings
-
-    monkeypatch.setenv("TOUCHSTONE_DATABASE_URL", world.url)
-    monkeypatch.setenv("TOUCHSTONE_DATA_DIR", str(world.root / "data"))
-    get_settings.cache_clear()
-    yield
-    get_settings.cache_clear()
-
-
 def test_cli_prints_what_the_api_shows(world, client, small, cli_env, tmp_path):
     from services.cli.main import app as cli
 

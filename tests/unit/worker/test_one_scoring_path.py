@@ -93,27 +93,9 @@ class WritingRuntime(ContainerRuntime):
 
 
 @pytest.fixture
-def env(tmp_path, monkeypatch):
-    from services.config import get_settings
-    from services.db import migrate
-    from services.db.session import dispose_engines
-    from worker import tasks
-
-    data = tmp_path / "data"
-    (data / "storage").mkdir(parents=True)
-    url = f"sqlite:///{data / 'touchstone.db'}"
-    monkeypatch.setenv("TOUCHSTONE_DATA_DIR", str(data))
-    monkeypatch.setenv("TOUCHSTONE_DATABASE_URL", url)
-    get_settings.cache_clear()
-    dispose_engines()
-    migrate.upgrade("head", url)
-    sent: list[tuple[str, list]] = []
-    for task in (tasks.validate, tasks.validate_run, tasks.infer_shard, tasks.finalize, tasks.score):
-        monkeypatch.setattr(task, "apply_async", lambda args=None, _n=task.name, **kw: sent.append((_n, args)))
-    yield sent
-    tasks.set_runtime(None)
-    get_settings.cache_clear()
-    dispose_engines()
+def env(tasks_env):
+    """The recorded task sends (tests/unit/worker/conftest.py::tasks_env)."""
+    return tasks_env["sent"]
 
 
 @pytest.fixture(scope="module")
