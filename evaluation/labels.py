@@ -1,4 +1,4 @@
-"""The label set of the Touchstone / AbdomenAtlas layout (see DESIGN.md, "The container contract").
+"""The label set of the Touchstone / AbdomenAtlas layout (docs/container-contract.md).
 
 A combined label map stores organ ``k`` as voxel value ``LABEL_IDS[organ] == k``; the per-organ
 layout stores one binary mask per organ as ``segmentations/<organ>.nii.gz``.

@@ -1,6 +1,6 @@
 """The Celery application of the workers (``celery -A worker.app worker``).
 
-Two queues (DESIGN.md, "The data flow"):
+Two queues (docs/execution.md):
 
 - ``gpu``: container runs -- the public-sample run of validation and every shard of inference.
   A worker consuming ``gpu`` runs one task at a time (``--concurrency 1``, prefetch 1), pinned to

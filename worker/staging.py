@@ -1,6 +1,6 @@
 """Staging a shard's inputs for one container run, without copying a CT and never a label.
 
-The container sees (DESIGN.md, the container contract)::
+The container sees (docs/container-contract.md)::
 
     /input/cases.json                 {"version": 1, "cases": [{"case_id": "...", "ct": "/input/<id>/ct.nii.gz"}, ...]}
     /input/<case_id>/ct.nii.gz        one folder per case of the shard

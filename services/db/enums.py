@@ -12,7 +12,7 @@ class Role(str, enum.Enum):
 
 
 class SubmissionState(str, enum.Enum):
-    """DESIGN.md: received -> validating -> queued -> running -> evaluating -> scored -> published;
+    """received -> validating -> queued -> running -> evaluating -> scored -> published;
     from any unfinished state ``failed`` (with a reason) or ``cancelled``. Transitions: states.py."""
 
     received = "received"

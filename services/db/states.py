@@ -1,4 +1,4 @@
-"""The submission state machine, in one place (DESIGN.md, "Submission states").
+"""The submission state machine, in one place (docs/services.md, docs/architecture.md).
 
     received -> validating -> queued -> running -> evaluating -> scored -> published
     any unfinished state -> failed (with a reason) | cancelled
