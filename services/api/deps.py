@@ -19,6 +19,7 @@ from services.db.accounts import lookup_token
 from services.db.base import utcnow
 from services.db.enums import Role
 from services.db.models import User
+from services.db.session import request_session
 
 #: last_used_at is written at most this often per token (keeps reads write-free)
 LAST_USED_RESOLUTION = dt.timedelta(minutes=1)
@@ -30,11 +31,7 @@ def get_settings_dep(request: Request) -> Settings:
 
 
 def get_db(request: Request) -> Iterator[Session]:
-    session: Session = request.app.state.sessionmaker()
-    try:
-        yield session
-    finally:
-        session.close()
+    yield from request_session(request)
 
 
 def _bearer(request: Request) -> str | None:

@@ -86,3 +86,13 @@ def dispose_engines() -> None:
         for engine in _ENGINES.values():
             engine.dispose()
         _ENGINES.clear()
+
+
+def request_session(request) -> Iterator[Session]:
+    """A session from the app's ``state.sessionmaker`` for one request, closed afterwards: the
+    FastAPI dependency of the API routers (``services.api.deps.get_db``) and the pages."""
+    session: Session = request.app.state.sessionmaker()
+    try:
+        yield session
+    finally:
+        session.close()

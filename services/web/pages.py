@@ -17,6 +17,7 @@ number and no bar; a test set with fewer hidden cases than that shows no statist
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -27,7 +28,7 @@ from fastapi.templating import Jinja2Templates
 from sqlalchemy.orm import Session
 
 from evaluation.labels import ORGANS
-from services.api.deps import get_db
+from services.db.session import request_session
 from services.db.enums import SubmissionState
 from services.db.models import Case, Score, Submission
 from services.leaderboard import queries
@@ -40,6 +41,11 @@ router = APIRouter(include_in_schema=False)
 
 METHOD_NAMES = {"mean": "mean (aggregate, then rank)", "median": "median (aggregate, then rank)",
                 "rank-mean": "mean rank (rank, then aggregate)", "test": "significant wins (test, then rank)"}
+
+
+def get_db(request: Request) -> Iterator[Session]:
+    """The request's database session (services.db.session.request_session)."""
+    yield from request_session(request)
 
 
 def _fmt(value, digits: int = 3) -> str:
