@@ -64,7 +64,7 @@ def main() -> None:
     import sqlalchemy as sa
 
     from evaluation.phantoms import write_phantom_set
-    from services import queue
+    from services import queue, submissions
     from services.api import intake
     from services.db import migrate
     from services.db.enums import Role
@@ -120,8 +120,8 @@ def main() -> None:
         with get_sessionmaker()() as session:
             user = session.scalar(sa.select(User).where(User.team_id == team.id))
             algorithm = session.scalar(sa.select(Algorithm).where(Algorithm.team_id == team.id))
-            submission = intake.record_submission(session, user, algorithm, intake.find_testset(session, testset_name),
-                                                  image_path=relative, image_sha256=sha256, image_size=size, image_ref=None)
+            submission = submissions.record(session, user, algorithm, intake.find_testset(session, testset_name),
+                                            image_path=relative, image_sha256=sha256, image_size=size, image_ref=None)
         upload_s = time.perf_counter() - started_upload
         started = time.perf_counter()
         queue.enqueue_validation(submission.id)

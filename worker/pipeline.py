@@ -28,10 +28,10 @@ from services.db.base import finite_or_none, utcnow
 from services.db.enums import FailureCode, ShardState
 from services.db.enums import SubmissionState as S
 from services.db.models import Case, CaseRun, Score, Shard, Submission, TestSet
-from services.db.states import transition
+from services.db.states import SHARD_TERMINAL, close_open_shards, transition
 from evaluation.scoring import ScoreRow
 
-TERMINAL_SHARD_STATES = frozenset({ShardState.succeeded, ShardState.failed, ShardState.cancelled})
+TERMINAL_SHARD_STATES = SHARD_TERMINAL
 #: submission states in which inference work may go on
 ACTIVE_STATES = frozenset({S.queued, S.running, S.evaluating})
 
@@ -347,14 +347,6 @@ def fail_submission(session: Session, submission: Submission, reason: str,
     if S(submission.state) not in (S.received, S.validating, S.queued, S.running, S.evaluating):
         return False
     transition(submission, S.failed, reason=reason, code=code)
-    _close_open_shards(session, submission.id, ShardState.cancelled)
+    close_open_shards(session, submission.id, ShardState.cancelled)
     return True
 
-
-def _close_open_shards(session: Session, submission_id: int, state: ShardState) -> None:
-    session.execute(
-        sa.update(Shard)
-        .where(Shard.submission_id == submission_id, Shard.state.in_([ShardState.pending, ShardState.running]))
-        .values(state=state, finished_at=utcnow())
-        .execution_options(synchronize_session="fetch")
-    )

@@ -49,7 +49,7 @@ from services.db.enums import ShardState
 from services.db.enums import SubmissionState as S
 from services.db.models import AuditLog, Case, CaseRun, Shard, Submission, TestSet
 from services.db.session import get_sessionmaker, session_scope
-from services.db.states import transition
+from services.db.states import shard_transition, transition
 from services.storage import Storage
 from evaluation.io import GroundTruthError, ScoreStatus
 from evaluation.scoring import ScoreRow
@@ -143,6 +143,19 @@ def _public(text: str | None) -> str | None:
 def _fail(session, sub: Submission, reason: str, code: FailureCode) -> bool:
     """Fail the submission with ``reason`` (server paths removed) and its ``code`` beside it."""
     return pipeline.fail_submission(session, sub, _public(reason) or reason, code)
+
+
+def _attempts_exhausted(session, shard: Shard, sub: Submission, wsettings, last: str, now) -> bool:
+    """The one "attempts exhausted" rule (infer_shard and reap): a shard that has used up
+    ``max_attempts`` fails (``last`` says what happened to its last attempt) and fails its
+    submission with the same reason; True when it did."""
+    if shard.attempts < wsettings.max_attempts:
+        return False
+    reason = (f"Shard {shard.index} could not be completed in {shard.attempts} attempts ({last}); "
+              "an organizer can re-run the submission.")
+    shard_transition(shard, ShardState.failed, reason, FailureCode.ATTEMPTS_EXHAUSTED, now=now)
+    _fail(session, sub, reason, FailureCode.ATTEMPTS_EXHAUSTED)
+    return True
 
 
 def _infrastructure_reason(what: str, attempts: int) -> str:
@@ -604,7 +617,7 @@ def infer_shard(self, shard_id: int) -> str:
         assert sub is not None
         if sub.state not in pipeline.ACTIVE_STATES:
             if shard.state not in pipeline.TERMINAL_SHARD_STATES:
-                shard.state, shard.finished_at = ShardState.cancelled, now
+                shard_transition(shard, ShardState.cancelled, now=now)
             return f"skipped: submission is {sub.state.value}"
         if shard.state in pipeline.TERMINAL_SHARD_STATES:
             return f"skipped: shard is {shard.state.value}"
@@ -612,12 +625,8 @@ def infer_shard(self, shard_id: int) -> str:
                 shard.worker_hostname, shard.heartbeat_at, now, wsettings.stale_after_s):
             # another live worker runs it (a duplicate delivery): look again later
             raise self.retry(countdown=max(wsettings.heartbeat_s, 1.0))
-        if shard.attempts >= wsettings.max_attempts:
-            reason = (f"Shard {shard.index} could not be completed in {shard.attempts} attempts "
-                      f"(last: {shard.failure_reason or 'the worker running it was lost'}); an organizer can re-run it.")
-            shard.state, shard.finished_at, shard.failure_reason = ShardState.failed, now, reason
-            shard.failure_code = FailureCode.ATTEMPTS_EXHAUSTED.value
-            _fail(session, sub, reason, FailureCode.ATTEMPTS_EXHAUSTED)
+        if _attempts_exhausted(session, shard, sub, wsettings,
+                               f"last: {shard.failure_reason or 'the worker running it was lost'}", now):
             return "failed: attempts exhausted"
         testset = sub.testset
         cases = pipeline.cases_by_id(session, testset.id, shard.case_ids)
@@ -636,16 +645,11 @@ def infer_shard(self, shard_id: int) -> str:
                 continue
             to_run.append(case)
         if not to_run:
-            shard.state, shard.finished_at = ShardState.succeeded, now
+            shard_transition(shard, ShardState.succeeded, now=now)
             ready = pipeline.advance(session, sub)
             work = None
         else:
-            shard.state = ShardState.running
-            shard.attempts += 1
-            shard.worker_hostname = owner
-            shard.started_at = shard.heartbeat_at = now
-            shard.finished_at = None
-            shard.failure_reason = shard.failure_code = None
+            shard_transition(shard, ShardState.running, owner=owner, now=now)
             if sub.state in (S.queued, S.evaluating):
                 transition(sub, S.running)
             work = dict(
@@ -736,7 +740,7 @@ def _run_shard(shard_id: int, owner: str, *, submission_id: int, index: int, att
         if shard.worker_hostname != owner or shard.state is not ShardState.running:
             outcome = "abandoned: the shard was given to another worker"
         elif result.cancelled or sub.state not in pipeline.ACTIVE_STATES:
-            shard.state, shard.finished_at = ShardState.cancelled, utcnow()
+            shard_transition(shard, ShardState.cancelled)
             shard.log_tail, shard.run_seconds, shard.exit_code = result.log_tail, result.duration_s, result.exit_code
             outcome = "cancelled"
         else:
@@ -758,8 +762,10 @@ def _run_shard(shard_id: int, owner: str, *, submission_id: int, index: int, att
                               _public(detail) if score_status.is_failure else None, prediction])
                 keep_outputs = keep_outputs or prediction is not None
             failure = result.failure or report.failure()
-            shard.state = ShardState.succeeded if failure is None else ShardState.failed
-            shard.finished_at = utcnow()
+            if failure is None:
+                shard_transition(shard, ShardState.succeeded)
+            else:
+                shard_transition(shard, ShardState.failed, _public(failure.message) or failure.code.value, failure.code)
             shard.run_seconds = result.duration_s
             shard.exit_code = result.exit_code
             shard.peak_memory_bytes = result.peak_memory_bytes
@@ -767,8 +773,6 @@ def _run_shard(shard_id: int, owner: str, *, submission_id: int, index: int, att
                 shard.gpu_memory_peak_bytes = result.gpu.peak_bytes
                 shard.gpu_memory_auc = result.gpu.area_byte_s
             shard.log_tail = result.log_tail  # hidden cases: organizers only
-            shard.failure_reason = _public(failure.message) if failure else None
-            shard.failure_code = failure.code.value if failure else None
             ready = pipeline.advance(session, sub)
     if outcome:
         _discard_run(submission_id, workdir, failed=False)
@@ -794,8 +798,7 @@ def _shard_error(shard_id: int, owner: str, message: str) -> str:
         shard = pipeline.lock_shard(session, shard_id)
         if shard is None or shard.worker_hostname != owner or shard.state is not ShardState.running:
             return "abandoned"
-        shard.state, shard.failure_reason, shard.worker_hostname = ShardState.pending, message, None
-        shard.failure_code = None
+        shard_transition(shard, ShardState.pending, message)
     infer_shard.apply_async(args=[shard_id], queue=GPU_QUEUE, countdown=5)
     return f"retrying: {message}"
 
@@ -956,17 +959,12 @@ def reap() -> str:
             assert sub is not None
             lost = f"the worker {shard.worker_hostname} running attempt {shard.attempts} stopped answering"
             if sub.state not in pipeline.ACTIVE_STATES:
-                shard.state, shard.finished_at = ShardState.cancelled, now
+                shard_transition(shard, ShardState.cancelled, now=now)
                 continue
-            if shard.attempts >= wsettings.max_attempts:
-                reason = (f"Shard {shard.index} could not be completed in {shard.attempts} attempts ({lost}); "
-                          "an organizer can re-run the submission.")
-                shard.state, shard.finished_at, shard.failure_reason = ShardState.failed, now, reason
-                shard.failure_code = FailureCode.ATTEMPTS_EXHAUSTED.value
-                _fail(session, sub, reason, FailureCode.ATTEMPTS_EXHAUSTED)
+            if _attempts_exhausted(session, shard, sub, wsettings, lost, now):
                 failed += 1
                 continue
-            shard.state, shard.worker_hostname, shard.failure_reason = ShardState.pending, None, lost
+            shard_transition(shard, ShardState.pending, lost)
             retried.append(shard_id)
     for shard_id in retried:
         infer_shard.apply_async(args=[shard_id], queue=GPU_QUEUE)

@@ -4,6 +4,8 @@
 - request validation -> 422 naming each bad field (``body.name: field required``);
 - a database integrity error (a race lost on a unique key) -> 409;
 - :class:`ApiError` subclasses raised by services -> their status;
+- :class:`services.submissions.SubmissionError` (the submission domain layer) -> its ``status``
+  hint (404 not found, 409 conflict, 413 storage cap, 422 invalid image, 429 quota, 500 statistics);
 - anything else -> logged with a reference id, answered 500 with that id and no traceback.
 
 :data:`ERROR_RESPONSES` documents these bodies (:class:`ErrorOut`) in the OpenAPI document for every
@@ -76,6 +78,12 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+    from services.submissions import SubmissionError
+
+    @app.exception_handler(SubmissionError)
+    async def submission_error(_request: Request, exc: SubmissionError) -> JSONResponse:
+        return JSONResponse({"detail": exc.message}, status_code=exc.status)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -1,20 +1,16 @@
-"""Submission intake: stream the upload to storage, check it is a ``docker save`` tarball, enforce the
-quota and the duplicate rule, store the submission as ``received`` and hand it to the queue.
+"""Submission intake: stream the upload to storage, check it is a ``docker save`` tarball and look up
+the algorithm and test set; :func:`services.submissions.record` then enforces the quota and the
+duplicate rule and stores the submission as ``received`` (the router hands it to the queue).
 
 Streaming: the multipart body is parsed as it arrives (python-multipart's push parser); the file
 part goes straight into :class:`services.storage.StreamingWrite` (sha256 and size limit on the fly),
 so memory use does not depend on the upload's size and the bytes are written to disk once.
 
-Quota race: the check-and-insert runs in one transaction that *first* updates the team row
-(``intake_counter += 1``). On PostgreSQL that UPDATE takes the team's row lock; on SQLite it takes the
-database write lock. A concurrent intake for the same team waits at that statement until the first
-commits, and (READ COMMITTED / SQLite's serial writers) then counts the committed row: of two uploads
-racing for the last slot exactly one is accepted.
+Quota race: see services/submissions.py (the check-and-insert is serialised per team).
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import posixpath
 import re
@@ -30,9 +26,7 @@ from starlette.requests import ClientDisconnect, Request
 
 from services.api.errors import ApiError
 from services.db.base import utcnow
-from services.db.enums import SubmissionState
-from services.db import images
-from services.db.models import Algorithm, AuditLog, Submission, Team, TestSet, User
+from services.db.models import Algorithm, Team, TestSet, User
 from services.storage import Storage, StreamingWrite, UploadTooLarge
 
 TEXT_FIELD_LIMIT = 64 * 1024
@@ -275,7 +269,7 @@ def _abort(upload: StreamingWrite | None) -> None:
 
 
 # -----------------------------------------------------------------------------------------------
-# lookups, quota, duplicates
+# lookups (the quota and duplicate checks: services/submissions.py)
 # -----------------------------------------------------------------------------------------------
 def find_testset(db: Session, name: str | None) -> TestSet:
     if not name:
@@ -301,187 +295,3 @@ def find_algorithm(db: Session, user: User, name: str | None, team_name: str | N
     if len(found) > 1:
         raise ApiError(f"several teams have an algorithm named {name!r}; give the field 'team'", 422)
     return found[0]
-
-
-def quota_window_start(testset: TestSet, now: dt.datetime) -> dt.datetime:
-    return now - dt.timedelta(days=testset.quota_period_days)
-
-
-def counting_submissions(db: Session, team_id: int, testset: TestSet, now: dt.datetime) -> int:
-    return db.scalar(
-        sa.select(sa.func.count(Submission.id)).where(
-            Submission.team_id == team_id,
-            Submission.testset_id == testset.id,
-            Submission.counts_against_quota.is_(True),
-            Submission.received_at >= quota_window_start(testset, now),
-        )
-    ) or 0
-
-
-def check_quota(db: Session, team_id: int, testset: TestSet, now: dt.datetime) -> None:
-    used = counting_submissions(db, team_id, testset, now)
-    if used >= testset.quota_submissions:
-        oldest = db.scalar(
-            sa.select(sa.func.min(Submission.received_at)).where(
-                Submission.team_id == team_id,
-                Submission.testset_id == testset.id,
-                Submission.counts_against_quota.is_(True),
-                Submission.received_at >= quota_window_start(testset, now),
-            )
-        )
-        when = (
-            f"; the next slot frees at {(oldest + dt.timedelta(days=testset.quota_period_days)).isoformat()}"
-            if oldest
-            else ""
-        )
-        raise ApiError(
-            f"quota reached: your team has used {used} of {testset.quota_submissions} submissions per "
-            f"{testset.quota_period_days} days on {testset.name!r}{when} (failed validations do not count)",
-            429,
-        )
-
-
-def lock_team(db: Session, team_id: int) -> None:
-    """Serialise intakes of one team (see the module docstring)."""
-    db.execute(sa.update(Team).where(Team.id == team_id).values(intake_counter=Team.intake_counter + 1))
-
-
-def check_duplicate(db: Session, algorithm: Algorithm, testset: TestSet, sha256: str | None, ref: str | None) -> None:
-    query = sa.select(Submission.id).where(
-        Submission.algorithm_id == algorithm.id,
-        Submission.testset_id == testset.id,
-        Submission.state.not_in([SubmissionState.failed, SubmissionState.cancelled]),
-    )
-    query = query.where(Submission.image_sha256 == sha256) if sha256 else query.where(Submission.image_ref == ref)
-    existing = db.scalar(query.limit(1))
-    if existing is not None:
-        raise ApiError(
-            f"this image was already submitted for {algorithm.name!r} on {testset.name!r} (submission {existing}); "
-            "submit a changed image, or ask an organizer to re-run the existing submission",
-            409,
-        )
-
-
-def check_image_ref(db: Session, team_id: int, image_ref: str, allowed_registries) -> None:
-    """An ``image_ref`` runs only an image the team supplied (services/db/images.py); the refusal
-    reads the same for another team's image and for one that does not exist."""
-    if not images.image_ref_allowed(db, team_id, image_ref, allowed_registries):
-        raise ApiError(images.refusal(allowed_registries), 422)
-
-
-def _failed_validation(team_id: int, testset: TestSet):
-    """Submissions of the team on the test set that failed before they were queued (validation)."""
-    return (
-        Submission.team_id == team_id,
-        Submission.testset_id == testset.id,
-        Submission.state == SubmissionState.failed,
-        Submission.queued_at.is_(None),
-        Submission.is_baseline.is_(False),
-    )
-
-
-def check_failed_resubmission(db: Session, team_id: int, testset: TestSet, sha256: str | None, ref: str | None) -> None:
-    """The identical tarball (same sha256) or reference that already failed validation for this
-    team is refused: running it again would fail again and cost storage without costing quota."""
-    same = Submission.image_sha256 == sha256 if sha256 else Submission.image_ref == ref
-    earlier = db.scalars(
-        sa.select(Submission).where(*_failed_validation(team_id, testset), same).order_by(Submission.id.desc()).limit(1)
-    ).first()
-    if earlier is not None:
-        raise ApiError(
-            f"this exact image already failed validation on {testset.name!r} (submission {earlier.id}: "
-            f"{earlier.failure_reason or 'see its validation log'}); fix the image and submit the changed one, "
-            "or ask an organizer to re-run submission "
-            f"{earlier.id} if the failure was not the image's fault",
-            409,
-        )
-
-
-def check_failed_validation_rate(db: Session, team_id: int, testset: TestSet, now: dt.datetime, per_day: int) -> None:
-    """At most ``per_day`` failed validations per team and test set in any 24 hours (they do not
-    count against the quota, so without this a team could fill storage without limit)."""
-    since = now - dt.timedelta(days=1)
-    failed = db.scalar(
-        sa.select(sa.func.count(Submission.id)).where(*_failed_validation(team_id, testset), Submission.failed_at >= since)
-    ) or 0
-    if failed >= per_day:
-        first = db.scalar(
-            sa.select(sa.func.min(Submission.failed_at)).where(*_failed_validation(team_id, testset), Submission.failed_at >= since)
-        )
-        when = f"; try again after {(first + dt.timedelta(days=1)).isoformat()}" if first else ""
-        raise ApiError(
-            f"your team had {failed} failed validations on {testset.name!r} in the last 24 hours (at most "
-            f"{per_day}){when}; test the image locally first (see docs/container-contract.md)",
-            429,
-        )
-
-
-def check_team_storage(db: Session, team_id: int, new_bytes: int, cap: int) -> None:
-    from services.db.accounts import team_storage_bytes
-
-    used = team_storage_bytes(db, team_id).get(team_id, 0)
-    if used + new_bytes > cap:
-        raise ApiError(
-            f"your team's submissions hold {used / 2**30:.2f} GiB in storage; this image "
-            f"({new_bytes / 2**30:.2f} GiB) would pass the team's cap of {cap / 2**30:.2f} GiB; "
-            "wait until failed submissions' images are deleted, or ask an organizer",
-            413,
-        )
-
-
-def record_submission(
-    db: Session,
-    user: User,
-    algorithm: Algorithm,
-    testset: TestSet,
-    *,
-    image_path: str | None,
-    image_sha256: str | None,
-    image_size: int | None,
-    image_ref: str | None,
-    settings=None,
-) -> Submission:
-    """Ownership, quota, duplicate, failed-resubmission, failure-rate and storage checks and the
-    insert, in one serialised transaction (committed here)."""
-    if settings is None:
-        from services.config import get_settings
-
-        settings = get_settings()
-    now = utcnow()
-    try:
-        lock_team(db, algorithm.team_id)
-        if image_ref is not None:
-            check_image_ref(db, algorithm.team_id, image_ref, settings.allowed_registries)
-        check_failed_resubmission(db, algorithm.team_id, testset, image_sha256, image_ref)
-        check_failed_validation_rate(db, algorithm.team_id, testset, now, settings.failed_validations_per_day)
-        check_quota(db, algorithm.team_id, testset, now)
-        check_duplicate(db, algorithm, testset, image_sha256, image_ref)
-        check_team_storage(db, algorithm.team_id, image_size or 0, settings.max_team_storage_bytes)
-        submission = Submission(
-            algorithm_id=algorithm.id,
-            testset_id=testset.id,
-            team_id=algorithm.team_id,
-            submitted_by_id=user.id,
-            state=SubmissionState.received,
-            received_at=now,
-            image_path=image_path,
-            image_sha256=image_sha256,
-            image_size_bytes=image_size,
-            image_ref=image_ref,
-            storage_bytes=image_size or 0,
-        )
-        db.add(submission)
-        db.flush()
-        db.add(
-            AuditLog(
-                actor_id=user.id,
-                action="submission.receive",
-                target=f"submission:{submission.id}",
-                details={"algorithm": algorithm.name, "testset": testset.name, "sha256": image_sha256, "ref": image_ref},
-            )
-        )
-        db.commit()
-    except BaseException:
-        db.rollback()
-        raise
-    return submission

@@ -10,14 +10,30 @@ Everything that changes ``Submission.state`` -- the API, the worker, the CLI -- 
 :func:`transition`, which refuses any other move with :class:`IllegalTransition`, stamps the state's
 timestamp and keeps the quota accounting right (a submission that fails *validation* stops counting
 against its team's quota).
+
+Shards (one container run over a slice of the hidden cases) have their own, smaller machine here
+too, :data:`SHARD_ALLOWED` and :func:`shard_transition` (same :class:`IllegalTransition`):
+
+    pending -> running -> succeeded | failed | cancelled
+    running -> pending                       (our side failed, or its worker vanished: retried)
+    running -> running                       (a vanished worker's shard taken over)
+    pending -> succeeded | failed | cancelled (nothing left to run; attempts used up; submission ended)
+
+Nothing else assigns ``Submission.state`` or ``Shard.state`` (tests/unit/services/
+test_state_assignments_services.py checks the source).
 """
 
 from __future__ import annotations
 
+import datetime as dt
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
 from services.db.base import utcnow
-from services.db.enums import FailureCode
+from services.db.enums import FailureCode, ShardState
 from services.db.enums import SubmissionState as S
-from services.db.models import Submission
+from services.db.models import Shard, Submission
 
 UNFINISHED: frozenset[S] = frozenset({S.received, S.validating, S.queued, S.running, S.evaluating})
 FINISHED: frozenset[S] = frozenset({S.scored, S.published, S.failed, S.cancelled})
@@ -40,15 +56,20 @@ TIMESTAMP_COLUMN: dict[S, str] = {state: f"{state.value}_at" for state in S}
 
 
 class IllegalTransition(ValueError):
-    """A state change the state machine does not allow (the message names both states)."""
+    """A state change the state machine does not allow (the message names both states); raised for
+    submissions (:func:`transition`) and shards (:func:`shard_transition`) alike."""
 
-    def __init__(self, submission_id: int | None, current: S, requested: S) -> None:
-        allowed = ", ".join(sorted(s.value for s in ALLOWED[current])) or "none"
+    def __init__(self, row_id: int | None, current, requested, *, kind: str = "submission",
+                 allowed: dict | None = None) -> None:
+        table = ALLOWED if allowed is None else allowed
+        allowed_names = ", ".join(sorted(s.value for s in table[current])) or "none"
         super().__init__(
-            f"submission {submission_id} is {current.value}; it cannot become {requested.value} "
-            f"(from {current.value} it may become: {allowed})"
+            f"{kind} {row_id} is {current.value}; it cannot become {requested.value} "
+            f"(from {current.value} it may become: {allowed_names})"
         )
-        self.submission_id = submission_id
+        self.kind = kind
+        self.row_id = row_id
+        self.submission_id = row_id if kind == "submission" else None
         self.current = current
         self.requested = requested
 
@@ -92,3 +113,79 @@ def transition(submission: Submission, new_state: S | str, reason: str | None = 
         submission.rerun_count = (submission.rerun_count or 0) + 1
     submission.state = new
     return submission
+
+
+# ------------------------------------------------------------------------------------------------
+# shards
+# ------------------------------------------------------------------------------------------------
+Sh = ShardState
+SHARD_OPEN: frozenset[ShardState] = frozenset({Sh.pending, Sh.running})
+SHARD_TERMINAL: frozenset[ShardState] = frozenset({Sh.succeeded, Sh.failed, Sh.cancelled})
+
+#: shard state -> states it may move to (the terminal states are final)
+SHARD_ALLOWED: dict[ShardState, frozenset[ShardState]] = {
+    Sh.pending: frozenset({Sh.running, Sh.succeeded, Sh.failed, Sh.cancelled}),
+    Sh.running: frozenset({Sh.running, Sh.pending, Sh.succeeded, Sh.failed, Sh.cancelled}),
+    Sh.succeeded: frozenset(),
+    Sh.failed: frozenset(),
+    Sh.cancelled: frozenset(),
+}
+
+
+def can_shard_transition(current: ShardState | str, new: ShardState | str) -> bool:
+    return ShardState(new) in SHARD_ALLOWED[ShardState(current)]
+
+
+def shard_transition(shard: Shard, new_state: ShardState | str, reason: str | None = None,
+                     code: FailureCode | str | None = None, *, owner: str | None = None,
+                     now: dt.datetime | None = None) -> Shard:
+    """Move ``shard`` to ``new_state`` (in the caller's session; the caller commits).
+
+    - raises :class:`IllegalTransition` for a move not in :data:`SHARD_ALLOWED`;
+    - ``running`` (an attempt starts): ``owner`` becomes ``worker_hostname``, ``attempts`` grows by
+      one, ``started_at`` and ``heartbeat_at`` are stamped, ``finished_at`` and the failure cleared;
+    - ``pending`` (given back for a retry): no owner; ``reason`` (why the attempt was lost) is kept
+      in ``failure_reason``, the code cleared;
+    - ``succeeded`` / ``failed`` / ``cancelled`` stamp ``finished_at``; ``failed`` requires a
+      ``reason`` and stores it with ``code`` (default ``other``).
+    """
+    current = ShardState(shard.state)
+    new = ShardState(new_state)
+    if new not in SHARD_ALLOWED[current]:
+        raise IllegalTransition(shard.id, current, new, kind="shard", allowed=SHARD_ALLOWED)
+    if new is Sh.failed and not reason:
+        raise ValueError("a shard may only fail with a reason a person can act on")
+    if new is Sh.running and not owner:
+        raise ValueError("a running shard needs its owner (the worker running it)")
+    now = now or utcnow()
+    if new is Sh.running:
+        shard.attempts = (shard.attempts or 0) + 1
+        shard.worker_hostname = owner
+        shard.started_at = shard.heartbeat_at = now
+        shard.finished_at = None
+        shard.failure_reason = shard.failure_code = None
+    elif new is Sh.pending:
+        shard.worker_hostname = None
+        shard.failure_reason = reason
+        shard.failure_code = None
+    else:
+        shard.finished_at = now
+        if new is Sh.failed:
+            shard.failure_reason = reason
+            shard.failure_code = FailureCode(code if code is not None else FailureCode.OTHER).value
+    shard.state = new
+    return shard
+
+
+def close_open_shards(session: Session, submission_id: int, new_state: ShardState = Sh.cancelled) -> None:
+    """Every pending or running shard of the submission becomes ``new_state`` (a terminal state,
+    allowed from both), ``finished_at`` stamped: one UPDATE (a failed or cancelled submission)."""
+    new = ShardState(new_state)
+    if new not in SHARD_TERMINAL or new is Sh.failed:
+        raise ValueError(f"open shards can only be closed as succeeded or cancelled, not {new.value}")
+    session.execute(
+        sa.update(Shard)
+        .where(Shard.submission_id == submission_id, Shard.state.in_(list(SHARD_OPEN)))
+        .values(state=new, finished_at=utcnow())
+        .execution_options(synchronize_session="fetch")
+    )

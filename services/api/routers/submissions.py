@@ -1,4 +1,6 @@
-"""Submissions: upload (inventors), read (by visibility), organizer actions (cancel, re-run, publish)."""
+"""Submissions: upload (inventors), read (by visibility), organizer actions (cancel, re-run, publish).
+
+The rules live in :mod:`services.submissions`; its errors become HTTP answers in services/api/errors.py."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from fastapi import APIRouter, Body, Depends, Request, status
 from sqlalchemy.orm import Session
 
 from services import queue
+from services import submissions as domain
 from services.api import intake
 from services.api.params import IdPath, Offset, PageLimit1000
 from services.api.deps import current_user, get_db, require_organizer, require_role
@@ -16,8 +19,7 @@ from services.api.errors import ApiError
 from services.api.schemas import ReasonIn, ShardOut, SubmissionLogs, SubmissionOut
 from services.api.visibility import can_see_submission, visible_submissions
 from services.db.enums import Role, SubmissionState
-from services.db.models import AuditLog, Submission, TestSet, User
-from services.db.states import IllegalTransition, transition
+from services.db.models import Submission, TestSet, User
 from services.storage import Storage
 
 log = logging.getLogger("touchstone.api")
@@ -64,7 +66,7 @@ async def submit(
                 db, user, request.query_params.get("algorithm"), request.query_params.get("team")
             )
             _check_open(testset)
-            intake.check_quota(db, algorithm.team_id, testset, intake.utcnow())
+            domain.check_quota(db, algorithm.team_id, testset, intake.utcnow())
     parsed = await intake.stream_submission_form(request, storage, settings.max_upload_bytes)
     upload = parsed.upload
     try:
@@ -101,7 +103,7 @@ async def _finish(request, user, fields, upload, relative_path, image_ref) -> Su
             testset = intake.find_testset(db, fields.get("testset"))
             algorithm = intake.find_algorithm(db, user, fields.get("algorithm"), fields.get("team"))
             _check_open(testset)
-            submission = intake.record_submission(
+            submission = domain.record(
                 db,
                 user,
                 algorithm,
@@ -169,19 +171,6 @@ def read_shards(submission_id: IdPath, db: Session = Depends(get_db), _: User = 
     return list(submission.shards)
 
 
-def _organizer_action(db: Session, organizer: User, submission_id: int, new_state: SubmissionState, action: str, reason: str | None) -> Submission:
-    submission = db.get(Submission, submission_id)
-    if submission is None:
-        raise ApiError(f"no submission {submission_id}", 404)
-    try:
-        transition(submission, new_state, reason)
-    except IllegalTransition as exc:
-        raise ApiError(str(exc), 409) from exc
-    db.add(AuditLog(actor_id=organizer.id, action=action, target=f"submission:{submission.id}", details={"reason": reason}))
-    db.commit()
-    return submission
-
-
 @router.post("/{submission_id}/cancel", response_model=SubmissionOut)
 def cancel(
     submission_id: IdPath,
@@ -189,8 +178,7 @@ def cancel(
     db: Session = Depends(get_db),
     organizer: User = Depends(require_organizer),
 ) -> SubmissionOut:
-    reason = body.reason or f"cancelled by organizer {organizer.name}"
-    return submission_out(_organizer_action(db, organizer, submission_id, SubmissionState.cancelled, "submission.cancel", reason))
+    return submission_out(domain.cancel(db, organizer, submission_id, body.reason))
 
 
 @router.post("/{submission_id}/rerun", response_model=SubmissionOut, status_code=status.HTTP_202_ACCEPTED)
@@ -201,28 +189,18 @@ def rerun(
     organizer: User = Depends(require_organizer),
 ) -> SubmissionOut:
     """Back to ``received`` and validated again; stored scores are kept and not recomputed."""
-    submission = _organizer_action(db, organizer, submission_id, SubmissionState.received, "submission.rerun", body.reason)
+    submission = domain.rerun(db, organizer, submission_id, body.reason)
     queue.enqueue_validation(submission.id)
     return submission_out(submission)
 
 
 @router.post("/{submission_id}/publish", response_model=SubmissionOut)
 def publish(submission_id: IdPath, db: Session = Depends(get_db), organizer: User = Depends(require_organizer)) -> SubmissionOut:
-    submission = _organizer_action(db, organizer, submission_id, SubmissionState.published, "submission.publish", None)
-    _refresh_leaderboard(db, submission.id)
-    return submission_out(submission)
+    """``scored -> published``; the leaderboard statistics are recomputed in the same transaction
+    (if they fail, nothing changes and the answer is 500 saying so)."""
+    return submission_out(domain.publish(db, organizer, submission_id))
 
 
 @router.post("/{submission_id}/unpublish", response_model=SubmissionOut)
 def unpublish(submission_id: IdPath, db: Session = Depends(get_db), organizer: User = Depends(require_organizer)) -> SubmissionOut:
-    submission = _organizer_action(db, organizer, submission_id, SubmissionState.scored, "submission.unpublish", None)
-    _refresh_leaderboard(db, submission.id)
-    return submission_out(submission)
-
-
-def _refresh_leaderboard(db: Session, submission_id: int) -> None:
-    """Publishing changes who is compared: recompute the stored leaderboard statistics (issue 5)."""
-    from services.leaderboard import on_submission_scored
-
-    on_submission_scored(db, submission_id)
-    db.commit()
+    return submission_out(domain.unpublish(db, organizer, submission_id))

@@ -3,7 +3,7 @@
 
 A :class:`Stack` is one deployment: a data folder, a database, a broker URL and the worker
 processes. Submissions go in through the functions the API calls (storage streaming, the tarball
-check, ``record_submission``, ``services.queue.enqueue_validation``).
+check, ``services.submissions.record``, ``services.queue.enqueue_validation``).
 """
 
 from __future__ import annotations
@@ -262,6 +262,7 @@ class Stack:
         """Submit as the API does: stream the tarball into storage and check it, record the
         submission (quota, duplicates), enqueue validation."""
         from services import queue
+        from services import submissions
         from services.api import intake
         from services.db.session import get_sessionmaker
         from services.storage import Storage
@@ -283,8 +284,8 @@ class Stack:
             testset_row = intake.find_testset(session, testset)
             if image_ref is not None and not image_ref.startswith("sha256:"):
                 image_ref = self._owned_digest(session, algo.team_id, image_ref)
-            submission = intake.record_submission(session, user, algo, testset_row, image_path=image_path,
-                                                  image_sha256=sha256, image_size=size, image_ref=image_ref)
+            submission = submissions.record(session, user, algo, testset_row, image_path=image_path,
+                                            image_sha256=sha256, image_size=size, image_ref=image_ref)
         queue.enqueue_validation(submission.id)
         return submission.id
 
