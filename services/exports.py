@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session
 
 from services.db.models import Aggregate, Algorithm, Case, Score, Submission, Team, TestSet
 from services.leaderboard import suppression
-from services.leaderboard.compute import BREAKDOWNS, SCOPE_STATES
+from services.leaderboard.compute import SCOPE_STATES
 
 LEVELS = ("case", "hospital", "subgroup")
 FORMATS = ("csv", "parquet")

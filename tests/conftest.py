@@ -120,3 +120,19 @@ def chromium_path() -> str:
     except Exception as exc:  # noqa: BLE001
         require("chromium", str(exc))
     return path
+
+
+@pytest.fixture
+def sqlite_session(tmp_path):
+    """A session on a fresh SQLite database migrated to head (objects stay usable after commit)."""
+    from sqlalchemy.orm import Session
+
+    from services.db import migrate
+    from services.db.session import create_db_engine
+
+    url = f"sqlite:///{tmp_path / 'unit.db'}"
+    migrate.upgrade("head", url)
+    engine = create_db_engine(url)
+    with Session(engine, expire_on_commit=False) as session:
+        yield session
+    engine.dispose()

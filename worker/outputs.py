@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 from evaluation.io import GeometryTolerance, GroundTruthError, ReadLimits
 from evaluation.labels import COMBINED_LABELS_FILE, ORGANS, SEGMENTATIONS_DIR
 from worker.runtime.base import FailureReason
-from worker.monitoring import entry_kind
+from worker.monitoring import entry_kind, measure_tree
 
 CaseStatus = Literal["ok", "missing", "invalid"]
 Layout = Literal["combined", "per_organ"]
@@ -224,12 +224,6 @@ def check_outputs(output_dir: Path, cts: Mapping[str, Path] | Iterable[str],
 
 
 
-def _tree_bytes(path: Path) -> int:
-    from worker.monitoring import measure_tree
-
-    return measure_tree(path).bytes
-
-
 def delete_tree(path: Path) -> int:
     """Delete a run folder (or anything in it) without following a link; returns the bytes its
     files held. No error when it is already gone."""
@@ -241,7 +235,7 @@ def delete_tree(path: Path) -> int:
     if not stat.S_ISDIR(st.st_mode):
         path.unlink(missing_ok=True)
         return st.st_size if stat.S_ISREG(st.st_mode) else 0
-    size = _tree_bytes(path)
+    size = measure_tree(path).bytes
     shutil.rmtree(path, ignore_errors=True)  # fd-based: never follows a link out of the tree
     return size
 

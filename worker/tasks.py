@@ -29,9 +29,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
-import shutil
-import stat
 import threading
 import time
 import uuid
@@ -55,6 +52,7 @@ from evaluation.io import GroundTruthError, ScoreStatus
 from evaluation.scoring import ScoreRow
 from worker import pipeline
 from worker.app import CPU_QUEUE, GPU_QUEUE, app, worker_settings
+from worker.monitoring import measure_tree
 from worker.outputs import check_outputs, delete_tree, prune_outputs, score_output, score_outputs
 from worker.runtime.base import (
     ContainerRuntime,
@@ -169,15 +167,9 @@ def _discard_run(submission_id: int, workdir: Path, failed: bool = True) -> None
     delete_tree(workdir / "input")
     if failed and get_settings().keep_failed_outputs:
         with session_scope() as session:
-            pipeline.add_storage_bytes(session, submission_id, _tree_size(workdir))
+            pipeline.add_storage_bytes(session, submission_id, measure_tree(workdir).bytes)
         return
     delete_tree(workdir)
-
-
-def _tree_size(path: Path) -> int:
-    from worker.monitoring import measure_tree
-
-    return measure_tree(path).bytes
 
 
 def _audit(session, action: str, submission_id: int, **details: Any) -> None:
@@ -1013,20 +1005,6 @@ def _reap_validations(wsettings) -> tuple[int, int]:
     return len(retried) + len(resent), failed
 
 
-def _tree_bytes(path: Path) -> int:
-    """Bytes of the regular files under ``path`` (links not followed)."""
-    total = 0
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            try:
-                st = os.lstat(os.path.join(root, name))
-            except OSError:
-                continue
-            if stat.S_ISREG(st.st_mode):
-                total += st.st_size
-    return total
-
-
 def _reap_ended_submissions() -> int:
     """Reclaim the storage of failed and cancelled submissions ``failed_tarball_grace_s`` after
     they ended (the window in which an organizer may re-run them from their tarball): the
@@ -1056,10 +1034,9 @@ def _reap_ended_submissions() -> int:
                 kept = 0
                 if runs.exists():
                     if settings.keep_failed_outputs:
-                        kept = _tree_bytes(runs)
+                        kept = measure_tree(runs).bytes
                     else:
-                        freed += _tree_bytes(runs)
-                        shutil.rmtree(runs, ignore_errors=True)
+                        freed += delete_tree(runs)
             except (OSError, ValueError):
                 log.exception("reclaiming the storage of submission %s failed", submission_id)
                 continue

@@ -17,17 +17,9 @@ from evaluation.scoring import ScoreRow
 
 
 @pytest.fixture
-def session(tmp_path):
-    from services.db import migrate
-    from services.db.session import create_db_engine
-    from sqlalchemy.orm import Session
-
-    url = f"sqlite:///{tmp_path / 'unit.db'}"
-    migrate.upgrade("head", url)
-    engine = create_db_engine(url)
-    with Session(engine, expire_on_commit=False) as db:
-        yield db
-    engine.dispose()
+def session(sqlite_session):
+    """tests/conftest.py::sqlite_session."""
+    return sqlite_session
 
 
 def _setup(db, n_hidden=5, n_public=1, shard_size=2):

@@ -18,18 +18,9 @@ SETTINGS = SimpleNamespace(allowed_registries=(), failed_validations_per_day=2, 
 
 
 @pytest.fixture
-def db(tmp_path):
-    from sqlalchemy.orm import Session
-
-    from services.db import migrate
-    from services.db.session import create_db_engine
-
-    url = f"sqlite:///{tmp_path / 'unit.db'}"
-    migrate.upgrade("head", url)
-    engine = create_db_engine(url)
-    with Session(engine, expire_on_commit=False) as session:
-        yield session
-    engine.dispose()
+def db(sqlite_session):
+    """tests/conftest.py::sqlite_session."""
+    return sqlite_session
 
 
 @pytest.fixture
