@@ -434,7 +434,10 @@ class DockerRuntime(ContainerRuntime):
             cancelled=cancelled,
             output_too_large=broken is not None,
             duration_s=duration,
-            peak_memory_bytes=memory.peak_bytes,
+            # an OOM kill means the cgroup reached its limit, even when that happened after the
+            # last 0.1 s sample (a fast allocator): the peak is the limit then
+            peak_memory_bytes=(max(memory.peak_bytes or 0, spec.limits.memory_bytes) if oom_killed
+                               else memory.peak_bytes),
             gpu=gpu_stats,
             log_tail=log_tail,
             output_seen_s=dict(watcher.seen_s),
