@@ -19,8 +19,8 @@ too, :data:`SHARD_ALLOWED` and :func:`shard_transition` (same :class:`IllegalTra
     running -> running                       (a vanished worker's shard taken over)
     pending -> succeeded | failed | cancelled (nothing left to run; attempts used up; submission ended)
 
-Nothing else assigns ``Submission.state`` or ``Shard.state`` (tests/unit/services/
-test_state_assignments_services.py checks the source).
+Nothing else assigns ``Submission.state`` or ``Shard.state`` (tests/unit/services/db/
+test_state_assignments.py checks the source).
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[3]
+ROOT = Path(__file__).resolve().parents[4]
 SCANNED = ("services", "worker", "evaluation")
 STATE_MACHINE = ROOT / "services" / "db" / "states.py"
 #: (constructor, initial state) allowed anywhere
