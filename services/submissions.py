@@ -216,7 +216,9 @@ def check_team_storage(db: Session, team_id: int, new_bytes: int, cap: int) -> N
 # -----------------------------------------------------------------------------------------------
 # operations
 # -----------------------------------------------------------------------------------------------
-def _audit(db: Session, actor: User | None, action: str, submission_id: int, details: dict) -> None:
+def audit(db: Session, actor: User | None, action: str, submission_id: int, details: dict) -> None:
+    """The audit row of an action on a submission (``actor`` None: the system, e.g. a worker);
+    the one place that builds them, here and in the worker."""
     db.add(AuditLog(actor_id=actor.id if actor else None, action=action, target=f"submission:{submission_id}",
                     details=details))
 
@@ -266,7 +268,7 @@ def record(
         )
         db.add(submission)
         db.flush()
-        _audit(db, user, "submission.receive", submission.id,
+        audit(db, user, "submission.receive", submission.id,
                {"algorithm": algorithm.name, "testset": testset.name, "sha256": image_sha256, "ref": image_ref})
         db.commit()
     except BaseException:
@@ -291,7 +293,7 @@ def _move(db: Session, actor: User | None, submission_id: int, new_state: Submis
     except IllegalTransition as exc:
         db.rollback()
         raise Conflict(str(exc)) from exc
-    _audit(db, actor, action, submission.id, {"reason": reason})
+    audit(db, actor, action, submission.id, {"reason": reason})
     return submission
 
 
