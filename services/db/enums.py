@@ -34,6 +34,15 @@ class ShardState(str, enum.Enum):
     cancelled = "cancelled"
 
 
+class RescoreState(str, enum.Enum):
+    """A re-scoring job (services/rescoring.py): queued -> running -> done | failed."""
+
+    queued = "queued"
+    running = "running"
+    done = "done"
+    failed = "failed"
+
+
 class FailureCode(str, enum.Enum):
     """Why a submission or a shard failed (or was cancelled): the one list. Stored beside the
     sentence (``failure_code`` next to ``failure_reason``) by every place that fails a submission;

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from services.db.base import Base, BigIntPK, PortableJSON, utcnow
-from services.db.enums import Role, ShardState, SubmissionState, enum_column_type
+from services.db.enums import RescoreState, Role, ShardState, SubmissionState, enum_column_type
 
 # --------------------------------------------------------------------------------------------
 # people
@@ -109,6 +109,10 @@ class TestSet(Base):
     missing_policy: Mapped[str] = mapped_column(sa.String(20), default="worst", server_default="worst")
     stats_options: Mapped[dict[str, Any]] = mapped_column(default=dict, server_default=sa.text("'{}'"))
     subgroup_variables: Mapped[list[str] | None] = mapped_column(PortableJSON)
+    #: added by 0008_rescoring: days the run folders (predictions) of a scored submission are kept
+    #: after it was scored, for re-scoring (None: keep all, 0: keep none); `touchstone storage
+    #: reclaim` deletes what is older (services/rescoring.py)
+    prediction_retention_days: Mapped[int | None]
 
     cases: Mapped[list[Case]] = relationship(back_populates="testset", order_by="Case.id")
 
@@ -225,6 +229,9 @@ class Submission(Base):
     worker_hostname: Mapped[str | None] = mapped_column(sa.String(255))
     heartbeat_at: Mapped[dt.datetime | None]
     validation_attempts: Mapped[int] = mapped_column(default=0, server_default="0")
+    #: added by 0008_rescoring: when its run folders were deleted under the test set's retention
+    #: (it can no longer be re-scored)
+    predictions_deleted_at: Mapped[dt.datetime | None]
 
     algorithm: Mapped[Algorithm] = relationship(back_populates="submissions")
     testset: Mapped[TestSet] = relationship()
@@ -349,6 +356,51 @@ class Aggregate(Base):
     # added by 0005_stats_policy: fewer cases than the test set's min_group_size; the interval method
     too_small: Mapped[bool] = mapped_column(default=False, server_default=sa.false())
     ci_method: Mapped[str | None] = mapped_column(sa.String(20))
+
+
+class TestSetProtocol(Base):
+    """A protocol version of a test set other than the one it was imported with (0008_rescoring):
+    the full description its scores were made under. The test set's own protocol stays in
+    ``TestSet.protocol_json``; scores, aggregates and statistics name ``protocol_key``."""
+
+    __tablename__ = "testset_protocols"
+    __table_args__ = (sa.UniqueConstraint("testset_id", "protocol_key"),)
+    __test__ = False
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    testset_id: Mapped[int] = mapped_column(sa.ForeignKey("testsets.id", ondelete="CASCADE"))
+    protocol_key: Mapped[str] = mapped_column(sa.String(160))
+    protocol_json: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    #: evaluation.protocols.Protocol.content_hash: one key never names two descriptions
+    content_hash: Mapped[str] = mapped_column(sa.String(64))
+    created_by_id: Mapped[int | None] = mapped_column(sa.ForeignKey("users.id", ondelete="SET NULL"))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class RescoreJob(Base):
+    """Scoring kept predictions of a test set's submissions under another protocol version
+    (0008_rescoring; worker/rescoring.py). The counters are the job's progress."""
+
+    __tablename__ = "rescore_jobs"
+    __table_args__ = (sa.Index("ix_rescore_jobs_testset", "testset_id", "created_at"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    testset_id: Mapped[int] = mapped_column(sa.ForeignKey("testsets.id", ondelete="CASCADE"))
+    protocol_key: Mapped[str] = mapped_column(sa.String(160))
+    state: Mapped[RescoreState] = mapped_column(enum_column_type(RescoreState), default=RescoreState.queued)
+    #: the submissions to score (their predictions were all there when the job was made)
+    submission_ids: Mapped[list[int]] = mapped_column(PortableJSON, default=list)
+    #: [{"submission_id", "reason"}]: asked for (or in scope) but not re-scorable, and why
+    unavailable: Mapped[list[dict[str, Any]]] = mapped_column(PortableJSON, default=list)
+    n_cases_total: Mapped[int] = mapped_column(default=0)
+    n_cases_done: Mapped[int] = mapped_column(default=0)
+    n_scores_written: Mapped[int] = mapped_column(default=0)
+    #: why the job failed
+    error: Mapped[str | None] = mapped_column(sa.Text)
+    created_by_id: Mapped[int | None] = mapped_column(sa.ForeignKey("users.id", ondelete="SET NULL"))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[dt.datetime | None]
+    finished_at: Mapped[dt.datetime | None]
 
 
 class AuditLog(Base):
