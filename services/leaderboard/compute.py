@@ -73,6 +73,7 @@ from services.db.base import finite_or_none, utcnow
 from services.db.enums import SubmissionState
 from services.db.leaderboard_models import SCOPES, PairwiseTest, RankingEntry, RankStability, StatsRun
 from services.db.models import Aggregate, Case, Score, Submission, TestSet
+from services.leaderboard import versions
 
 log = logging.getLogger("touchstone.leaderboard")
 
@@ -739,11 +740,13 @@ def recompute_testset(
     submission_ids: Iterable[int] = (),
     scopes: Sequence[str] = SCOPES,
     options: StatsOptions | None = None,
+    protocol_key: str | None = None,
 ) -> RecomputeReport:
     """Recompute the aggregates of ``submission_ids`` and the comparative statistics of ``scopes``
     under the test set's policy and options (:func:`options_for_testset`; ``options`` only give
-    the resampling settings)."""
-    testset = _lock_testset(session, testset.id)
+    the resampling settings), from the scores of ``protocol_key`` (default: the test set's
+    current protocol; another of its versions, see :mod:`.versions`)."""
+    testset = versions.under_protocol(session, _lock_testset(session, testset.id), protocol_key)
     options = options_for_testset(testset, options)
     cases = load_cases(session, testset.id, _extra_columns(breakdown_variables(testset)))
     expected = load_expected(session, testset)
@@ -783,9 +786,16 @@ def on_submission_scored(
     if submission is None:
         raise LookupError(f"no submission {submission_id}")
     with_scores = submission.state in (SubmissionState.scored, SubmissionState.published)
-    return recompute_testset(
+    report = recompute_testset(
         session, submission.testset, submission_ids=[submission_id] if with_scores else [], options=options
     )
+    for other in versions.other_protocols(session, submission.testset):
+        # the scopes of every protocol version change with a publication (re-scored versions too)
+        rescored = with_scores and session.scalar(sa.select(Score.id).where(
+            Score.submission_id == submission_id, Score.protocol_key == other.protocol_key).limit(1)) is not None
+        recompute_testset(session, submission.testset, submission_ids=[submission_id] if rescored else [],
+                          options=options, protocol_key=other.protocol_key)
+    return report
 
 
 def recompute_all(session: Session, testset: TestSet, options: StatsOptions | None = None) -> RecomputeReport:
@@ -793,4 +803,16 @@ def recompute_all(session: Session, testset: TestSet, options: StatsOptions | No
     submissions and both scopes): what a change of policy, options or subgroups needs. Scores
     are untouched. The caller commits."""
     ids = scope_submission_ids(session, testset.id, "all")
-    return recompute_testset(session, testset, submission_ids=ids, options=options)
+    report = recompute_testset(session, testset, submission_ids=ids, options=options)
+    for other in versions.other_protocols(session, testset):
+        recompute_protocol_version(session, testset, other.protocol_key, options)
+    return report
+
+
+def recompute_protocol_version(session: Session, testset: TestSet, protocol_key: str,
+                               options: StatsOptions | None = None) -> RecomputeReport:
+    """Recompute every statistic of the test set under one of its protocol versions: the
+    aggregates of the submissions with scores under it and both scopes. The caller commits."""
+    ids = [i for i in scope_submission_ids(session, testset.id, "all") if session.scalar(
+        sa.select(Score.id).where(Score.submission_id == i, Score.protocol_key == protocol_key).limit(1)) is not None]
+    return recompute_testset(session, testset, submission_ids=ids, options=options, protocol_key=protocol_key)

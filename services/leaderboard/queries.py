@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 from evaluation.labels import ORGANS
 from services.db.leaderboard_models import SCOPES, PairwiseTest, RankingEntry, RankStability, StatsRun
 from services.db.models import Aggregate, Algorithm, Case, CaseRun, Shard, Submission, Team, TestSet
-from services.leaderboard import suppression
+from services.leaderboard import suppression, versions
 from services.leaderboard.compute import (
     BREAKDOWNS,
     METRICS,
@@ -66,11 +66,16 @@ def check_params(organ: str | None = None, metric: str | None = None, method: st
             raise LeaderboardQueryError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
 
 
-def get_testset(session: Session, name: str) -> TestSet:
+def get_testset(session: Session, name: str, protocol: str | None = None) -> TestSet:
+    """The test set ``name``, seen under its protocol version ``protocol`` ("name@version"; default
+    its current one): every read below then uses that version's scores and statistics."""
     testset = session.scalar(sa.select(TestSet).where(TestSet.name == name))
     if testset is None:
         raise LeaderboardNotFound(f"no test set named {name!r}")
-    return testset
+    try:
+        return versions.under_protocol(session, testset, protocol)  # type: ignore[return-value]
+    except versions.UnknownProtocolVersion as exc:
+        raise LeaderboardNotFound(str(exc)) from None
 
 
 def list_testsets(session: Session, scope: str = "published") -> list[dict[str, Any]]:
@@ -86,6 +91,7 @@ def list_testsets(session: Session, scope: str = "published") -> list[dict[str, 
     for ts in session.scalars(sa.select(TestSet).order_by(TestSet.name)):
         n_cases = session.scalar(sa.select(sa.func.count(Case.id)).where(Case.testset_id == ts.id))
         out.append({"testset": ts.name, "description": ts.description, "protocol_key": ts.protocol_key,
+                    "protocol_versions": versions.protocol_keys(session, ts),
                     "n_cases": n_cases or 0, "n_submissions": counts.get(ts.id, 0)})
     return out
 
