@@ -39,3 +39,15 @@ def visible_algorithms(query: Select, user: User) -> Select:
         return query.where(Algorithm.team_id == user.team_id)
     published = sa.select(Submission.algorithm_id).where(Submission.state == SubmissionState.published)
     return query.where(Algorithm.id.in_(published))
+
+
+def can_see_case_images(user: User | None, submission: Submission, case_public_sample: bool) -> bool:
+    """The case viewer (CT, ground truth, prediction of one case): organizers every case of every
+    submission; inventors their own team's submissions on public-sample cases only; nobody else
+    (other teams, analysts, the public) any image -- answered 404, so a hidden case id is never
+    confirmed."""
+    if user is None:
+        return False
+    if user.role is Role.organizer:
+        return True
+    return user.role is Role.inventor and submission.team_id == user.team_id and case_public_sample
