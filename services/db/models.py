@@ -358,6 +358,51 @@ class Aggregate(Base):
     ci_method: Mapped[str | None] = mapped_column(sa.String(20))
 
 
+class PairwiseCache(Base):
+    """The raw result of one paired Wilcoxon signed-rank test of two submissions on one organ and
+    metric (0007_pairwise_cache), kept so that a recomputation re-tests only the pairs whose inputs
+    changed (``services/leaderboard/pairwise.py``). One row per unordered pair (a < b) holds both
+    one-sided results; the multiple-comparison correction is never cached (it depends on the family).
+
+    Reused only when all of its key matches: the pair, organ, metric, protocol, the test options
+    (``options_key``), the case axis it was tested on (``cases_hash``: under the ``common`` policy
+    the cases every ranked submission has) and ``values_hash``, the hash of both submissions' values
+    on that axis (which fixes their common cases and catches a rescoring).
+    """
+
+    __tablename__ = "pairwise_cache"
+    __table_args__ = (
+        sa.UniqueConstraint("testset_id", "protocol_key", "organ", "metric", "options_key", "cases_hash",
+                            "submission_a_id", "submission_b_id", name="uq_pairwise_cache_key"),
+        sa.Index("ix_pairwise_cache_b", "submission_b_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    testset_id: Mapped[int] = mapped_column(sa.ForeignKey("testsets.id", ondelete="CASCADE"))
+    protocol_key: Mapped[str] = mapped_column(sa.String(160))
+    organ: Mapped[str] = mapped_column(sa.String(50))
+    metric: Mapped[str] = mapped_column(sa.String(20))
+    options_key: Mapped[str] = mapped_column(sa.String(64))
+    cases_hash: Mapped[str] = mapped_column(sa.String(64))
+    #: the lower submission id of the pair ("a"), then the higher ("b")
+    submission_a_id: Mapped[int] = mapped_column(sa.ForeignKey("submissions.id", ondelete="CASCADE"))
+    submission_b_id: Mapped[int] = mapped_column(sa.ForeignKey("submissions.id", ondelete="CASCADE"))
+    values_hash: Mapped[str] = mapped_column(sa.String(64))
+    n_common: Mapped[int]
+    n_nonzero: Mapped[int]
+    #: V of d = a - b (oriented scores) and of b - a; z of a - b; one-sided p of "a better", "b better"
+    statistic: Mapped[float | None]
+    statistic_less: Mapped[float | None]
+    z: Mapped[float | None]
+    p_greater: Mapped[float | None]
+    p_less: Mapped[float | None]
+    #: of the raw metric values x_a - x_b on the common cases (metric units; sd with ddof 1)
+    mean_difference: Mapped[float | None]
+    median_difference: Mapped[float | None]
+    sd_difference: Mapped[float | None]
+    computed_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
 class TestSetProtocol(Base):
     """A protocol version of a test set other than the one it was imported with (0008_rescoring):
     the full description its scores were made under. The test set's own protocol stays in
