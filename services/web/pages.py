@@ -2,9 +2,12 @@
 
     /                                       -> /leaderboards
     /leaderboards                           test sets
-    /leaderboards/{testset}?organ=&metric=&method=
-                                            ranked table; organ tabs are plain links (no JS needed);
-                                            a small inline script makes the columns sortable
+    /leaderboards/{testset}?organ=&metric=&method=&variable=
+                                            ranked table and the figures of all algorithms
+                                            (services.web.figures); organ tabs are plain links (no JS
+                                            needed); a small inline script makes the columns sortable
+    /leaderboards/{testset}/figures/{kind}.svg|png, /leaderboards/{testset}/report.html
+                                            figure downloads and the report (services.web.figure_pages)
     /leaderboards/{testset}/submissions/{id}?organ=&metric=
                                             box plots per organ, significance heatmap, rank blob
                                             plot, per-hospital bars
@@ -33,7 +36,7 @@ from services.db.enums import SubmissionState
 from services.db.models import Case, Score, Submission
 from services.leaderboard import queries
 from services.leaderboard.compute import METRICS, ORGANS_AND_AVERAGE, RANKING_METHODS
-from services.web import plots
+from services.web import figure_pages, figures, plots
 
 HERE = Path(__file__).resolve().parent
 templates = Jinja2Templates(directory=str(HERE / "templates"))
@@ -95,6 +98,7 @@ def leaderboard_page(
     organ: str = Query("average"),
     metric: str = Query("dsc"),
     method: str = Query("mean"),
+    variable: str | None = Query(None, description="subgroup variable of the per-subgroup box plots"),
     db: Session = Depends(get_db),
 ) -> HTMLResponse:
     problem = _check(organ, metric, method)
@@ -104,6 +108,11 @@ def leaderboard_page(
         ts = queries.get_testset(db, testset)
     except queries.LeaderboardNotFound as exc:
         return _error(request, 404, str(exc))
+    variable = variable or figures.default_variable(ts)
+    try:
+        figures.check("subgroups", testset=ts, variable=variable)
+    except figures.FigureError as exc:
+        return _error(request, 422, str(exc))
     board = queries.leaderboard(db, ts, organ=organ, metric=metric, method=method, scope="published")
     hospitals = queries.breakdown(db, ts, variable="hospital", organ=organ, metric=metric, scope="published")
     groups = sorted({r["group"] for r in hospitals["rows"]})
@@ -115,7 +124,9 @@ def leaderboard_page(
         "leaderboard.html",
         {"ts": ts, "board": board, "organs": ORGANS_AND_AVERAGE, "metrics": METRICS, "methods": RANKING_METHODS,
          "method_names": METHOD_NAMES, "organ": organ, "metric": metric, "method": method, "organ_columns": ORGANS,
-         "hospital_groups": groups, "hospital_rows": by_submission, "min_group_size": queries.min_group_size(ts)},
+         "hospital_groups": groups, "hospital_rows": by_submission, "min_group_size": queries.min_group_size(ts),
+         "variable": variable, "variables": figures.subgroup_variables(ts),
+         "figures": figure_pages.page_figures(db, ts, organ=organ, metric=metric, method=method, variable=variable)},
     )
 
 
@@ -191,4 +202,5 @@ def submission_page(
 def install(app: FastAPI) -> None:
     """Mount the pages and their static files on ``app``."""
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
+    app.include_router(figure_pages.router)  # figure downloads and the report (before the catch-all routes)
     app.include_router(router)
