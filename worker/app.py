@@ -100,7 +100,7 @@ def make_app() -> Celery:
     settings = get_settings()
     wsettings = worker_settings()
     broker = str(settings.broker_url)
-    app = Celery("touchstone", broker=broker, include=["worker.tasks"])
+    app = Celery("touchstone", broker=broker, include=["worker.tasks", "worker.rescoring"])
     transport_options = dict(settings.broker_transport_options())
     if broker.startswith("filesystem://"):
         transport_options["polling_interval"] = wsettings.polling_interval_s
@@ -132,6 +132,9 @@ def make_app() -> Celery:
         worker_hijack_root_logger=False,
         beat_schedule={
             "touchstone-reap": {"task": "touchstone.reap", "schedule": wsettings.reap_interval_s, "options": {"queue": CPU_QUEUE}},
+            # the test sets' prediction retention (worker/rescoring.py): a cheap query when nothing is due
+            "touchstone-reclaim-predictions": {"task": "touchstone.reclaim_predictions",
+                                               "schedule": wsettings.reap_interval_s, "options": {"queue": CPU_QUEUE}},
         },
     )
     return app
