@@ -36,7 +36,7 @@ from services.db.enums import SubmissionState
 from services.db.models import Case, Score, Submission
 from services.leaderboard import queries
 from services.leaderboard.compute import METRICS, ORGANS_AND_AVERAGE, RANKING_METHODS
-from services.web import figure_pages, figures, plots
+from services.web import figure_pages, figures, plots, viewer
 
 HERE = Path(__file__).resolve().parent
 templates = Jinja2Templates(directory=str(HERE / "templates"))
@@ -99,13 +99,14 @@ def leaderboard_page(
     metric: str = Query("dsc"),
     method: str = Query("mean"),
     variable: str | None = Query(None, description="subgroup variable of the per-subgroup box plots"),
+    protocol: str | None = Query(None, max_length=200, description="a protocol version NAME@VERSION"),
     db: Session = Depends(get_db),
 ) -> HTMLResponse:
     problem = _check(organ, metric, method)
     if problem:
         return _error(request, 422, problem)
     try:
-        ts = queries.get_testset(db, testset)
+        ts = queries.get_testset(db, testset, protocol)
     except queries.LeaderboardNotFound as exc:
         return _error(request, 404, str(exc))
     variable = variable or figures.default_variable(ts)
@@ -125,6 +126,7 @@ def leaderboard_page(
         {"ts": ts, "board": board, "organs": ORGANS_AND_AVERAGE, "metrics": METRICS, "methods": RANKING_METHODS,
          "method_names": METHOD_NAMES, "organ": organ, "metric": metric, "method": method, "organ_columns": ORGANS,
          "hospital_groups": groups, "hospital_rows": by_submission, "min_group_size": queries.min_group_size(ts),
+         **_protocol_context(db, ts, protocol),
          "variable": variable, "variables": figures.subgroup_variables(ts),
          "figures": figure_pages.page_figures(db, ts, organ=organ, metric=metric, method=method, variable=variable)},
     )
@@ -137,13 +139,14 @@ def submission_page(
     submission_id: int,
     organ: str = Query("average"),
     metric: str = Query("dsc"),
+    protocol: str | None = Query(None, max_length=200, description="a protocol version NAME@VERSION"),
     db: Session = Depends(get_db),
 ) -> HTMLResponse:
     problem = _check(organ, metric)
     if problem:
         return _error(request, 422, problem)
     try:
-        ts = queries.get_testset(db, testset)
+        ts = queries.get_testset(db, testset, protocol)
     except queries.LeaderboardNotFound as exc:
         return _error(request, 404, str(exc))
     submission = db.get(Submission, submission_id)
@@ -195,12 +198,25 @@ def submission_page(
          "overall": overall, "heatmap": heatmap, "blobs": blobs, "boxes": boxes, "bars": bars,
          "hospitals": hospitals, "significance": significance, "stability": stab, "n_cases": n_cases,
          "label": label, "suppressed_hospitals": suppressed_hospitals, "tiny": tiny,
-         "min_group_size": queries.min_group_size(ts)},
+         "min_group_size": queries.min_group_size(ts), **_protocol_context(db, ts, protocol),
+         "worst": viewer.worst_cases_for_page(request, db, submission, organ, metric)},
     )
+
+
+def _protocol_context(db: Session, ts, protocol: str | None) -> dict:
+    """The test set's protocol versions (a selector when there are several) and ``pq``, the query
+    part that keeps a chosen version in every link of the page."""
+    from urllib.parse import quote
+
+    from services.leaderboard import versions
+
+    return {"protocol_versions": versions.protocol_keys(db, ts),
+            "pq": f"&protocol={quote(ts.protocol_key)}" if protocol else ""}
 
 
 def install(app: FastAPI) -> None:
     """Mount the pages and their static files on ``app``."""
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
     app.include_router(figure_pages.router)  # figure downloads and the report (before the catch-all routes)
+    app.include_router(viewer.router)  # the case viewer (signed-in organizers and inventors)
     app.include_router(router)
