@@ -35,8 +35,11 @@ class WorkerCommand:
 
 
 def celery_commands(queues: list[str], gpus: list[str], concurrency: int, beat: bool = True,
-                    loglevel: str = "INFO", data_dir: Path | None = None) -> list[WorkerCommand]:
-    """The worker processes ``touchstone worker`` starts (also used by the tests)."""
+                    loglevel: str = "INFO", data_dir: Path | None = None, name: str = "") -> list[WorkerCommand]:
+    """The worker processes ``touchstone worker`` starts (also used by the tests). Celery node
+    names are ``<queue tag>@<host>``, or ``<name>-<queue tag>@<host>`` with ``name`` (several
+    ``touchstone worker`` processes on one machine each need their own)."""
+    prefix = f"{name}-" if name else ""
     unknown = [q for q in queues if q not in QUEUES]
     if unknown or not queues:
         raise ValueError(f"unknown queue(s) {unknown or queues}; choose from {', '.join(QUEUES)}")
@@ -48,11 +51,11 @@ def celery_commands(queues: list[str], gpus: list[str], concurrency: int, beat: 
             tag = f"gpu{gpu}" if gpu else "gpu"
             commands.append(WorkerCommand(
                 name=tag,
-                argv=base + ["-Q", "gpu", "--concurrency=1", "-n", f"{tag}@%h"],
+                argv=base + ["-Q", "gpu", "--concurrency=1", "-n", f"{prefix}{tag}@%h"],
                 env={"TOUCHSTONE_WORKER_GPUS": gpu, "CUDA_DEVICE_ORDER": "PCI_BUS_ID"},
             ))
     if "cpu" in queues:
-        argv = base + ["-Q", "cpu", f"--concurrency={concurrency}", "-n", "cpu@%h"]
+        argv = base + ["-Q", "cpu", f"--concurrency={concurrency}", "-n", f"{prefix}cpu@%h"]
         if beat:
             schedule = Path(data_dir or ".") / "celerybeat-schedule"
             argv += ["--beat", f"--schedule={schedule}"]
@@ -98,6 +101,8 @@ def register(app: typer.Typer) -> None:
                                         help="processes of the cpu queue (0: one per core)"),
         beat: bool = typer.Option(True, "--beat/--no-beat", help="run the periodic reaper with the cpu worker"),
         loglevel: str = typer.Option("INFO", "--loglevel", "-l"),
+        name: str = typer.Option("", "--name", help="node name prefix, distinct per `touchstone worker` on one "
+                                                    "machine (Celery node <name>-gpu@host)"),
     ) -> None:
         """Start Celery workers for the gpu (container runs) and cpu (scoring, bookkeeping) queues."""
         from services.config import get_settings
@@ -109,7 +114,7 @@ def register(app: typer.Typer) -> None:
             commands = celery_commands(
                 [q.strip() for q in queues.split(",") if q.strip()],
                 [g.strip() for g in gpus.split(",") if g.strip()],
-                concurrency or (os.cpu_count() or 1), beat, loglevel.upper(), Path(settings.data_dir),
+                concurrency or (os.cpu_count() or 1), beat, loglevel.upper(), Path(settings.data_dir), name,
             )
         except ValueError as exc:
             typer.echo(f"error: {exc}", err=True)
