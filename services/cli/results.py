@@ -65,13 +65,13 @@ def _suppression_note(payload: dict[str, Any], fmt: str, scope: str) -> None:
                   "statistics suppressed (small-cell rule; organizers: --scope all)")
 
 
-def _with_testset(testset: str, fn):
+def _with_testset(testset: str, fn, protocol: str | None = None):
     from services.db.session import session_scope
     from services.leaderboard import queries
 
     try:
         with session_scope() as session:
-            return fn(session, queries.get_testset(session, testset))
+            return fn(session, queries.get_testset(session, testset, protocol))
     except (queries.LeaderboardNotFound, queries.LeaderboardQueryError) as exc:
         _fail(str(exc))
 
@@ -88,12 +88,14 @@ def leaderboard_command(
     method: str = typer.Option("mean", help="mean | median | rank-mean | test"),
     format: str = typer.Option("table", "--format", help="table | csv | json"),
     scope: str = typer.Option("published", help="published | all (organizers: unpublished results too)"),
+    protocol: Optional[str] = typer.Option(None, "--protocol", help="a protocol version of the test set, NAME@VERSION "
+                                           "(default: its current one)"),
 ) -> None:
     """The ranked leaderboard of a test set (what the leaderboard page shows)."""
     from services.leaderboard import queries
 
     board = _with_testset(testset, lambda s, ts: queries.leaderboard(s, ts, organ=organ, metric=metric, method=method,
-                                                                      scope=scope))
+                                                                      scope=scope), protocol)
     title = (f"{board['testset']} · {organ} · {metric.upper()} · ranked by {method} ({board['protocol_key']}, {scope}); "
              f"{board.get('statistics') or 'missing cases: ' + str(board.get('missing_policy'))}")
     _suppression_note(board, format, scope)
@@ -106,6 +108,8 @@ def stats_command(
     metric: str = typer.Option("dsc", help="dsc or nsd"),
     format: str = typer.Option("table", "--format", help="table | csv | json"),
     scope: str = typer.Option("published", help="published | all"),
+    protocol: Optional[str] = typer.Option(None, "--protocol", help="a protocol version of the test set, NAME@VERSION "
+                                           "(default: its current one)"),
 ) -> None:
     """Pairwise one-sided Wilcoxon p-values (Holm-adjusted) and bootstrap rank stability."""
     from services.leaderboard import queries
@@ -114,7 +118,7 @@ def stats_command(
         return {"significance": queries.significance(session, ts, organ=organ, metric=metric, scope=scope),
                 "stability": queries.stability(session, ts, organ=organ, metric=metric, method="mean", scope=scope)}
 
-    payload = _with_testset(testset, both)
+    payload = _with_testset(testset, both, protocol)
     pairs = [{**p, "a": p["a_label"], "b": p["b_label"]} for p in payload["significance"]["pairs"]]
     pair_columns = ["a", "b", "n_common", "mean_difference", "statistic", "p_value", "p_adjusted", "significant"]
     stab_columns = ["full_rank", "label", "median_rank", "rank_ci_low", "rank_ci_high", "mean_rank", "p_best"]
@@ -145,6 +149,8 @@ def export_command(
     format: str = typer.Option("csv", "--format", help="csv | parquet"),
     out: Path = typer.Option(..., "--out", help="output file"),
     scope: str = typer.Option("published", help="published | all"),
+    protocol: Optional[str] = typer.Option(None, "--protocol", help="a protocol version of the test set, NAME@VERSION "
+                                           "(default: its current one)"),
 ) -> None:
     """Export results (streamed from the database, never loaded whole)."""
     from services import exports
@@ -161,7 +167,7 @@ def export_command(
                 return exports.write(session, ts, level, format, handle, scope)
 
     try:
-        size = _with_testset(testset, run)
+        size = _with_testset(testset, run, protocol)
         tmp.replace(out)
     finally:
         tmp.unlink(missing_ok=True)

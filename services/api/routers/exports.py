@@ -33,6 +33,8 @@ def export(
     level: str = Query("case", description="case | hospital | subgroup"),
     format: str = Query("csv", description="csv | parquet"),
     scope: str = Query("published", description="published | all (organizers)"),
+    protocol: str | None = Query(None, max_length=200, description="a protocol version of the test set, "
+                                 "NAME@VERSION (default: its current one)"),
     db: Session = Depends(get_db),
     user: User = Depends(readers),
 ) -> StreamingResponse:
@@ -43,20 +45,18 @@ def export(
     if scope == "all" and user.role is not Role.organizer:
         raise ApiError(f"scope=all (unpublished results) is for organizers; you are {user.role.value}", 403)
     try:
-        ts = queries.get_testset(db, testset)
+        ts = queries.get_testset(db, testset, protocol)
     except queries.LeaderboardNotFound as exc:
         raise ApiError(str(exc), 404) from exc
-    testset_id = ts.id
-
     def body() -> Iterator[bytes]:
         # a session of its own: the request's session is closed once the endpoint returns
         session = request.app.state.sessionmaker()
         try:
-            yield from exports.stream(session, session.get(type(ts), testset_id), level, format, scope)
+            yield from exports.stream(session, queries.get_testset(session, testset, protocol), level, format, scope)
         finally:
             session.close()
 
-    filename = f"{ts.name}-{level}-{scope}.{format}".replace(" ", "_")
+    filename = f"{ts.name}-{ts.protocol_key}-{level}-{scope}.{format}".replace(" ", "_")
     return StreamingResponse(body(), media_type=exports.MEDIA_TYPES[format],
                              headers={"Content-Disposition": f'attachment; filename="{filename}"',
                                       "X-Touchstone-Protocol": ts.protocol_key})

@@ -38,6 +38,8 @@ router = APIRouter(prefix="/leaderboards", tags=["leaderboards"])
 ORGAN = Query("average", description="an organ name or 'average'")
 METRIC = Query("dsc", description="dsc or nsd")
 SCOPE = Query("published", description="published (anyone) or all (organizers)")
+PROTOCOL = Query(None, max_length=200, description="a protocol version of the test set, NAME@VERSION (default: its "
+                 "current one; GET /api/v1/leaderboards lists each test set's protocol_versions)")
 
 
 def _scope(scope: str, user: User | None) -> str:
@@ -52,9 +54,9 @@ def _scope(scope: str, user: User | None) -> str:
     return scope
 
 
-def _testset(db: Session, name: str) -> TestSet:
+def _testset(db: Session, name: str, protocol: str | None = None) -> TestSet:
     try:
-        return queries.get_testset(db, name)
+        return queries.get_testset(db, name, protocol)
     except queries.LeaderboardNotFound as exc:
         raise ApiError(str(exc), 404) from exc
 
@@ -88,49 +90,53 @@ def list_leaderboards(scope: str = SCOPE, db: Session = Depends(get_db),
 def read_leaderboard(
     testset: str, organ: str = ORGAN, metric: str = METRIC,
     method: str = Query("mean", description="mean | median | rank-mean | test"),
-    scope: str = SCOPE, db: Session = Depends(get_db), user: User | None = Depends(optional_user),
+    scope: str = SCOPE, protocol: str | None = PROTOCOL, db: Session = Depends(get_db),
+    user: User | None = Depends(optional_user),
 ) -> dict[str, Any]:
     """The ranked table of one organ (or the average), metric and ranking method."""
     scope = _scope(scope, user)
-    return _json(_run(queries.leaderboard, db, _testset(db, testset), organ=organ, metric=metric, method=method,
+    return _json(_run(queries.leaderboard, db, _testset(db, testset, protocol), organ=organ, metric=metric, method=method,
                       scope=scope))
 
 
 @router.get("/{testset}/significance")
 def read_significance(testset: str, organ: str = ORGAN, metric: str = METRIC, scope: str = SCOPE,
-                      db: Session = Depends(get_db), user: User | None = Depends(optional_user)) -> dict[str, Any]:
+                      protocol: str | None = PROTOCOL, db: Session = Depends(get_db),
+                      user: User | None = Depends(optional_user)) -> dict[str, Any]:
     """K x K Holm-adjusted p-values of one-sided paired Wilcoxon tests ("row better than column")."""
     scope = _scope(scope, user)
-    return _run(queries.significance, db, _testset(db, testset), organ=organ, metric=metric, scope=scope)
+    return _run(queries.significance, db, _testset(db, testset, protocol), organ=organ, metric=metric, scope=scope)
 
 
 @router.get("/{testset}/stability")
 def read_stability(
     testset: str, organ: str = ORGAN, metric: str = METRIC,
     method: str = Query("mean", description="mean | rank-mean"), scope: str = SCOPE,
-    db: Session = Depends(get_db), user: User | None = Depends(optional_user),
+    protocol: str | None = PROTOCOL, db: Session = Depends(get_db), user: User | None = Depends(optional_user),
 ) -> dict[str, Any]:
     """Bootstrap rank distribution per algorithm, median rank, 95 % interval, Kendall's tau."""
     scope = _scope(scope, user)
-    return _run(queries.stability, db, _testset(db, testset), organ=organ, metric=metric, method=method, scope=scope)
+    return _run(queries.stability, db, _testset(db, testset, protocol), organ=organ, metric=metric, method=method, scope=scope)
 
 
 @router.get("/{testset}/hospitals")
 def read_hospitals(testset: str, organ: str = ORGAN, metric: str = METRIC, scope: str = SCOPE,
-                   db: Session = Depends(get_db), user: User | None = Depends(optional_user)) -> dict[str, Any]:
+                   protocol: str | None = PROTOCOL, db: Session = Depends(get_db),
+                   user: User | None = Depends(optional_user)) -> dict[str, Any]:
     """Per-hospital aggregates of every submission in the scope."""
     scope = _scope(scope, user)
-    return _run(queries.breakdown, db, _testset(db, testset), variable="hospital", organ=organ, metric=metric,
+    return _run(queries.breakdown, db, _testset(db, testset, protocol), variable="hospital", organ=organ, metric=metric,
                 scope=scope)
 
 
 @router.get("/{testset}/subgroups/{variable}")
 def read_subgroups(testset: str, variable: str, organ: str = ORGAN, metric: str = METRIC, scope: str = SCOPE,
-                   db: Session = Depends(get_db), user: User | None = Depends(optional_user)) -> dict[str, Any]:
+                   protocol: str | None = PROTOCOL, db: Session = Depends(get_db),
+                   user: User | None = Depends(optional_user)) -> dict[str, Any]:
     """Per-group aggregates for ``variable`` (age_decade, sex, race, manufacturer, contrast_phase,
     diagnosis, hospital)."""
     scope = _scope(scope, user)
-    return _run(queries.breakdown, db, _testset(db, testset), variable=variable, organ=organ, metric=metric,
+    return _run(queries.breakdown, db, _testset(db, testset, protocol), variable=variable, organ=organ, metric=metric,
                 scope=scope)
 
 
@@ -149,10 +155,11 @@ def _visible_submission(db: Session, ts: TestSet, submission_id: int, user: User
 
 
 @router.get("/{testset}/submissions/{submission_id}")
-def read_submission_results(testset: str, submission_id: IdPath, db: Session = Depends(get_db),
+def read_submission_results(testset: str, submission_id: IdPath, protocol: str | None = PROTOCOL,
+                            db: Session = Depends(get_db),
                             user: User | None = Depends(optional_user)) -> dict[str, Any]:
     """A submission's aggregates per organ and metric and its ranks."""
-    ts = _testset(db, testset)
+    ts = _testset(db, testset, protocol)
     submission = _visible_submission(db, ts, submission_id, user)
     scopes = ("published", "all") if user is not None and user.role is Role.organizer else ("published",)
     return _json(queries.submission_summary(db, ts, submission, scopes=scopes))
@@ -161,7 +168,7 @@ def read_submission_results(testset: str, submission_id: IdPath, db: Session = D
 @router.get("/{testset}/submissions/{submission_id}/cases")
 def read_submission_cases(
     testset: str, submission_id: IdPath, organ: str | None = None,
-    offset: Offset = 0, limit: PageLimit10000 = 1000,
+    offset: Offset = 0, limit: PageLimit10000 = 1000, protocol: str | None = PROTOCOL,
     db: Session = Depends(get_db), user: User | None = Depends(optional_user),
 ) -> dict[str, Any]:
     """Per-case scores (with case metadata): organizers (every case), and analysts for published
@@ -171,7 +178,7 @@ def read_submission_cases(
                        headers={"WWW-Authenticate": "Bearer"})
     if user.role not in (Role.organizer, Role.analyst):
         raise ApiError(f"per-case results are for analysts and organizers; you are {user.role.value}", 403)
-    ts = _testset(db, testset)
+    ts = _testset(db, testset, protocol)
     submission = _visible_submission(db, ts, submission_id, user)
     query = (
         sa.select(Case.case_id, Case.hospital, Score.organ, Score.dsc, Score.nsd, Score.hd95, Score.assd, Score.status)
