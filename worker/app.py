@@ -38,6 +38,10 @@ from services.config import get_settings
 GPU_QUEUE = "gpu"
 CPU_QUEUE = "cpu"
 
+#: the modules whose tasks a worker registers (``touchstone.<task>``; routes in :func:`make_app`)
+TASK_MODULES = ["worker.validation", "worker.inference", "worker.scoring", "worker.finalize", "worker.reaper",
+                "worker.rescoring"]
+
 
 class WorkerSettings(BaseSettings):
     """Knobs of the execution layer (``TOUCHSTONE_WORKER_<FIELD>``); the service's settings say
@@ -45,6 +49,10 @@ class WorkerSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="TOUCHSTONE_WORKER_", env_file=None, extra="ignore")
 
+    #: the container runtime, a dotted path ``module:attribute`` to a
+    #: :class:`worker.runtime.base.ContainerRuntime` class (or a callable without arguments returning
+    #: one); made once per process by :func:`worker.runs.get_runtime`
+    runtime: str = "worker.runtime.docker:DockerRuntime"
     #: GPU device ids this worker process may use ("0,1"); empty: no GPU (CPU-only runs)
     gpus: str = ""
     #: seconds of start-up allowance per container run on top of time_per_case_s x cases
@@ -100,7 +108,8 @@ def make_app() -> Celery:
     settings = get_settings()
     wsettings = worker_settings()
     broker = str(settings.broker_url)
-    app = Celery("touchstone", broker=broker, include=["worker.tasks", "worker.rescoring"])
+    # the task modules, one per step, in the order a submission passes them (docs/execution.md)
+    app = Celery("touchstone", broker=broker, include=TASK_MODULES)
     transport_options = dict(settings.broker_transport_options())
     if broker.startswith("filesystem://"):
         transport_options["polling_interval"] = wsettings.polling_interval_s

@@ -1,7 +1,10 @@
-"""The database side of execution: locks, shards, score upserts and the completion rule.
+"""The database rules every step of the worker shares: locks, who owns a run (owner token,
+heartbeat), the exactly-once score insert, storage accounting, the completion rule
+(:func:`advance`) and failing a submission. What only one step needs (cutting shards, claiming a
+validation, CaseRuns, the reaper's queries) sits beside that step's task in
+:mod:`worker.validation`, :mod:`worker.inference`, :mod:`worker.reaper`.
 
-Everything here is plain SQLAlchemy on a caller's session, so the Celery tasks in
-:mod:`worker.tasks` stay thin and this module is unit-tested on SQLite without a broker.
+Everything here is plain SQLAlchemy on a caller's session, unit-tested on SQLite without a broker.
 
 Locking, portable to SQLite and PostgreSQL: :func:`lock_submission` / :func:`lock_shard` start the
 transaction with an ``UPDATE`` of the row. On PostgreSQL that takes the row lock (a concurrent
@@ -19,7 +22,8 @@ from __future__ import annotations
 import datetime as dt
 import os
 import socket
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
@@ -27,11 +31,10 @@ from sqlalchemy.orm import Session
 from services.db.base import finite_or_none, utcnow
 from services.db.enums import FailureCode, ShardState
 from services.db.enums import SubmissionState as S
-from services.db.models import Case, CaseRun, Score, Shard, Submission, TestSet
-from services.db.states import SHARD_TERMINAL, close_open_shards, transition
+from services.db.models import Case, Score, Shard, Submission, TestSet
+from services.db.states import SHARD_OPEN, UNFINISHED, close_open_shards, transition
 from evaluation.scoring import ScoreRow
 
-TERMINAL_SHARD_STATES = SHARD_TERMINAL
 #: submission states in which inference work may go on
 ACTIVE_STATES = frozenset({S.queued, S.running, S.evaluating})
 
@@ -62,46 +65,8 @@ def lock_shard(session: Session, shard_id: int) -> Shard | None:
 
 
 # --------------------------------------------------------------------------------------------
-# shards
+# scores
 # --------------------------------------------------------------------------------------------
-def cut_into_shards(case_ids: Sequence[str], shard_size: int) -> list[list[str]]:
-    """Consecutive slices of at most ``shard_size`` cases (the last one may be shorter).
-
-    ``shard_size == 1`` gives one container run per case (efficiency tracks)."""
-    if shard_size < 1:
-        raise ValueError(f"shard size must be at least 1, got {shard_size}")
-    return [list(case_ids[i : i + shard_size]) for i in range(0, len(case_ids), shard_size)]
-
-
-def hidden_cases(session: Session, testset_id: int) -> list[Case]:
-    """The cases a submission is scored on: every case of the test set outside the public sample."""
-    return list(session.scalars(
-        sa.select(Case).where(Case.testset_id == testset_id, Case.public_sample.is_(False)).order_by(Case.id)
-    ))
-
-
-def public_cases(session: Session, testset_id: int) -> list[Case]:
-    return list(session.scalars(
-        sa.select(Case).where(Case.testset_id == testset_id, Case.public_sample.is_(True)).order_by(Case.id)
-    ))
-
-
-def create_shards(session: Session, submission: Submission, testset: TestSet) -> list[Shard]:
-    """Create the submission's shards over its hidden cases (idempotent: existing shards are
-    returned as they are, e.g. after an organizer re-run)."""
-    existing = list(session.scalars(sa.select(Shard).where(Shard.submission_id == submission.id).order_by(Shard.index)))
-    if existing:
-        return existing
-    case_ids = [case.case_id for case in hidden_cases(session, testset.id)]
-    shards = [
-        Shard(submission_id=submission.id, index=i, case_ids=ids, state=ShardState.pending, attempts=0)
-        for i, ids in enumerate(cut_into_shards(case_ids, testset.shard_size))
-    ]
-    session.add_all(shards)
-    session.flush()
-    return shards
-
-
 def scored_case_pks(session: Session, submission_id: int, protocol_key: str,
                     case_pks: Iterable[int] | None = None) -> set[int]:
     """Primary keys of the cases of ``submission_id`` that have scores under ``protocol_key``."""
@@ -112,13 +77,34 @@ def scored_case_pks(session: Session, submission_id: int, protocol_key: str,
     return set(session.scalars(query))
 
 
-def cases_by_id(session: Session, testset_id: int, case_ids: Sequence[str]) -> dict[str, Case]:
-    rows = session.scalars(sa.select(Case).where(Case.testset_id == testset_id, Case.case_id.in_(list(case_ids))))
-    return {case.case_id: case for case in rows}
+def insert_scores_ignore(session: Session, submission_id: int, case_pk: int, protocol_key: str,
+                         rows: Iterable[ScoreRow]) -> int:
+    """Insert one case's score rows (:class:`evaluation.scoring.ScoreRow`; units mm for hd95/assd),
+    ignoring any that already exist under the UNIQUE key; returns how many rows were new.
+    ``INSERT ... ON CONFLICT DO NOTHING`` on both SQLite and PostgreSQL."""
+    values = [
+        {"submission_id": submission_id, "case_id": case_pk, "organ": r.organ, "protocol_key": protocol_key,
+         **{metric: finite_or_none(getattr(r, metric)) for metric in ("dsc", "nsd", "hd95", "assd")},
+         "status": (r.status or "ok")[:32], "detail": r.detail or None}
+        for r in rows
+    ]
+    if not values:
+        return 0
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    elif dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    else:  # pragma: no cover - only the two supported databases
+        raise RuntimeError(f"unsupported database {dialect!r}")
+    statement = insert(Score).values(values).on_conflict_do_nothing(
+        index_elements=["submission_id", "case_id", "organ", "protocol_key"]
+    )
+    return session.execute(statement).rowcount or 0
 
 
 # --------------------------------------------------------------------------------------------
-# ownership of a running shard
+# ownership of a run (a shard, or a submission's validation run)
 # --------------------------------------------------------------------------------------------
 def owner_token() -> str:
     """``host:pid`` of this process: who runs a shard."""
@@ -174,74 +160,14 @@ def _beat(session: Session, table, row_id: int, owner: str, still_running) -> bo
     return result.rowcount == 1
 
 
-def stale_shards(session: Session, now: dt.datetime, stale_after_s: float) -> list[int]:
-    """Running shards whose heartbeat is older than ``stale_after_s`` (candidates for the reaper)."""
-    cutoff = now - dt.timedelta(seconds=stale_after_s)
-    heartbeat = sa.func.coalesce(Shard.heartbeat_at, Shard.started_at)
-    return list(session.scalars(
-        sa.select(Shard.id).where(Shard.state == ShardState.running, sa.or_(heartbeat.is_(None), heartbeat < cutoff))
-        .order_by(Shard.id)
-    ))
-
-
-# --------------------------------------------------------------------------------------------
-# validation runs: an owner and a heartbeat, like shards
-# --------------------------------------------------------------------------------------------
-def claim_validation(submission: Submission, owner: str, now: dt.datetime) -> int:
-    """Make ``owner`` the worker running the (locked) submission's validation; returns the attempt."""
-    submission.worker_hostname = owner
-    submission.heartbeat_at = now
-    submission.validation_attempts = (submission.validation_attempts or 0) + 1
-    return submission.validation_attempts
-
-
-def release_validation(submission: Submission, now: dt.datetime) -> None:
-    submission.worker_hostname = None
-    submission.heartbeat_at = now
-
-
 def beat_validation(session: Session, submission_id: int, owner: str) -> bool:
     """Heartbeat of a validation run this process runs; False when it is no longer ours."""
     return _beat(session, Submission, submission_id, owner, Submission.state == S.validating)
 
 
-def stale_validations(session: Session, now: dt.datetime, stale_after_s: float) -> list[int]:
-    """Validating submissions claimed by a worker whose heartbeat is older than ``stale_after_s``."""
-    cutoff = now - dt.timedelta(seconds=stale_after_s)
-    heartbeat = sa.func.coalesce(Submission.heartbeat_at, Submission.validating_at)
-    return list(session.scalars(
-        sa.select(Submission.id).where(Submission.state == S.validating, Submission.worker_hostname.is_not(None),
-                                       sa.or_(heartbeat.is_(None), heartbeat < cutoff))
-        .order_by(Submission.id)
-    ))
-
-
-def quiet_validations(session: Session, now: dt.datetime, quiet_s: float) -> list[int]:
-    """Validating submissions nobody claimed and nothing touched for ``quiet_s`` seconds (a lost
-    message)."""
-    cutoff = now - dt.timedelta(seconds=quiet_s)
-    touched = sa.func.coalesce(Submission.heartbeat_at, Submission.validating_at)
-    return list(session.scalars(
-        sa.select(Submission.id).where(Submission.state == S.validating, Submission.worker_hostname.is_(None),
-                                       sa.or_(touched.is_(None), touched < cutoff))
-        .order_by(Submission.id)
-    ))
-
-
-def ended_submissions_holding_files(session: Session, now: dt.datetime, grace_s: float) -> list[int]:
-    """Failed or cancelled submissions that ended more than ``grace_s`` seconds ago and still hold
-    bytes in storage (an uploaded tarball, or outputs of their runs)."""
-    cutoff = now - dt.timedelta(seconds=grace_s)
-    ended_at = sa.func.coalesce(Submission.failed_at, Submission.cancelled_at, Submission.updated_at)
-    return list(session.scalars(
-        sa.select(Submission.id).where(
-            Submission.state.in_([S.failed, S.cancelled]), Submission.is_baseline.is_(False), ended_at < cutoff,
-            sa.or_(sa.and_(Submission.image_path.is_not(None), Submission.image_deleted_at.is_(None)),
-                   Submission.storage_bytes > 0))
-        .order_by(Submission.id)
-    ))
-
-
+# --------------------------------------------------------------------------------------------
+# storage
+# --------------------------------------------------------------------------------------------
 def add_storage_bytes(session: Session, submission_id: int, delta: int) -> None:
     """Add ``delta`` (negative: a deletion) to the bytes a submission holds; never below zero."""
     if not delta:
@@ -255,56 +181,13 @@ def add_storage_bytes(session: Session, submission_id: int, delta: int) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# scores
-# --------------------------------------------------------------------------------------------
-def insert_scores_ignore(session: Session, submission_id: int, case_pk: int, protocol_key: str,
-                         rows: Iterable[ScoreRow]) -> int:
-    """Insert one case's score rows (:class:`evaluation.scoring.ScoreRow`; units mm for hd95/assd),
-    ignoring any that already exist under the UNIQUE key; returns how many rows were new.
-    ``INSERT ... ON CONFLICT DO NOTHING`` on both SQLite and PostgreSQL."""
-    values = [
-        {"submission_id": submission_id, "case_id": case_pk, "organ": r.organ, "protocol_key": protocol_key,
-         **{metric: finite_or_none(getattr(r, metric)) for metric in ("dsc", "nsd", "hd95", "assd")},
-         "status": (r.status or "ok")[:32], "detail": r.detail or None}
-        for r in rows
-    ]
-    if not values:
-        return 0
-    dialect = session.get_bind().dialect.name
-    if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    elif dialect == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert
-    else:  # pragma: no cover - only the two supported databases
-        raise RuntimeError(f"unsupported database {dialect!r}")
-    statement = insert(Score).values(values).on_conflict_do_nothing(
-        index_elements=["submission_id", "case_id", "organ", "protocol_key"]
-    )
-    return session.execute(statement).rowcount or 0
-
-
-def upsert_case_run(session: Session, submission_id: int, case_pk: int, shard_id: int | None,
-                    status: str, detail: str | None, wall_seconds: float | None) -> CaseRun:
-    """The one CaseRun of (submission, case): created, or overwritten by a later attempt."""
-    run = session.scalar(sa.select(CaseRun).where(CaseRun.submission_id == submission_id, CaseRun.case_id == case_pk))
-    if run is None:
-        run = CaseRun(submission_id=submission_id, case_id=case_pk)
-        session.add(run)
-    run.shard_id = shard_id
-    run.status = status
-    run.detail = detail
-    run.wall_seconds = wall_seconds
-    return run
-
-
-# --------------------------------------------------------------------------------------------
 # completion
 # --------------------------------------------------------------------------------------------
 def open_shards(session: Session, submission_id: int) -> int:
     """Shards still pending or running."""
     return session.scalar(
         sa.select(sa.func.count(Shard.id)).where(Shard.submission_id == submission_id,
-                                                 Shard.state.in_([ShardState.pending, ShardState.running]))
+                                                 Shard.state.in_(list(SHARD_OPEN)))
     ) or 0
 
 
@@ -344,9 +227,27 @@ def fail_submission(session: Session, submission: Submission, reason: str,
                     code: FailureCode | str = FailureCode.OTHER) -> bool:
     """Fail an unfinished submission with ``reason`` and its ``code`` (stored beside it; False when
     it is already finished or cancelled); its open shards become cancelled."""
-    if S(submission.state) not in (S.received, S.validating, S.queued, S.running, S.evaluating):
+    if S(submission.state) not in UNFINISHED:
         return False
     transition(submission, S.failed, reason=reason, code=code)
     close_open_shards(session, submission.id, ShardState.cancelled)
     return True
 
+
+def submission_progress(submission_id: int) -> dict[str, Any]:
+    """Where a submission's execution stands (the pipeline tests and benchmarks poll it): state,
+    failure reason and code, shard states by index, and the number of score rows on hidden cases."""
+    from services.db.session import session_scope
+
+    with session_scope() as session:
+        sub = session.get(Submission, submission_id)
+        if sub is None:
+            return {}
+        shards = list(session.scalars(sa.select(Shard).where(Shard.submission_id == submission_id)))
+        n_scores = session.scalar(
+            sa.select(sa.func.count(Score.id)).join(Case, Case.id == Score.case_id)
+            .where(Score.submission_id == submission_id, Case.public_sample.is_(False))
+        ) or 0
+        return {"state": sub.state.value, "failure_reason": sub.failure_reason, "failure_code": sub.failure_code,
+                "shards": {s.index: s.state.value for s in shards}, "scores": n_scores,
+                "at": dt.datetime.now(dt.timezone.utc).isoformat()}

@@ -65,7 +65,7 @@ class FailureCode(str, enum.Enum):
     IMAGE_LOAD_FAILED = "image_load_failed"
     CANCELLED = "cancelled"
     RUNTIME_ERROR = "runtime_error"
-    # the pipeline around it (worker/tasks.py)
+    # the pipeline around it (worker/validation.py, worker/inference.py, worker/scoring.py, worker/reaper.py)
     ATTEMPTS_EXHAUSTED = "attempts_exhausted"  # a shard used up its attempts
     WORKER_LOST = "worker_lost"  # the worker running a validation stopped answering
     INFRASTRUCTURE = "infrastructure"  # our side (engine, lost workers); not the image's fault

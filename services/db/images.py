@@ -13,7 +13,7 @@ team uploaded, another team's digest, an unknown digest, a registry nobody confi
 with one wording (:data:`REFUSAL`), so a refusal never confirms that another team's image exists.
 Image digests stay public on the leaderboard (provenance); this rule makes them useless for running.
 
-Intake (``services/api/intake.py``) and the worker (``worker/tasks.py``, before anything runs) both
+Intake (``services/api/intake.py``) and the worker (``worker/runs.py::ensure_image``, before anything runs) both
 call :func:`image_ref_allowed` / :func:`team_owns_image`: the second check is defence in depth.
 """
 

@@ -292,12 +292,12 @@ class Stack:
     def wait(self, submission_id: int, until: set[str] = FINISHED, timeout: float = 180,
              seen: list[str] | None = None) -> dict:
         """Poll the submission until its state is in ``until``; returns its summary."""
-        from worker.tasks import submission_summary
+        from worker.pipeline import submission_progress
 
         deadline = time.monotonic() + timeout
         summary: dict = {}
         while time.monotonic() < deadline:
-            summary = submission_summary(submission_id)
+            summary = submission_progress(submission_id)
             if seen is not None and (not seen or seen[-1] != summary["state"]):
                 seen.append(summary["state"])
             if summary["state"] in until:

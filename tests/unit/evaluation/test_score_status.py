@@ -82,7 +82,8 @@ def test_status_from_the_scorer(tmp_path, gt, status):
 def test_status_invalid_prediction_from_the_output_check(tmp_path):
     """invalid_prediction: the worker's safety check refused the case unread (here: a symbolic
     link); the scorer's worst rows carry the status and count as failures."""
-    from worker import tasks
+    from evaluation.scoring import worst_rows
+    from worker.inference import case_statuses
     from worker.outputs import check_outputs
 
     case_dir = tmp_path / "out" / "c0"
@@ -90,14 +91,10 @@ def test_status_invalid_prediction_from_the_output_check(tmp_path):
     (case_dir / "combined_labels.nii.gz").symlink_to("/etc/passwd")
     out = check_outputs(tmp_path / "out", ["c0"]).cases["c0"]
     assert out.status == "invalid" and "symbolic link" in out.reason
-    run_status, status = tasks._case_status(out.status, None)
+    run_status, status = case_statuses(out.status, None)
     assert (run_status, status) == ("invalid_output", ScoreStatus.INVALID_PREDICTION)
     protocol = load_protocol("touchstone")
-
-    class _Case:
-        case_id = "c0"
-
-    rows = tasks.worst_rows(_Case(), protocol, status, out.reason)
+    rows = worst_rows("c0", protocol, status, out.reason)
     assert {r.status for r in rows} == {"invalid_prediction"} and all(r.failed and is_failure(r.status) for r in rows)
     assert all(r.dsc == protocol.worst["dsc"] for r in rows)
 

@@ -94,8 +94,8 @@ class WritingRuntime(ContainerRuntime):
 
 @pytest.fixture
 def env(tasks_env):
-    """The recorded task sends (tests/unit/worker/conftest.py::tasks_env)."""
-    return tasks_env["sent"]
+    """tests/unit/worker/conftest.py::tasks_env."""
+    return tasks_env
 
 
 @pytest.fixture(scope="module")
@@ -133,17 +133,17 @@ def _world(gt_root: Path, cases: dict, public: str) -> int:
 
 def _run_service(sent: list, submission_id: int) -> str:
     """validate_run, then every infer_shard and score message it leads to, in this process."""
-    from worker import tasks
+    from worker import finalize, inference, scoring, validation
 
-    outcome = tasks.validate_run(submission_id)
+    outcome = validation.validate_run(submission_id)
     while sent:
         name, args = sent.pop(0)
         if name == "touchstone.infer_shard":
-            tasks.infer_shard(*args)
+            inference.infer_shard(*args)
         elif name == "touchstone.score":
-            tasks.score(*args)
+            scoring.score(*args)
         elif name == "touchstone.finalize":
-            tasks.finalize(*args)
+            finalize.finalize(*args)
     return outcome
 
 
@@ -175,15 +175,15 @@ def _cli_rows(gt_root: Path, pred_root: Path, out: Path) -> dict[tuple[str, str]
 
 
 def test_service_and_cli_give_one_folder_identical_rows(env, phantoms, tmp_path):
-    from worker import tasks
+    from worker import finalize, inference, scoring, validation
 
     gt_root, cases = phantoms
     ids = sorted(cases)
     kinds = {ids[0]: "missing_organ", ids[1]: "bad_organ_and_missing_organ", ids[2]: "geometry_mismatch",
              ids[3]: "bad_labels_one_organ"}
-    tasks.set_runtime(WritingRuntime(cases, kinds))
+    env["use_runtime"](WritingRuntime(cases, kinds))
     submission_id = _world(gt_root, cases, public=ids[0])
-    assert _run_service(env, submission_id) == "queued 2 shard(s)"
+    assert _run_service(env["sent"], submission_id) == "queued 2 shard(s)"
     service = _service_rows(submission_id)
 
     pred_root = tmp_path / "pred"
@@ -211,14 +211,14 @@ def test_service_and_cli_give_one_folder_identical_rows(env, phantoms, tmp_path)
 
 def test_a_public_case_the_scorer_refuses_fails_the_validation_with_its_code(env, phantoms):
     from services.db.session import session_scope
-    from worker import tasks
+    from worker import finalize, inference, scoring, validation
 
     gt_root, cases = phantoms
     ids = sorted(cases)
     kinds = dict.fromkeys(ids, "perfect") | {ids[0]: "bad_organ_and_missing_organ"}
-    tasks.set_runtime(WritingRuntime(cases, kinds))
+    env["use_runtime"](WritingRuntime(cases, kinds))
     submission_id = _world(gt_root, cases, public=ids[0])
-    assert _run_service(env, submission_id) == "failed: invalid_output"
+    assert _run_service(env["sent"], submission_id) == "failed: invalid_output"
     with session_scope() as session:
         sub = session.get(Submission, submission_id)
         assert sub.state is S.failed and sub.failure_code == FailureCode.INVALID_OUTPUT.value

@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from services.db.enums import Role, ShardState
 from services.db.enums import SubmissionState as S
 from services.db.models import Algorithm, Case, Score, Shard, Submission, Team, TestSet, User
-from worker import pipeline
+from worker import pipeline, reaper, validation
 from evaluation.scoring import ScoreRow
 
 
@@ -44,18 +44,18 @@ def _setup(db, n_hidden=5, n_public=1, shard_size=2):
 
 
 def test_cut_into_shards():
-    assert pipeline.cut_into_shards(["a", "b", "c", "d", "e"], 2) == [["a", "b"], ["c", "d"], ["e"]]
-    assert pipeline.cut_into_shards(["a", "b"], 1) == [["a"], ["b"]]
-    assert pipeline.cut_into_shards([], 3) == []
+    assert validation.cut_into_shards(["a", "b", "c", "d", "e"], 2) == [["a", "b"], ["c", "d"], ["e"]]
+    assert validation.cut_into_shards(["a", "b"], 1) == [["a"], ["b"]]
+    assert validation.cut_into_shards([], 3) == []
     with pytest.raises(ValueError):
-        pipeline.cut_into_shards(["a"], 0)
+        validation.cut_into_shards(["a"], 0)
 
 
 def test_shards_cover_hidden_cases_once_and_are_idempotent(session):
     sub, testset = _setup(session, n_hidden=5, shard_size=2)
-    shards = pipeline.create_shards(session, sub, testset)
+    shards = validation.create_shards(session, sub, testset)
     assert [s.case_ids for s in shards] == [["c0", "c1"], ["c2", "c3"], ["c4"]]  # c5 is public
-    again = pipeline.create_shards(session, sub, testset)
+    again = validation.create_shards(session, sub, testset)
     assert [s.id for s in again] == [s.id for s in shards]
 
 
@@ -77,7 +77,7 @@ def test_scores_insert_ignore_on_the_unique_key(session):
 
 def test_advance_walks_the_state_machine_and_waits_for_scores(session):
     sub, testset = _setup(session, n_hidden=2, shard_size=2)
-    (shard,) = pipeline.create_shards(session, sub, testset)
+    (shard,) = validation.create_shards(session, sub, testset)
     sub = pipeline.lock_submission(session, sub.id)
     assert pipeline.advance(session, sub) is False and sub.state is S.queued  # a shard is pending
     shard.state = ShardState.succeeded
@@ -105,20 +105,20 @@ def test_owner_is_gone():
 
 def test_stale_shards_and_heartbeat(session):
     sub, testset = _setup(session, n_hidden=2, shard_size=1)
-    a, b = pipeline.create_shards(session, sub, testset)
+    a, b = validation.create_shards(session, sub, testset)
     now = dt.datetime.now(dt.timezone.utc)
     a.state, a.worker_hostname, a.heartbeat_at = ShardState.running, "me:1", now - dt.timedelta(seconds=60)
     b.state, b.worker_hostname, b.heartbeat_at = ShardState.running, "me:2", now
     session.commit()
-    assert pipeline.stale_shards(session, now, 30) == [a.id]
+    assert reaper.stale_shards(session, now, 30) == [a.id]
     assert pipeline.beat(session, a.id, "me:1") is True
-    assert pipeline.stale_shards(session, dt.datetime.now(dt.timezone.utc), 30) == []
+    assert reaper.stale_shards(session, dt.datetime.now(dt.timezone.utc), 30) == []
     assert pipeline.beat(session, a.id, "someone-else:3") is False  # reaped and given away: not ours
 
 
 def test_fail_submission_closes_open_shards(session):
     sub, testset = _setup(session, n_hidden=3, shard_size=1)
-    shards = pipeline.create_shards(session, sub, testset)
+    shards = validation.create_shards(session, sub, testset)
     shards[0].state = ShardState.succeeded
     session.commit()
     assert pipeline.fail_submission(session, sub, "because") is True

@@ -142,12 +142,12 @@ def _get(submission_id: int) -> Submission:
 ])
 def test_an_image_of_another_team_or_a_local_tag_never_runs(env, tmp_path, image_ref):
     from services.db.images import REFUSAL
-    from worker import tasks
+    from worker import reaper, runs, validation
 
     runtime = FakeRuntime(local=[DIGEST_B])
-    tasks.set_runtime(runtime)
+    env["use_runtime"](runtime)
     submission_id = _submission(tmp_path, image_ref=image_ref)
-    assert tasks.validate_run(submission_id) == "failed: image_load_failed"
+    assert validation.validate_run(submission_id) == "failed: image_load_failed"
     assert runtime.runs == []  # never reached runtime.run
     assert not [c for c in runtime.calls if c[0] in ("inspect", "pull")]  # nothing resolved on the engine
     sub = _get(submission_id)
@@ -156,16 +156,16 @@ def test_an_image_of_another_team_or_a_local_tag_never_runs(env, tmp_path, image
     assert "B" not in sub.failure_reason.split("registries")[0]  # names no other team's image
     # the cpu half of validation refuses it the same way
     submission_id = _submission(tmp_path, image_ref=image_ref)
-    assert tasks.validate(submission_id) == "failed: image_load_failed"
+    assert validation.validate(submission_id) == "failed: image_load_failed"
     assert runtime.runs == [] and not [c for c in runtime.calls if c[0] in ("inspect", "pull")]
 
 
 def test_own_digest_is_inspected_by_digest_and_an_allowed_registry_is_pulled_exactly(env, tmp_path):
     from services.db.session import session_scope
-    from worker import tasks
+    from worker import reaper, runs, validation
 
     runtime = FakeRuntime(local=[DIGEST_B])
-    tasks.set_runtime(runtime)
+    env["use_runtime"](runtime)
     with session_scope() as session:
         _world(session, tmp_path)
         team_b = session.scalar(sa.select(Team).where(Team.name == "B"))
@@ -176,19 +176,19 @@ def test_own_digest_is_inspected_by_digest_and_an_allowed_registry_is_pulled_exa
         session.add(own)
         session.flush()
         own_id = own.id
-    source = tasks._image_source(_get(own_id))
-    assert tasks.ensure_image(runtime, source).image_id == DIGEST_B
+    source = runs.ImageSource.of(_get(own_id))
+    assert runs.ensure_image(runtime, source).image_id == DIGEST_B
     assert runtime.calls == [("inspect", DIGEST_B)]
     runtime.calls.clear()
     pulled_id = _submission(tmp_path, image_ref="registry.example.org/team-a/seg:1.2")
-    info = tasks.ensure_image(runtime, tasks._image_source(_get(pulled_id)))
+    info = runs.ensure_image(runtime, runs.ImageSource.of(_get(pulled_id)))
     assert runtime.calls == [("pull", "registry.example.org/team-a/seg:1.2")]
     assert info.image_id == "sha256:" + "c" * 64
     # a registry nobody configured is refused without a pull
     runtime.calls.clear()
     other = _submission(tmp_path, image_ref="evil.example.com/x:1")
     with pytest.raises(ImageRejected) as refused:
-        tasks.ensure_image(runtime, tasks._image_source(_get(other)))
+        runs.ensure_image(runtime, runs.ImageSource.of(_get(other)))
     assert refused.value.reason.code is FailureCode.IMAGE_LOAD_FAILED and runtime.calls == []
 
 
@@ -196,22 +196,22 @@ def test_a_failure_reason_names_no_server_path(env, tmp_path):
     """A missing upload (the real Docker runtime's tarball check) is explained without the
     storage path; so is the validation log."""
     from services.config import get_settings
-    from worker import tasks
+    from worker import reaper, runs, validation
     from worker.runtime.docker import DockerRuntime
 
-    tasks.set_runtime(DockerRuntime(client=object(), deployment_id="unit"))  # never reaches the engine
+    env["use_runtime"](DockerRuntime(client=object(), deployment_id="unit"))  # never reaches the engine
     submission_id = _submission(tmp_path, image_path="uploads/team-a/missing.tar", image_sha256="2" * 64)
-    assert tasks.validate(submission_id).startswith("failed")
+    assert validation.validate(submission_id).startswith("failed")
     sub = _get(submission_id)
     root = str(get_settings().storage_dir)
     assert sub.state is S.failed and sub.failure_reason
     for text in (sub.failure_reason, sub.validation_log or ""):
         assert root not in text and str(os.path.realpath(root)) not in text and "uploads/team-a" not in text
-    assert tasks._public(f"cannot read {os.path.realpath(root)}/runs/x") == "cannot read <storage>/runs/x"
+    assert runs.public_text(f"cannot read {os.path.realpath(root)}/runs/x") == "cannot read <storage>/runs/x"
 
 
 def test_engine_error_in_a_validation_run_is_retried_then_fails_outside_the_quota(env, tmp_path, monkeypatch):
-    from worker import tasks
+    from worker import reaper, runs, validation
     from worker.app import worker_settings
 
     countdowns: list[float] = []
@@ -220,23 +220,23 @@ def test_engine_error_in_a_validation_run_is_retried_then_fails_outside_the_quot
         countdowns.append(countdown)
         return Retry("retry", None)
 
-    monkeypatch.setattr(tasks.validate_run, "retry", retry)
+    monkeypatch.setattr(validation.validate_run, "retry", retry)
     runtime = FakeRuntime(local=[DIGEST_B], run_error=requests.exceptions.ConnectionError("engine gone"))
-    tasks.set_runtime(runtime)
+    env["use_runtime"](runtime)
     # an uploaded image of team A itself (digest recorded by the cpu half of validation)
     digest_a = "sha256:" + "a" * 64
     runtime.local[digest_a] = _info(digest_a)
     submission_id = _submission(tmp_path, image_path="uploads/a.tar", image_sha256="3" * 64, image_digest=digest_a)
     for attempt in range(1, worker_settings().max_attempts):
         with pytest.raises(Retry):
-            tasks.validate_run(submission_id)
+            validation.validate_run(submission_id)
         assert countdowns[-1] > 0
         sub = _get(submission_id)
         assert sub.state is S.validating and sub.validation_attempts == attempt
         assert sub.worker_hostname is None and sub.heartbeat_at is not None  # the claim was given back
         # every attempt first removed what a dead attempt left behind (by label)
         assert ("leftovers", f"{submission_id}/validation") in runtime.calls
-    assert tasks.validate_run(submission_id) == "failed: infrastructure"  # the last attempt
+    assert validation.validate_run(submission_id) == "failed: infrastructure"  # the last attempt
     sub = _get(submission_id)
     assert sub.state is S.failed and sub.counts_against_quota is False
     assert "does not count against your team's quota" in sub.failure_reason
@@ -247,7 +247,7 @@ def test_engine_error_in_a_validation_run_is_retried_then_fails_outside_the_quot
 
 
 def test_reaper_retries_a_validation_whose_worker_vanished_and_fails_it_after_max_attempts(env, tmp_path):
-    from worker import tasks
+    from worker import reaper, runs, validation
     from worker.app import worker_settings
 
     old = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=worker_settings().stale_after_s + 60)
@@ -257,7 +257,7 @@ def test_reaper_retries_a_validation_whose_worker_vanished_and_fails_it_after_ma
                        validation_attempts=worker_settings().max_attempts)
     fresh = _submission(tmp_path, image_path="uploads/3.tar", worker_hostname="busy-host:3",
                         heartbeat_at=dt.datetime.now(dt.timezone.utc), validation_attempts=1)
-    tasks.reap()
+    reaper.reap()
     assert ("touchstone.validate_run", [first]) in env["sent"]
     assert _get(first).state is S.validating and _get(first).worker_hostname is None
     failed = _get(last)
@@ -269,7 +269,7 @@ def test_reaper_retries_a_validation_whose_worker_vanished_and_fails_it_after_ma
 
 def test_reaper_deletes_failed_validation_tarballs_after_the_grace(env, tmp_path, monkeypatch):
     from services.config import get_settings
-    from worker import tasks
+    from worker import reaper, runs, validation
 
     monkeypatch.setenv("TOUCHSTONE_FAILED_TARBALL_GRACE_S", "60")
     get_settings.cache_clear()
@@ -283,7 +283,7 @@ def test_reaper_deletes_failed_validation_tarballs_after_the_grace(env, tmp_path
                                 validating_at=now - dt.timedelta(seconds=failed_ago + 10),
                                 failed_at=now - dt.timedelta(seconds=failed_ago), storage_bytes=1000,
                                 failure_reason="Validation on the public sample failed: x")
-    tasks.reap()
+    reaper.reap()
     old, recent = _get(ids["old"]), _get(ids["recent"])
     assert old.image_path is None and old.image_deleted_at is not None and old.storage_bytes == 0
     assert not (storage / "uploads" / "old.tar").exists()
@@ -295,7 +295,7 @@ def test_reaper_reclaims_cancelled_and_late_failed_submissions(env, tmp_path, mo
     """Found by review: outputs kept from finished shards of a cancelled (or later failed)
     submission, and its tarball, stayed on disk and in the team's storage for ever."""
     from services.config import get_settings
-    from worker import tasks
+    from worker import reaper, runs, validation
 
     monkeypatch.setenv("TOUCHSTONE_FAILED_TARBALL_GRACE_S", "60")
     get_settings.cache_clear()
@@ -313,7 +313,7 @@ def test_reaper_reclaims_cancelled_and_late_failed_submissions(env, tmp_path, mo
         out.mkdir(parents=True)
         for i in range(3):
             (out / f"f{i}.bin").write_bytes(b"y" * 500)
-    tasks.reap()
+    reaper.reap()
     for name in ("cancelled", "late"):
         sub = _get(ids[name])
         assert sub.image_path is None and sub.image_deleted_at is not None and sub.storage_bytes == 0, name
@@ -322,4 +322,4 @@ def test_reaper_reclaims_cancelled_and_late_failed_submissions(env, tmp_path, mo
     scored = _get(ids["scored"])  # kept: its predictions are the record of a scored result
     assert scored.storage_bytes == 2500 and (storage / "runs" / f"submission-{ids['scored']}").exists()
     # a second pass has nothing to do, and writes nothing more to the audit log
-    assert "reclaimed" in tasks.reap() and "storage of 0 ended" in tasks.reap()
+    assert "reclaimed" in reaper.reap() and "storage of 0 ended" in reaper.reap()

@@ -121,4 +121,5 @@ SubmissionLogs(state=submission.state)
 def test_the_scan_covers_the_writers():
     """The files that once assigned states directly are among the scanned ones."""
     names = {p.relative_to(ROOT).as_posix() for p in _sources()}
-    assert {"worker/tasks.py", "worker/pipeline.py", "services/importers.py", "services/submissions.py"} <= names
+    assert {"worker/validation.py", "worker/inference.py", "worker/reaper.py", "worker/pipeline.py",
+            "services/importers.py", "services/submissions.py"} <= names
