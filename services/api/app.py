@@ -15,7 +15,7 @@ from sqlalchemy.orm import sessionmaker
 
 from services.api.errors import ERROR_RESPONSES, install_error_handlers
 from services.api.middleware import BodyLimitMiddleware, SecurityHeadersMiddleware
-from services.api.routers import algorithms, exports, leaderboard, results, submissions, testsets, users
+from services.api.routers import algorithms, exports, leaderboard, rescoring, results, submissions, testsets, users
 from services.config import Settings, get_settings
 from services.observability import configure_logging
 from services.db.session import get_engine
@@ -61,7 +61,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    for module in (users, testsets, algorithms, submissions, results, leaderboard, exports):
+    for module in (users, testsets, rescoring, algorithms, submissions, results, leaderboard, exports):
         api.include_router(module.router)
     app.include_router(api)
     from services.web import pages  # the server-rendered leaderboard pages and their static files

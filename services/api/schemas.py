@@ -122,6 +122,9 @@ class TestSetUpdate(In):
     stats_options: dict[str, str | bool] | None = Field(
         None, description="zero_method, continuity, test_method, correction, test_correction, family, ci_method")
     subgroup_variables: list[Annotated[str, Field(max_length=100)]] | None = Field(None, max_length=50)
+    #: services.rescoring.set_prediction_retention
+    prediction_retention: str | None = Field(
+        None, max_length=20, description="how long predictions are kept for re-scoring: 'all', 'none' or days ('30d')")
 
 
 class TestSetOut(Out):
@@ -143,7 +146,19 @@ class TestSetOut(Out):
     quota_period_days: int
     is_open: bool
     min_group_size: int = 10
+    #: days predictions are kept after scoring (None: all, 0: none); services/rescoring.py
+    prediction_retention_days: int | None = None
     created_at: dt.datetime
+
+
+class RescoreRequest(In):
+    """Re-score kept predictions of a test set under another protocol version (services/rescoring.py)."""
+
+    SERVER_PATHS = frozenset({"protocol"})
+    protocol: str = Field(min_length=1, max_length=4096,
+                          description="a preset, NAME@VERSION, or a protocol file inside TOUCHSTONE_IMPORT_ROOTS")
+    submission_ids: list[Annotated[int, Field(ge=1, le=2**62)]] | None = Field(
+        None, max_length=10000, description="default: every scored or published submission")
 
 
 class CaseOut(Out):

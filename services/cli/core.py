@@ -163,9 +163,11 @@ def testsets_update(
                                                   help="test-then-rank: holm | bonferroni | fdr_bh | none | ..."),
     family: Optional[str] = typer.Option(None, "--family", help="ordered pairs in the correction: tested | all"),
     ci_method: Optional[str] = typer.Option(None, "--ci-method", help="percentile | bca"),
+    prediction_retention: Optional[str] = typer.Option(
+        None, "--prediction-retention", help="how long predictions stay for re-scoring: all | none | N days ('30d')"),
 ) -> None:
     """Change how a test set's statistics are computed (missing-case policy, test options, subgroups)
-    and recompute them; scores are untouched."""
+    and recompute them (scores are untouched); or how long its predictions are kept."""
     from services.db.models import TestSet
     from services.db.session import session_scope
     from services.db.testsets import StatisticsSettingsError, update_statistics_settings
@@ -187,10 +189,18 @@ def testsets_update(
                 session, testset, missing_policy=missing_policy, stats_preset=stats_preset,
                 stats_options=options or None, subgroup_variables=variables, min_group_size=min_group_size)
             footer = options_for_testset(testset).footer()
-    except StatisticsSettingsError as exc:
+            if prediction_retention is not None:
+                from services.rescoring import describe_retention, set_prediction_retention
+
+                days = set_prediction_retention(session, testset, prediction_retention)
+                console.print(f"test set {name}: {describe_retention(days)}", markup=False, highlight=False)
+                if not changes:
+                    return
+    except (StatisticsSettingsError, ValueError) as exc:  # services.rescoring.RescoringError is a ValueError
         _fail(str(exc))
     if not changes:
-        _fail("nothing to change: give --missing-policy, --stats-preset, --subgroups, --min-group-size or an option")
+        _fail("nothing to change: give --missing-policy, --stats-preset, --subgroups, --min-group-size, "
+              "--prediction-retention or an option")
     console.print(f"updated test set {name}: {', '.join(f'{k}={v}' for k, v in changes.items())}; statistics recomputed")
     console.print(footer, markup=False, highlight=False)
 

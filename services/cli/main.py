@@ -25,6 +25,7 @@ _COMMAND_MODULES = (
     "services.cli.worker",  # worker
     "services.cli.results",  # leaderboard, stats, export, results import-touchstone
     "services.cli.demo",  # demo
+    "services.cli.storage",  # storage report|reclaim, rescore, rescore-jobs
 )
 
 for _name in _COMMAND_MODULES:

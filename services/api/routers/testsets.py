@@ -79,7 +79,8 @@ def read_testset(name: str, db: Session = Depends(get_db)) -> TestSetOut:
 def update_testset(
     name: str, body: TestSetUpdate, db: Session = Depends(get_db), organizer: User = Depends(require_organizer)
 ) -> TestSetOut:
-    """Set limits (time per case, memory, GPUs...), the quota (N per team per period) or open/close it."""
+    """Set limits (time per case, memory, GPUs...), the quota (N per team per period), the
+    prediction retention (all / none / N days) or open/close it."""
     testset = get_testset(db, name)
     changes = body.model_dump(exclude_unset=True, exclude_none=True)
     if not changes:
@@ -87,6 +88,13 @@ def update_testset(
     from services.db.testsets import STATISTICS_SETTINGS, StatisticsSettingsError, update_statistics_settings
 
     statistics = {k: changes.pop(k) for k in STATISTICS_SETTINGS if k in changes}
+    if "prediction_retention" in changes:
+        from services.rescoring import RescoringError, set_prediction_retention
+
+        try:
+            set_prediction_retention(db, testset, changes.pop("prediction_retention"), actor=organizer)
+        except RescoringError as exc:
+            raise ApiError(str(exc), exc.status) from None
     for key, value in changes.items():
         setattr(testset, key, value)
     if changes:
