@@ -1,23 +1,49 @@
-"""Orchestration overhead of the execution pipeline: N tiny phantom cases through upload → scored.
+"""The execution pipeline end to end: N tiny phantom cases through upload → scored, with the
+overhead per case and the peak memory of every process.
 
-    python benchmarks/pipeline.py --cases 200 [--broker filesystem://|redis://...] [--database URL]
+    .venv/bin/python benchmarks/pipeline.py --cases 200  [--stack embedded|postgres] [--workdir DIR]
+    .venv/bin/python benchmarks/pipeline.py --cases 5903 --stack postgres
 
-A test set of ``N`` hidden tiny phantoms (+1 public-sample case) is imported; the trivial example
-image (``touchstone/example-trivial``, a threshold segmenter) is uploaded as a ``docker save``
-tarball through the functions the API calls, and real Celery workers (one ``gpu``-queue worker,
-one ``cpu``-queue worker, as ``touchstone worker`` starts them) take it through validation, shards
-of 50 cases, scoring and finalize. Measured:
+Stacks:
 
-- ``wall``: from the validation being enqueued (the upload is stored) to the submission being
-  ``scored`` (seconds);
+- ``embedded`` (default): SQLite in the work folder and the ``filesystem://`` broker (no broker
+  process);
+- ``postgres``: a fresh PostgreSQL database on the server of ``TOUCHSTONE_BENCH_POSTGRES_URL`` or
+  ``TOUCHSTONE_TEST_POSTGRES_URL`` (``source scripts/setup.sh`` exports the latter; created here
+  and dropped afterwards unless ``--keep-db``) and a ``redis-server`` of the benchmark's own on a
+  free port (``appendonly yes``, as docs/operations.md asks for production), so its memory is
+  this run's alone.
+
+A test set of ``N`` hidden tiny phantoms (64³, +1 public-sample case; written once per work
+folder and reused) is imported; the real API runs as its own uvicorn process and the trivial
+example image (``touchstone/example-trivial``, a threshold segmenter) is uploaded to it as a
+``docker save`` tarball over HTTP (``POST /api/v1/submissions``, an inventor's token); real Celery
+workers started as ``touchstone worker`` starts them (one ``gpu``-queue worker, one ``cpu``-queue
+worker with ``--cpu-concurrency`` processes and no beat) take it through validation, shards of
+``--shard-size`` cases, scoring, finalize and the statistics. The benchmark polls
+``GET /api/v1/submissions/{id}`` through the API (as a client would) and prints a progress line
+every ``--progress-s`` seconds.
+
+Measured:
+
+- ``wall``: from the API's 202 answer (the upload is stored and validation enqueued) to the
+  submission being ``scored`` (seconds);
 - ``container``: the container run time of the public-sample run and of every shard (the runtime's
   ``duration_s``, stored as ``Shard.run_seconds``);
-- ``scoring``: Σ per-case scoring time (``CaseRun.scoring_seconds``).
+- ``scoring``: Σ per-case scoring time (``CaseRun.scoring_seconds``);
+- ``finalize``: from the last score row seen to ``scored``: the completion check, the state change
+  and ``services.leaderboard.on_submission_scored`` (the statistics), polled every 0.5 s;
+- peak RSS (psutil, every 0.5 s, benchmarks/process_memory.py) of the API process, of each
+  worker (its main process and its pool processes) and of the broker (``redis-server``); with the
+  total RSS of each at 10 %, 50 % and 100 % of the run, to show whether it grows.
 
-``overhead_ms_per_case = (wall − container − scoring) / N`` (the issue's definition). Scoring runs
-on the cpu worker while later shards run, so part of it overlaps the containers and subtracting
-all of it flatters the figure; ``overhead_without_scoring_ms_per_case = (wall − container) / N``
-is printed too as the upper bound. Last line: ``overhead_ms_per_case=<float> cases=<int>``.
+``overhead_ms_per_case = (wall − container − scoring − finalize) / N``. Scoring runs on the cpu
+worker while later shards run, so part of it overlaps the containers and subtracting all of it
+flatters the figure; ``overhead_without_scoring_ms_per_case = (wall − container − finalize) / N``
+is the upper bound. Last line: ``overhead_ms_per_case=<float> cases=<int> wall_s=<float>
+finalize_s=<float> peak_rss_mib_api=<float> peak_rss_mib_gpu_worker=<float>
+peak_rss_mib_cpu_worker=<float> peak_rss_mib_broker=<float>`` (the broker's figure is 0 for the
+filesystem broker, which has no process).
 """
 
 from __future__ import annotations
@@ -26,53 +52,155 @@ import argparse
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.process_memory import MemorySampler, mib  # noqa: E402
+
 IMAGE = "touchstone/example-trivial:latest"
+FINISHED = ("scored", "failed", "cancelled")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def fresh_postgres_database(keep: bool) -> tuple[str, Callable[[], None]]:
+    """A new database on the benchmark/test PostgreSQL server; returns (url, drop)."""
+    import sqlalchemy as sa
+
+    base_url = os.environ.get("TOUCHSTONE_BENCH_POSTGRES_URL") or os.environ.get("TOUCHSTONE_TEST_POSTGRES_URL")
+    if not base_url:
+        sys.exit("--stack postgres: set TOUCHSTONE_BENCH_POSTGRES_URL (or TOUCHSTONE_TEST_POSTGRES_URL; "
+                 "`source scripts/setup.sh` exports it)")
+    name = f"ts_bench_pipeline_{uuid.uuid4().hex[:8]}"
+    admin = sa.create_engine(base_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    url = sa.engine.make_url(base_url).set(database=name).render_as_string(hide_password=False)
+
+    def drop() -> None:
+        if keep:
+            print(f"kept database: {url}")
+            return
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+    return url, drop
+
+
+def start_redis(folder: Path) -> tuple[subprocess.Popen, str]:
+    """A persistent redis-server of our own (its memory is this run's alone)."""
+    import redis
+
+    folder.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    process = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder),
+                                "--appendonly", "yes", "--save", ""],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(100):
+        try:
+            redis.Redis(port=port, socket_timeout=1).ping()
+            return process, f"redis://127.0.0.1:{port}/0"
+        except redis.exceptions.ConnectionError:
+            time.sleep(0.1)
+    raise SystemExit("redis-server did not start")
+
+
+def start_api(env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str]:
+    import httpx
+
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "services.api.app:create_app", "--factory", "--port", str(port),
+         "--log-level", "warning", "--no-access-log"],
+        cwd=ROOT, env={**os.environ, **env}, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+        start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            if httpx.get(f"{base}/api/v1/health", timeout=1).status_code == 200:
+                return server, base
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    raise SystemExit(f"the API did not start; see {log}")
+
+
+def stop(process: subprocess.Popen, timeout: float = 60) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", type=int, default=200, help="hidden cases (default 200)")
     parser.add_argument("--shard-size", type=int, default=50)
-    parser.add_argument("--broker", default="filesystem://", help="Celery broker (default: the embedded filesystem://)")
-    parser.add_argument("--database", default=None, help="database URL (default: SQLite in the work folder)")
-    parser.add_argument("--workdir", type=Path, default=None, help="work folder (default: a temporary one)")
+    parser.add_argument("--stack", choices=("embedded", "postgres"), default="embedded",
+                        help="embedded: SQLite + filesystem://; postgres: PostgreSQL + a Redis of its own")
+    parser.add_argument("--workdir", type=Path, default=None, help="work folder (phantoms are reused; default: temporary)")
     parser.add_argument("--cpu-concurrency", type=int, default=1, help="processes of the cpu-queue worker")
+    parser.add_argument("--progress-s", type=float, default=10.0, help="seconds between progress lines")
+    parser.add_argument("--keep-db", action="store_true", help="postgres: keep the database (its URL is printed)")
     args = parser.parse_args()
     if args.cases < 1:
         parser.error("--cases must be at least 1")
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="touchstone-bench-pipeline-"))
     work.mkdir(parents=True, exist_ok=True)
-    data_dir = work / "data"
-    data_dir.mkdir(exist_ok=True)
-    database = args.database or f"sqlite:///{data_dir / f'bench-{uuid.uuid4().hex[:6]}.db'}"
+    run_dir = work / f"run-{uuid.uuid4().hex[:6]}"
+    data_dir = run_dir / "data"
+    data_dir.mkdir(parents=True)
+    services_started: list[subprocess.Popen] = []
+    drop_database = None
+    redis_process = None
+    if args.stack == "postgres":
+        database, drop_database = fresh_postgres_database(args.keep_db)
+        redis_process, broker = start_redis(run_dir / "redis")
+        services_started.append(redis_process)
+    else:
+        database, broker = f"sqlite:///{data_dir / 'touchstone.db'}", "filesystem://"
     env = {"TOUCHSTONE_DATA_DIR": str(data_dir), "TOUCHSTONE_DATABASE_URL": database,
-           "TOUCHSTONE_BROKER_URL": args.broker, "TOUCHSTONE_WORKER_STARTUP_S": "30"}
+           "TOUCHSTONE_BROKER_URL": broker, "TOUCHSTONE_WORKER_STARTUP_S": "30", "TOUCHSTONE_LOG_LEVEL": "WARNING"}
     os.environ.update(env)
+    try:
+        run(args, work, run_dir, data_dir, database, broker, env, services_started, redis_process)
+    finally:
+        for process in reversed(services_started):
+            stop(process)
+        if drop_database is not None:
+            drop_database()
 
+
+def run(args, work: Path, run_dir: Path, data_dir: Path, database: str, broker: str, env: dict[str, str],
+        services_started: list[subprocess.Popen], redis_process: subprocess.Popen | None) -> None:
     import docker
+    import httpx
     import sqlalchemy as sa
 
+    from evaluation.labels import ORGANS
     from evaluation.phantoms import write_phantom_set
-    from services import queue, submissions
-    from services.api import intake
-    from services.db import migrate
-    from services.db.enums import Role
-    from services.db.models import Algorithm, CaseRun, Shard, Submission, Team, User
-    from services.db.session import get_sessionmaker, session_scope
-    from services.db.testsets import import_testset
-    from services.storage import Storage
     from services.cli.worker import celery_commands
+    from services.db import migrate
+    from services.db.accounts import create_user
+    from services.db.models import Algorithm, CaseRun, Score, Shard, Submission
+    from services.db.session import session_scope
+    from services.db.testsets import import_testset
 
     client = docker.from_env(timeout=600)
     subprocess.run(["bash", str(ROOT / "scripts/build-examples.sh"), "--only", "trivial"], check=True,
@@ -80,92 +208,127 @@ def main() -> None:
     phantoms = work / f"phantoms-{args.cases + 1}"
     manifest = phantoms / "manifest.csv"
     if not manifest.exists():
+        started = time.perf_counter()
         print(f"writing {args.cases + 1} tiny phantoms to {phantoms} ...", flush=True)
-        write_phantom_set(phantoms, args.cases + 1, public_sample=1, size="tiny", seed=11)
+        written = [0]
+
+        def report(_case) -> None:
+            written[0] += 1
+            if written[0] % 500 == 0:
+                print(f"  {written[0]} / {args.cases + 1} phantoms ({time.perf_counter() - started:.0f} s)", flush=True)
+
+        write_phantom_set(phantoms, args.cases + 1, public_sample=1, size="tiny", seed=11, progress=report)
     tarball = work / "trivial.tar"
-    if not tarball.exists():
+    image_id = client.images.get(IMAGE).id
+    saved_id = work / "trivial.id"  # the image the tarball holds: saved again when it was rebuilt
+    if not tarball.exists() or not saved_id.exists() or saved_id.read_text() != image_id:
         with open(tarball, "wb") as handle:
             for chunk in client.images.get(IMAGE).save(named=True):
                 handle.write(chunk)
+        saved_id.write_text(image_id)
 
     migrate.upgrade("head", database)
+    started_import = time.perf_counter()
     with session_scope() as session:
-        testset = import_testset(session, f"bench-{uuid.uuid4().hex[:6]}", manifest, protocol="touchstone")
+        testset = import_testset(session, "bench", manifest, protocol="touchstone")
         testset.shard_size, testset.gpus, testset.quota_submissions = args.shard_size, 0, 1000
         testset.time_per_case_s, testset.memory_bytes = 30.0, 2 << 30
-        team = Team(name=f"bench-{uuid.uuid4().hex[:6]}")
-        session.add(team)
+        inventor, inventor_token = create_user(session, "bench-inventor", "inventor", "bench-team")
         session.flush()
-        user = User(name=f"bench-{team.id}-{uuid.uuid4().hex[:4]}", role=Role.inventor, team_id=team.id)
-        algorithm = Algorithm(team_id=team.id, name="trivial")
-        session.add_all([user, algorithm])
-        testset_name = testset.name
+        session.add(Algorithm(team_id=inventor.team_id, name="trivial"))
+    import_s = time.perf_counter() - started_import
+    print(f"imported the test set ({args.cases + 1} cases) in {import_s:.1f} s", flush=True)
 
-    workers = []
-    logs = []
+    api, base = start_api(env, run_dir / "api.log")
+    services_started.append(api)
+    workers: dict[str, subprocess.Popen] = {}
     for command in celery_commands(["gpu", "cpu"], [], concurrency=args.cpu_concurrency, beat=False,
                                    loglevel="WARNING", data_dir=data_dir):
-        log = open(work / f"worker-{command.name}.log", "wb")
-        logs.append(log)
-        workers.append(subprocess.Popen(command.argv, cwd=ROOT, env={**os.environ, **command.env},
-                                        stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
-    try:
-        time.sleep(3)  # let the workers connect (not counted)
-        storage = Storage.from_settings()
-        relative = f"uploads/bench/{uuid.uuid4().hex}.tar"
+        log = open(run_dir / f"worker-{command.name}.log", "wb")
+        workers[command.name] = subprocess.Popen(command.argv, cwd=ROOT, env={**os.environ, **command.env},
+                                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        services_started.append(workers[command.name])
+    roots = {"api": api.pid, "gpu worker": workers["gpu"].pid, "cpu worker": workers["cpu"].pid}
+    if redis_process is not None:
+        roots["broker (redis-server)"] = redis_process.pid
+    time.sleep(3)  # let the workers connect (not counted)
+
+    headers = {"Authorization": f"Bearer {inventor_token}"}
+    with httpx.Client(base_url=base, headers=headers, timeout=600) as http, \
+            MemorySampler(roots, interval_s=0.5) as sampler:
         started_upload = time.perf_counter()
         with open(tarball, "rb") as handle:
-            size, sha256 = storage.save_stream(iter(lambda: handle.read(1 << 22), b""), relative)
-        intake.check_docker_save_tar(storage.path(relative))
-        with get_sessionmaker()() as session:
-            user = session.scalar(sa.select(User).where(User.team_id == team.id))
-            algorithm = session.scalar(sa.select(Algorithm).where(Algorithm.team_id == team.id))
-            submission = submissions.record(session, user, algorithm, intake.find_testset(session, testset_name),
-                                            image_path=relative, image_sha256=sha256, image_size=size, image_ref=None)
-        upload_s = time.perf_counter() - started_upload
+            answer = http.post("/api/v1/submissions", data={"algorithm": "trivial", "testset": "bench"},
+                               files={"image": ("trivial.tar", handle, "application/x-tar")})
+        answer.raise_for_status()
+        submission_id = answer.json()["id"]
         started = time.perf_counter()
-        queue.enqueue_validation(submission.id)
-        last = None
+        upload_s = started - started_upload
+        print(f"uploaded {tarball.stat().st_size / 1e6:.0f} MB over HTTP in {upload_s:.1f} s; submission {submission_id}",
+              flush=True)
+        last_state, last_progress = None, started
+        n_scored, last_score_at = 0, started
         while True:
+            state = http.get(f"/api/v1/submissions/{submission_id}").json()["state"]
+            now = time.perf_counter()
             with session_scope() as session:
-                state = session.scalar(sa.select(Submission.state).where(Submission.id == submission.id)).value
-            if state != last:
-                print(f"{time.perf_counter() - started:8.2f} s  {state}", flush=True)
-                last = state
-            if state in ("scored", "failed", "cancelled"):
+                scores = session.scalar(sa.select(sa.func.count(Score.id)).where(Score.submission_id == submission_id))
+            if scores // len(ORGANS) != n_scored:
+                n_scored, last_score_at = scores // len(ORGANS), now
+            if state != last_state:
+                print(f"{now - started:8.1f} s  {state}", flush=True)
+                last_state = state
+            if now - last_progress >= args.progress_s:
+                with session_scope() as session:
+                    n_runs = session.scalar(sa.select(sa.func.count(CaseRun.id)).where(CaseRun.submission_id == submission_id))
+                rss = ", ".join(f"{name} {mib(tree.totals[-1][1]) if tree.totals else 0:.0f}"
+                                for name, tree in sampler.trees.items())
+                print(f"{now - started:8.1f} s  {state}: {n_runs}/{args.cases} cases run, {n_scored} scored; "
+                      f"RSS MiB {rss}; load {os.getloadavg()[0]:.1f}", flush=True)
+                last_progress = now
+            if state in FINISHED:
                 break
-            time.sleep(0.05)
+            time.sleep(0.5)
         wall = time.perf_counter() - started
-        with session_scope() as session:
-            sub = session.get(Submission, submission.id)
-            if state != "scored":
-                raise SystemExit(f"the submission ended {state}: {sub.failure_reason}")
-            shard_seconds = sum(session.scalars(sa.select(Shard.run_seconds).where(Shard.submission_id == sub.id)))
-            scoring = sum(session.scalars(sa.select(CaseRun.scoring_seconds).where(CaseRun.submission_id == sub.id)))
-            n_runs = session.scalar(sa.select(sa.func.count(CaseRun.id)).where(CaseRun.submission_id == sub.id))
-            found = re.search(r"exit code 0, ([0-9.]+) s", sub.validation_log or "")
-            validation_container = float(found.group(1)) if found else 0.0
-    finally:
-        for process in workers:
-            process.send_signal(signal.SIGTERM)
-        for process in workers:
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-        for log in logs:
-            log.close()
+        finalize_s = time.perf_counter() - last_score_at
+
+    with session_scope() as session:
+        sub = session.get(Submission, submission_id)
+        if state != "scored":
+            raise SystemExit(f"the submission ended {state}: {sub.failure_reason}")
+        shard_seconds = sum(session.scalars(sa.select(Shard.run_seconds).where(Shard.submission_id == sub.id)))
+        workers_seen = set(session.scalars(sa.select(Shard.worker_hostname).where(Shard.submission_id == sub.id)))
+        scoring = sum(session.scalars(sa.select(CaseRun.scoring_seconds).where(CaseRun.submission_id == sub.id)))
+        n_runs = session.scalar(sa.select(sa.func.count(CaseRun.id)).where(CaseRun.submission_id == sub.id))
+        n_score_rows = session.scalar(sa.select(sa.func.count(Score.id)).where(Score.submission_id == sub.id))
+        found = re.search(r"exit code 0, ([0-9.]+) s", sub.validation_log or "")
+        validation_container = float(found.group(1)) if found else 0.0
 
     assert n_runs == args.cases, f"{n_runs} case runs for {args.cases} cases"
+    assert n_score_rows == args.cases * len(ORGANS), f"{n_score_rows} score rows for {args.cases} cases"
     container = shard_seconds + validation_container
     n = args.cases
-    print(f"broker {args.broker}, database {database.split(':', 1)[0]}, {n} cases in shards of {args.shard_size}")
-    print(f"upload (stream + tar check, not in wall): {upload_s:.2f} s")
-    print(f"wall (enqueue -> scored):               {wall:.2f} s")
-    print(f"container compute (validation + shards): {container:.2f} s  (validation {validation_container:.2f} s)")
-    print(f"scoring (sum over cases):                {scoring:.2f} s  ({1000 * scoring / n:.1f} ms per case)")
-    print(f"overhead_without_scoring_ms_per_case={1000 * (wall - container) / n:.1f}")
-    print(f"overhead_ms_per_case={1000 * (wall - container - scoring) / n:.1f} cases={n}")
+    print(f"stack {args.stack}: database {database.split(':', 1)[0]}, broker {broker.split(':', 1)[0]}; "
+          f"{n} cases in shards of {args.shard_size} ({len(workers_seen)} gpu worker); cpu concurrency "
+          f"{args.cpu_concurrency}; {os.cpu_count()} CPU cores, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"upload (HTTP, not in wall):              {upload_s:.1f} s")
+    print(f"wall (202 -> scored):                     {wall:.1f} s")
+    print(f"container compute (validation + shards):  {container:.1f} s  (validation {validation_container:.1f} s)")
+    print(f"scoring (sum over cases):                 {scoring:.1f} s  ({1000 * scoring / n:.1f} ms per case)")
+    print(f"finalize (last score -> scored, incl. statistics): {finalize_s:.1f} s")
+    peaks = {}
+    for name, tree in sampler.trees.items():
+        peaks[name] = tree.peak_rss
+        per_process = ", ".join(f"{mib(rss):.0f}" for _, rss in sorted(tree.peak_process_rss.items()))
+        print(f"peak RSS {name:<22} {mib(tree.peak_rss):7.1f} MiB per process ({per_process}); total "
+              f"{mib(tree.peak_total_rss):.0f} MiB; total at 10/50/100 % of the run: "
+              f"{mib(tree.total_at(0.1)):.0f} / {mib(tree.total_at(0.5)):.0f} / {mib(tree.total_at(1.0)):.0f} MiB")
+    print(f"overhead_without_scoring_ms_per_case={1000 * (wall - container - finalize_s) / n:.1f}")
+    print(f"overhead_ms_per_case={1000 * (wall - container - scoring - finalize_s) / n:.1f} cases={n} "
+          f"wall_s={wall:.1f} finalize_s={finalize_s:.1f} "
+          f"peak_rss_mib_api={mib(peaks['api']):.1f} peak_rss_mib_gpu_worker={mib(peaks['gpu worker']):.1f} "
+          f"peak_rss_mib_cpu_worker={mib(peaks['cpu worker']):.1f} "
+          f"peak_rss_mib_broker={mib(peaks.get('broker (redis-server)', 0)):.1f}")
 
 
 if __name__ == "__main__":
