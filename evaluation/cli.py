@@ -51,17 +51,16 @@ def _fmt(v: object) -> str:
 
 
 def write_results_csv(path: Path, rows, protocol) -> Path:
-    """Long format: ``case_id, organ, dsc, nsd[, hd95][, assd], status, detail`` (full float precision)."""
-    from evaluation.scoring import METRICS
-
-    metrics = [m for m in METRICS if m in protocol.metrics]
+    """Long format: ``case_id, organ, dsc, nsd[, hd95][, assd][, lesion metrics], status, detail``
+    (full float precision; a lesion metric is empty on an organ's row)."""
+    metrics = list(protocol.metrics)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(["case_id", "organ", *metrics, "status", "detail"])
         for r in rows:
-            writer.writerow([r.case_id, r.organ, *(_fmt(getattr(r, m)) for m in metrics), r.status, r.detail])
+            writer.writerow([r.case_id, r.organ, *(_fmt(r.value(m)) for m in metrics), r.status, r.detail])
     tmp.replace(path)
     return path
 
@@ -150,12 +149,12 @@ def evaluate(
     table = Table(title=f"{len(todo)} case(s), protocol {proto.key}, {elapsed:.1f} s")
     table.add_column("organ")
     table.add_column("cases", justify="right")
-    metric_cols = [k for k in summary[0] if k.startswith("mean_")] if summary else []
+    metric_cols = list(dict.fromkeys(k for entry in summary for k in entry if k.startswith("mean_")))
     for k in metric_cols:
         table.add_column(k.replace("mean_", "mean ").upper().replace("MEAN ", "mean "), justify="right")
     table.add_column("not ok", justify="right")
     for entry in summary:
-        table.add_row(str(entry["organ"]), str(entry["cases"]), *(f"{entry[k]:.4f}" for k in metric_cols), str(entry["not_ok"]))
+        table.add_row(str(entry["organ"]), str(entry["cases"]), *(f"{entry[k]:.4f}" if k in entry else "" for k in metric_cols), str(entry["not_ok"]))
     _out.print(table)
     statuses: dict[str, int] = {}
     for r in rows:

@@ -24,6 +24,17 @@ LABEL_IDS: dict[str, int] = {organ: i + 1 for i, organ in enumerate(ORGANS)}
 #: voxel value -> organ name
 ORGAN_BY_ID: dict[int, str] = {i: organ for organ, i in LABEL_IDS.items()}
 
+#: lesion classes of tumour test sets (names as AbdomenAtlas 3.0), after the organs: in a label map
+#: a lesion voxel carries its lesion class, not its organ (the classes stay disjoint); the
+#: ``touchstone-lesions`` protocol's label table is ``{**LABEL_IDS, **LESION_LABEL_IDS}``
+LESION_LABEL_IDS: dict[str, int] = {"liver_lesion": 10, "kidney_lesion": 11, "pancreatic_lesion": 12}
+#: organ each lesion class lies in (both kidneys for ``kidney_lesion``)
+LESION_HOSTS: dict[str, tuple[str, ...]] = {
+    "liver_lesion": ("liver",),
+    "kidney_lesion": ("kidney_left", "kidney_right"),
+    "pancreatic_lesion": ("pancreas",),
+}
+
 #: the per-organ mask file inside a case folder, relative to the case folder
 SEGMENTATIONS_DIR = "segmentations"
 #: the single label-map file inside a case folder

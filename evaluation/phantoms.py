@@ -32,6 +32,19 @@ noise, the usual contrast phase, manufacturer and scanner, and the stored orient
 affines). Per-case metadata: hospital, age, sex, race, manufacturer, scanner, contrast phase,
 diagnosis (some diagnoses change the anatomy: hepatomegaly, splenomegaly, lesions).
 
+Tumour phantoms (``lesions=True``; ``touchstone phantoms --lesions``): lesion classes
+(:data:`evaluation.labels.LESION_LABEL_IDS`: liver, kidney and pancreatic lesions) are inserted
+inside their organs with a label of their own (the organ keeps the rest of its voxels). About a
+quarter of the cases have no lesion at all; the others have several per organ (liver Poisson(1.6),
+each kidney Poisson(0.5), pancreas Poisson(0.5), at least one in the case), each a lobulated
+ball of diameter log-uniform in [4, 45] mm (smaller than a voxel: not in the labels, as in real
+annotations), clipped to its organ. Their HU follow :data:`LESION_HU` by contrast phase
+(hypo-attenuating in the portal-venous phase, a liver lesion hyper-enhancing in the arterial one,
+kidney lesions nearly iso-dense without contrast). Lesions are drawn from a child stream of the
+case's random stream (``rng.spawn``), so the anatomy, metadata and noise of a case are the same
+with and without lesions; only the lesion voxels differ. The manifest of a tumour set has the
+lesion counts per class (``n_<class>`` columns).
+
 Everything is deterministic: hospitals depend on ``(seed, n_hospitals)``, case ``i`` on
 ``(seed, n_hospitals, i)`` only, so the first cases of a larger set equal a smaller set's.
 """
@@ -47,7 +60,15 @@ import numpy as np
 from scipy import ndimage
 
 from evaluation import io
-from evaluation.labels import COMBINED_LABELS_FILE, CT_FILE, LABEL_IDS, ORGANS, SEGMENTATIONS_DIR
+from evaluation.labels import (
+    COMBINED_LABELS_FILE,
+    CT_FILE,
+    LABEL_IDS,
+    LESION_HOSTS,
+    LESION_LABEL_IDS,
+    ORGANS,
+    SEGMENTATIONS_DIR,
+)
 
 Size = Literal["tiny", "small", "full"]
 
@@ -82,6 +103,21 @@ ORGAN_HU: dict[str, dict[str, float]] = {
     "gall_bladder": {"non_contrast": 10, "arterial": 10, "portal_venous": 12, "delayed": 15},
 }
 TISSUE_HU: dict[str, float] = {"air": -1000, "fat": -100, "muscle": 50, "bone": 700, "csf": 15, "lung": -850, "lesion": 25}
+
+#: mean HU of each lesion class per contrast phase: liver lesions hypo-attenuating except in the
+#: arterial phase (hyper-enhancing, as hepatocellular carcinoma), renal masses enhancing less than
+#: the cortex (nearly iso-dense without contrast), pancreatic adenocarcinoma hypo-attenuating
+LESION_HU: dict[str, dict[str, float]] = {
+    "liver_lesion": {"non_contrast": 42, "arterial": 115, "portal_venous": 65, "delayed": 70},
+    "kidney_lesion": {"non_contrast": 32, "arterial": 120, "portal_venous": 95, "delayed": 85},
+    "pancreatic_lesion": {"non_contrast": 38, "arterial": 65, "portal_venous": 70, "delayed": 62},
+}
+#: expected lesions per host organ in a case that has lesions (Poisson means)
+LESIONS_PER_ORGAN: dict[str, float] = {"liver": 1.6, "kidney_left": 0.5, "kidney_right": 0.5, "pancreas": 0.5}
+#: share of tumour-set cases without any lesion
+NO_LESION_SHARE = 0.25
+#: lesion diameters are log-uniform in this range (mm)
+LESION_DIAMETER_MM = (4.0, 45.0)
 
 MANUFACTURERS: dict[str, tuple[str, ...]] = {
     "GE": ("Revolution CT", "LightSpeed VCT", "Discovery CT750 HD"),
@@ -330,9 +366,10 @@ def _draw_metadata(rng: np.random.Generator, hospital: Hospital) -> dict[str, ob
 
 
 def make_case(
-    case_id: str, hospital: Hospital, *, size: Size = "tiny", rng: np.random.Generator
+    case_id: str, hospital: Hospital, *, size: Size = "tiny", rng: np.random.Generator, lesions: bool = False
 ) -> PhantomCase:
-    """Generate one phantom case (see the module docstring for the anatomy)."""
+    """Generate one phantom case (see the module docstring for the anatomy); ``lesions``: insert
+    tumours with labels of their own (a tumour phantom, see the module docstring)."""
     if size not in SIZES:
         raise ValueError(f"unknown phantom size {size!r}; use one of {list(SIZES)}")
     meta = _draw_metadata(rng, hospital)
@@ -423,6 +460,12 @@ def make_case(
         lut[code] = TISSUE_HU[name]
     for organ, label_id in LABEL_IDS.items():
         lut[_T_ORGAN0 + label_id] = ORGAN_HU[organ][phase] + rng.normal(0, 5)
+    lesion_counts: dict[str, int] = {}
+    if lesions:
+        lesion_rng = rng.spawn(1)[0]  # a child stream: the case's own draws below stay the same
+        lesion_counts = _add_tumours(lesion_rng, labels, grid)
+        for name, label_id in LESION_LABEL_IDS.items():
+            lut[_T_ORGAN0 + label_id] = LESION_HU[name][phase] + lesion_rng.normal(0, 5)
     np.copyto(tissue, labels + np.uint8(_T_ORGAN0), where=labels > 0)
     _add_lesion(rng, diagnosis, labels, tissue, grid)
     ct = lut[tissue]
@@ -433,6 +476,7 @@ def make_case(
         ct = np.asfortranarray(ct)
 
     meta.update({"size": size, "spacing_mm": "x".join(f"{v:.4g}" for v in np.abs(grid.step)), "shape": "x".join(map(str, grid.shape))})
+    meta.update({f"n_{name}": n for name, n in lesion_counts.items()})
     return PhantomCase(case_id=case_id, ct=ct, labels=labels, affine=grid.affine, metadata=meta)
 
 
@@ -490,6 +534,37 @@ def _add_lesion(rng, diagnosis: str, labels: np.ndarray, tissue: np.ndarray, gri
     np.copyto(tissue[box], np.uint8(code), where=inside)
 
 
+def _add_tumours(rng: np.random.Generator, labels: np.ndarray, grid: _Grid) -> dict[str, int]:
+    """Insert tumours (module docstring) into ``labels`` in place: each a lobulated ball centred on
+    a random voxel of its host organ, written with its lesion class where the host organ is.
+    Returns the number of connected lesions (26-connectivity) of each class in the label map."""
+    from evaluation.lesions import connected_components
+
+    host_class = {host: name for name, hosts in LESION_HOSTS.items() for host in hosts}
+    if rng.random() < NO_LESION_SHARE:
+        return {name: 0 for name in LESION_LABEL_IDS}
+    counts = {host: int(rng.poisson(mean)) for host, mean in LESIONS_PER_ORGAN.items()}
+    if not any(counts.values()):
+        counts["liver"] = 1
+    lo, hi = np.log(LESION_DIAMETER_MM[0]), np.log(LESION_DIAMETER_MM[1])
+    for host, n in counts.items():
+        host_id = LABEL_IDS[host]
+        box = io._bbox(labels == host_id)
+        if box is None or n == 0:
+            continue
+        idx = np.argwhere(labels[box] == host_id) + np.array([b.start for b in box])
+        for _ in range(n):
+            centre = grid.origin + grid.step * idx[rng.integers(len(idx))]
+            radius = float(np.exp(rng.uniform(lo, hi))) / 2
+            found = _Blob.random(rng, centre, radius * rng.uniform(0.85, 1.15, 3), lobulation=0.1).inside(grid)
+            if found is None:
+                continue
+            lbox, inside = found
+            inside = np.broadcast_to(inside, labels[lbox].shape) & (labels[lbox] == host_id)
+            np.copyto(labels[lbox], np.uint8(LESION_LABEL_IDS[host_class[host]]), where=inside)
+    return {name: connected_components(labels == label_id)[1] for name, label_id in LESION_LABEL_IDS.items()}
+
+
 def _add_noise(ct: np.ndarray, rng: np.random.Generator, sigma: float) -> None:
     """Add N(0, sigma²) HU noise in place. Large volumes reuse a pool of 16 noise slices, each
     slice drawn rolled by a random in-plane offset (drawing 78 M normals costs seconds)."""
@@ -514,22 +589,25 @@ def case_rng(seed: int, n_hospitals: int, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, n_hospitals, index]))
 
 
-def generate_cases(n_cases: int, *, n_hospitals: int = 3, size: Size = "tiny", seed: int = 0) -> Iterable[PhantomCase]:
-    """Yield ``n_cases`` phantom cases ``phantom_00000 ...``, hospitals assigned at random (unequal sizes)."""
+def generate_cases(
+    n_cases: int, *, n_hospitals: int = 3, size: Size = "tiny", seed: int = 0, lesions: bool = False
+) -> Iterable[PhantomCase]:
+    """Yield ``n_cases`` phantom cases ``phantom_00000 ...``, hospitals assigned at random (unequal
+    sizes); ``lesions``: tumour phantoms."""
     hospitals = make_hospitals(n_hospitals, seed)
     share = np.random.default_rng(np.random.SeedSequence([seed, n_hospitals, 104729])).dirichlet(np.full(n_hospitals, 3.0))
     for i in range(n_cases):
         rng = case_rng(seed, n_hospitals, i)
         hospital = hospitals[int(rng.choice(n_hospitals, p=share))]
-        yield make_case(f"phantom_{i:05d}", hospital, size=size, rng=rng)
+        yield make_case(f"phantom_{i:05d}", hospital, size=size, rng=rng, lesions=lesions)
 
 
-def write_case(case: PhantomCase, out_dir: Path | str, *, combined: bool = False) -> Path:
-    """Write ``<out>/<case_id>/ct.nii.gz``, ``segmentations/<organ>.nii.gz`` and, with ``combined``,
-    ``combined_labels.nii.gz``."""
+def write_case(case: PhantomCase, out_dir: Path | str, *, combined: bool = False, lesions: bool = False) -> Path:
+    """Write ``<out>/<case_id>/ct.nii.gz``, ``segmentations/<organ>.nii.gz`` (with ``lesions`` also
+    ``<lesion class>.nii.gz``) and, with ``combined``, ``combined_labels.nii.gz``."""
     case_dir = Path(out_dir) / case.case_id
     io.write_ct(case_dir, case.ct, case.affine)
-    io.write_masks(case_dir, case.labels, case.affine)
+    io.write_masks(case_dir, case.labels, case.affine, {**LABEL_IDS, **LESION_LABEL_IDS} if lesions else LABEL_IDS)
     if combined:
         io.write_combined_labels(case_dir, case.labels, case.affine)
     return case_dir
@@ -547,11 +625,14 @@ def write_phantom_set(
     seed: int = 0,
     public_sample: int = 0,
     combined: bool = False,
+    lesions: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> Path:
     """Write a whole phantom test set and its ``manifest.csv``; return the manifest path.
 
     ``public_sample``: how many cases (chosen at random, deterministic) are marked public.
+    ``lesions``: a tumour test set (score it with the ``touchstone-lesions`` protocol); the
+    manifest gets ``n_<lesion class>`` columns.
     """
     from evaluation.manifest import ManifestRow, write_manifest
 
@@ -560,8 +641,8 @@ def write_phantom_set(
     pick = np.random.default_rng(np.random.SeedSequence([seed, n_hospitals, 15485863]))
     public = set(pick.choice(n_cases, size=min(public_sample, n_cases), replace=False).tolist()) if n_cases else set()
     rows = []
-    for i, case in enumerate(generate_cases(n_cases, n_hospitals=n_hospitals, size=size, seed=seed)):
-        case_dir = write_case(case, out_dir, combined=combined)
+    for i, case in enumerate(generate_cases(n_cases, n_hospitals=n_hospitals, size=size, seed=seed, lesions=lesions)):
+        case_dir = write_case(case, out_dir, combined=combined, lesions=lesions)
         meta = case.metadata
         rows.append(
             ManifestRow(
@@ -569,7 +650,8 @@ def write_phantom_set(
                 image=(case_dir / CT_FILE).relative_to(out_dir).as_posix(),
                 labels=(case_dir / (COMBINED_LABELS_FILE if combined else SEGMENTATIONS_DIR)).relative_to(out_dir).as_posix(),
                 public_sample=i in public,
-                extras={"spacing_mm": str(meta["spacing_mm"]), "shape": str(meta["shape"])},
+                extras={"spacing_mm": str(meta["spacing_mm"]), "shape": str(meta["shape"]),
+                        **{f"n_{name}": str(meta[f"n_{name}"]) for name in LESION_LABEL_IDS if lesions}},
                 **{k: meta[k] for k in MANIFEST_METADATA},
             )
         )
@@ -584,7 +666,9 @@ def write_phantom_set(
 # Imperfect predictions
 # --------------------------------------------------------------------------------------------------
 
-PREDICTION_KINDS = ("perfect", "shift", "erode", "dilate", "miss_organ", "false_positive", "wrong_affine", "realistic")
+PREDICTION_KINDS = (
+    "perfect", "shift", "erode", "dilate", "miss_organ", "false_positive", "wrong_affine", "realistic", "miss_small_lesions",
+)
 
 
 def _shifted(a: np.ndarray, shift: tuple[int, int, int]) -> np.ndarray:
@@ -631,6 +715,7 @@ def make_prediction(
     organ: str | None = None,
     magnitude: int = 1,
     shift: tuple[int, int, int] | None = None,
+    min_lesion_voxels: int = 30,
 ) -> tuple[np.ndarray, np.ndarray]:
     """An imperfect prediction ``(label_map, affine)`` made from a ground-truth label map.
 
@@ -646,6 +731,9 @@ def make_prediction(
       geometry mismatch).
     * ``realistic``: per organ, a random shift of up to 1 voxel and an erosion or dilation of 0-1
       voxel; a small false positive now and then (DSC around 0.8-0.95).
+    * ``miss_small_lesions``: a detector that finds the big lesions and misses the small ones:
+      every lesion (26-connected component of a lesion class) under ``min_lesion_voxels`` voxels
+      becomes its host organ; the others are dilated by one voxel inside their organ.
     """
     rng = np.random.default_rng(seed)
     labels = np.asarray(labels)
@@ -675,6 +763,30 @@ def make_prediction(
             value = LABEL_IDS[organ] if organ else int(rng.integers(1, len(ORGANS) + 1))
             np.copyto(target, np.uint8(value), where=sphere & (target == 0))
         return out, affine
+    if kind == "miss_small_lesions":
+        from evaluation.lesions import connected_components
+
+        out = labels.copy()
+        for name, label_id in LESION_LABEL_IDS.items():
+            cc, n = connected_components(labels == label_id)
+            if n == 0:
+                continue
+            sizes = np.bincount(cc.ravel())
+            host_ids = [LABEL_IDS[h] for h in LESION_HOSTS[name]]
+            small = np.zeros(labels.shape, bool)
+            for k in np.flatnonzero(sizes[1:] < min_lesion_voxels) + 1:
+                box = io._bbox(cc == k)
+                box = tuple(slice(max(b.start - 1, 0), b.stop + 1) for b in box)
+                lesion = cc[box] == k
+                ring = labels[box][ndimage.binary_dilation(lesion) & ~lesion]
+                # the organ it lies in (of both kidneys: the one around it)
+                host = max(host_ids, key=lambda i: int(np.count_nonzero(ring == i)))
+                np.copyto(out[box], np.asarray(host, out.dtype), where=lesion)
+                small[box] |= lesion
+            kept = (labels == label_id) & ~small
+            grown = ndimage.binary_dilation(kept) & np.isin(out, [LABEL_IDS[h] for h in LESION_HOSTS[name]])
+            np.copyto(out, np.asarray(label_id, out.dtype), where=grown)
+        return out, affine
     if kind == "wrong_affine":
         affine[:3, 3] += 5.0 * magnitude
         return labels.copy(), affine
@@ -693,13 +805,14 @@ def make_prediction(
     raise ValueError(f"unknown prediction kind {kind!r}; use one of {list(PREDICTION_KINDS)}")
 
 
-def _as_label_map(case: io.CaseLabels) -> np.ndarray:
+def _as_label_map(case: io.CaseLabels, labels: dict[str, int] = LABEL_IDS) -> np.ndarray:
     if case.label_map is not None:
         return np.array(case.label_map, dtype=np.uint8)
     out = np.zeros(case.geometry.shape, np.uint8)
-    for organ in PRIORITY:  # overlapping masks: the vessels win, as in the phantoms
+    lesion_classes = [name for name in labels if name in LESION_LABEL_IDS]
+    for organ in (*lesion_classes, *PRIORITY):  # overlapping masks: lesions, then vessels win, as in the phantoms
         if case.masks and organ in case.masks:
-            np.copyto(out, np.uint8(LABEL_IDS[organ]), where=case.masks[organ] & (out == 0))
+            np.copyto(out, np.uint8(labels[organ]), where=case.masks[organ] & (out == 0))
     return out
 
 
@@ -711,13 +824,15 @@ def write_predictions(
     layout: io.Layout = "masks",
     seed: int = 0,
     missing_cases: int = 0,
+    lesions: bool = False,
     progress: Callable[[str], None] | None = None,
     **kind_options,
 ) -> dict[str, list[str]]:
     """Write a prediction folder for a whole test set: ``<out>/<case>/segmentations/*.nii.gz``
     (``layout='masks'``) or ``<out>/<case>/combined_labels.nii.gz`` (``'combined'``), each made by
     :func:`make_prediction` from the case's ground truth in ``gt_dir``. ``missing_cases`` cases
-    (chosen at random) get no folder. Returns ``{"written": [...], "missing": [...]}``."""
+    (chosen at random) get no folder. ``lesions``: the label table includes the lesion classes
+    (a tumour test set). Returns ``{"written": [...], "missing": [...]}``."""
     if layout not in ("masks", "combined"):
         raise ValueError(f"unknown layout {layout!r}; use 'masks' or 'combined'")
     gt_dir, out_dir = Path(gt_dir), Path(out_dir)
@@ -728,11 +843,12 @@ def write_predictions(
     for i, case_id in enumerate(cases):
         if case_id in missing:
             continue
-        gt = io.read_labels(gt_dir / case_id, untrusted=False)
-        labels, affine = make_prediction(_as_label_map(gt), gt.geometry.affine, kind, seed=seed * 100003 + i, **kind_options)
+        table = {**LABEL_IDS, **LESION_LABEL_IDS} if lesions else LABEL_IDS
+        gt = io.read_labels(gt_dir / case_id, table, untrusted=False)
+        labels, affine = make_prediction(_as_label_map(gt, table), gt.geometry.affine, kind, seed=seed * 100003 + i, **kind_options)
         labels = np.asfortranarray(labels)
         if layout == "masks":
-            io.write_masks(out_dir / case_id, labels, affine)
+            io.write_masks(out_dir / case_id, labels, affine, table)
         else:
             io.write_combined_labels(out_dir / case_id, labels, affine)
         written.append(case_id)

@@ -10,6 +10,12 @@ Granularity: in the ``masks`` layout each organ file stands alone, so a refused 
 only that organ worst; a missing organ file is an empty mask (scored by the protocol's empty-mask
 rules, status ``ok``, the detail says so). In the ``combined`` layout one bad file makes the whole
 case worst.
+
+Lesion protocols (``kind: lesion``) go through the same path: the label table is the protocol's
+``labels`` (organs and lesion classes); every class gets the organ metrics on its whole mask
+(:mod:`evaluation.metrics`), and each lesion class row also carries the lesion metrics and the
+per-lesion records of :mod:`evaluation.lesions` (``ScoreRow.lesion_metrics``, ``ScoreRow.lesions``).
+A failed prediction gives a lesion class the protocol's ``worst`` lesion values and no records.
 """
 
 from __future__ import annotations
@@ -20,8 +26,10 @@ import os
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from evaluation.io import (
     STATUS_MISSING_PREDICTION,
@@ -34,16 +42,20 @@ from evaluation.io import (
     ReadLimits,
     read_labels,
 )
+from evaluation.lesions import Lesion, evaluate_lesions
+from evaluation.metric_registry import ORGAN_METRICS
 from evaluation.metrics import compute_case_metrics
 from evaluation.protocols import Protocol, load_protocol
-
-METRICS = ("dsc", "nsd", "hd95", "assd")
 
 
 @dataclass(frozen=True)
 class ScoreRow:
-    """One organ of one case. A metric the protocol does not compute is ``None``; ``detail`` says
-    why a row is not ``ok`` (or notes such as "no mask file; scored as empty")."""
+    """One organ (or lesion class) of one case. A metric the protocol does not compute is ``None``;
+    ``detail`` says why a row is not ``ok`` (or notes such as "no mask file; scored as empty").
+
+    ``lesion_metrics``: lesion metric → value, for a lesion class of a lesion protocol (empty for
+    organs); ``lesions``: its per-lesion records (:class:`evaluation.lesions.Lesion`: truth
+    components, then predicted ones; empty when the prediction failed)."""
 
     case_id: str
     organ: str
@@ -53,9 +65,17 @@ class ScoreRow:
     assd: float | None
     status: str  # a ScoreStatus value (stored as the plain string)
     detail: str = ""
+    lesion_metrics: dict[str, float] = field(default_factory=dict)
+    lesions: tuple[Lesion, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "status", str(ScoreStatus(self.status)))
+
+    def value(self, metric: str) -> float | None:
+        """The value of any metric of :mod:`evaluation.metric_registry` (``None``: not computed)."""
+        if metric in ORGAN_METRICS:
+            return getattr(self, metric)
+        return self.lesion_metrics.get(metric)
 
     @property
     def failed(self) -> bool:
@@ -63,7 +83,11 @@ class ScoreRow:
         return ScoreStatus(self.status).is_failure
 
     def as_dict(self) -> dict[str, object]:
-        return asdict(self)
+        """Plain data; ``lesion_metrics`` and ``lesions`` (as dicts) only on a lesion class's row."""
+        data = asdict(self)
+        if not self.lesion_metrics and not self.lesions:
+            del data["lesion_metrics"], data["lesions"]
+        return data
 
 
 @dataclass(frozen=True)
@@ -77,12 +101,21 @@ class CaseToScore:
 
 def worst_rows(case_id: str, protocol: Protocol, status: str, detail: str, organs: Iterable[str] | None = None) -> list[ScoreRow]:
     """Rows with the protocol's worst value of every metric it computes (``None`` for the others)."""
-    return [_worst_row(case_id, organ, protocol, status, detail) for organ in (organs or protocol.organs)]
+    return [_worst_row(case_id, organ, protocol, status, detail) for organ in (organs or protocol.classes)]
 
 
 def _worst_row(case_id: str, organ: str, protocol: Protocol, status: str, detail: str) -> ScoreRow:
-    values = {m: (float(protocol.worst[m]) if m in protocol.metrics else None) for m in METRICS}
-    return ScoreRow(case_id=case_id, organ=organ, status=status, detail=detail, **values)
+    values = {m: (float(protocol.worst[m]) if m in protocol.metrics else None) for m in ORGAN_METRICS}
+    lesion = {m: float(protocol.worst[m]) for m in protocol.lesion_metrics} if organ in protocol.lesions else {}
+    return ScoreRow(case_id=case_id, organ=organ, status=status, detail=detail, lesion_metrics=lesion, **values)
+
+
+def _class_mask(labels: np.ndarray | dict[str, np.ndarray] | None, name: str, label_id: int, shape: tuple[int, ...]) -> np.ndarray:
+    """The boolean mask of one class from a label map or a per-class mapping (absent: empty)."""
+    if isinstance(labels, np.ndarray):
+        return labels == label_id
+    mask = None if labels is None else labels.get(name)
+    return np.zeros(shape, np.bool_) if mask is None else np.asarray(mask, dtype=np.bool_)
 
 
 def score_case(
@@ -95,7 +128,8 @@ def score_case(
     tolerance: GeometryTolerance = GeometryTolerance(),
     device: str = "cpu",
 ) -> list[ScoreRow]:
-    """Score one case: one :class:`ScoreRow` per organ of the protocol, in the protocol's order.
+    """Score one case: one :class:`ScoreRow` per class of the protocol (its organs, then its lesion
+    classes), in the protocol's order.
 
     ``gt_case_dir``: the ground truth (a case folder, a ``segmentations`` folder or a label file).
     ``pred_case_dir``: the prediction's case folder (or None / not existing: ``missing_prediction``).
@@ -106,7 +140,7 @@ def score_case(
     or the device is missing).
     """
     protocol = load_protocol(protocol)
-    organs = protocol.organs
+    organs = protocol.labels
     try:
         gt = read_labels(gt_case_dir, organs, untrusted=False)
     except CaseError as exc:
@@ -125,12 +159,24 @@ def score_case(
         return worst_rows(case_id, protocol, STATUS_TOO_LARGE, "not enough memory to read the prediction; write uint8 labels")
 
     try:
+        masks = protocol.mask_protocol
         if device == "cpu":
-            values = compute_case_metrics(pred.metrics_input(), gt.metrics_input(), gt.geometry.spacing, protocol)
+            values = compute_case_metrics(pred.metrics_input(), gt.metrics_input(), gt.geometry.spacing, masks)
         else:
             from evaluation.gpu import compute_case_metrics as compute_on_device
 
-            values = compute_on_device(pred.metrics_input(), gt.metrics_input(), gt.geometry.spacing, protocol, device=device)
+            values = compute_on_device(pred.metrics_input(), gt.metrics_input(), gt.geometry.spacing, masks, device=device)
+        lesion_results = {}
+        if protocol.lesions:
+            matching = protocol.lesion_matching.to_matching()
+            for name, label_id in protocol.lesions.items():
+                if name in pred.organ_errors:
+                    continue
+                lesion_results[name] = evaluate_lesions(
+                    _class_mask(pred.metrics_input(), name, label_id, gt.geometry.shape),
+                    _class_mask(gt.metrics_input(), name, label_id, gt.geometry.shape),
+                    gt.geometry.spacing, matching,
+                )
     except MemoryError:
         return worst_rows(case_id, protocol, STATUS_TOO_LARGE, "not enough memory to score the prediction")
     rows = []
@@ -141,13 +187,16 @@ def score_case(
             continue
         detail = f"no mask file for {organ}; scored as an empty mask" if organ in pred.missing_organs else ""
         got = values[organ]
+        lesion = lesion_results.get(organ)
         rows.append(
             ScoreRow(
                 case_id=case_id,
                 organ=organ,
                 status=STATUS_OK,
                 detail=detail,
-                **{m: (float(got[m]) if m in protocol.metrics else None) for m in METRICS},
+                lesion_metrics={m: float(lesion.metrics[m]) for m in protocol.lesion_metrics} if lesion else {},
+                lesions=lesion.lesions if lesion else (),
+                **{m: (float(got[m]) if m in protocol.metrics else None) for m in ORGAN_METRICS},
             )
         )
     return rows
@@ -198,7 +247,7 @@ def score_cases(
     """Score many cases, with ``workers`` processes (1: in this process); ``device`` as in
     :func:`score_case`.
 
-    Rows come back in the order of ``cases``, then of the protocol's organs, whatever order the
+    Rows come back in the order of ``cases``, then of the protocol's classes, whatever order the
     workers finish in. ``progress(case_id, rows)`` is called in this process as each case finishes.
     A :class:`GroundTruthError` stops the run (pending cases are cancelled) and is raised.
     """
@@ -233,18 +282,21 @@ def score_cases(
 
 
 def summarize(rows: Iterable[ScoreRow], protocol: Protocol) -> list[dict[str, object]]:
-    """Per organ (protocol order): number of cases, mean of each computed metric over all rows (bad
+    """Per class (protocol order): number of cases, mean of each computed metric over all rows (bad
     predictions included at their worst value; NaN values -- an undefined metric -- left out), and
-    how many rows are not ``ok``."""
-    by_organ: dict[str, list[ScoreRow]] = {o: [] for o in protocol.organs}
+    how many rows are not ``ok``. Lesion metrics appear for lesion classes only; the mean of
+    ``lesion_fp`` is the number of false positives per case."""
+    by_organ: dict[str, list[ScoreRow]] = {o: [] for o in protocol.classes}
     for r in rows:
         by_organ.setdefault(r.organ, []).append(r)
     out = []
     for organ, rs in by_organ.items():
         entry: dict[str, object] = {"organ": organ, "cases": len(rs), "not_ok": sum(r.status != STATUS_OK for r in rs)}
-        for m in METRICS:
-            if m in protocol.metrics:
-                vals = [getattr(r, m) for r in rs if getattr(r, m) is not None and not math.isnan(getattr(r, m))]
-                entry[f"mean_{m}"] = (sum(vals) / len(vals)) if vals else float("nan")
+        for m in protocol.metrics:
+            if m not in ORGAN_METRICS and organ not in protocol.lesions:
+                continue
+            got = [r.value(m) for r in rs]
+            vals = [v for v in got if v is not None and not math.isnan(v)]
+            entry[f"mean_{m}"] = (sum(vals) / len(vals)) if vals else float("nan")
         out.append(entry)
     return out

@@ -26,8 +26,8 @@ FLARE22_MM = {
 
 
 def test_presets_listed_and_loadable():
-    assert list_presets() == ["nsd-deepmind", "touchstone"]
-    assert set(PRESETS) == {"nsd-deepmind", "touchstone"}
+    assert list_presets() == ["nsd-deepmind", "touchstone", "touchstone-lesions"]
+    assert set(PRESETS) == {"nsd-deepmind", "touchstone", "touchstone-lesions"}
     for name in list_presets():
         p = load_protocol(name)
         assert p is PRESETS[name]
@@ -58,7 +58,7 @@ def test_nsd_deepmind_preset_uses_flare22_tolerances_and_surfels():
     assert p.empty.pred_empty["hd95"] == math.inf
 
 
-@pytest.mark.parametrize("name", ["touchstone", "nsd-deepmind"])
+@pytest.mark.parametrize("name", ["touchstone", "nsd-deepmind", "touchstone-lesions"])
 def test_round_trip_json_and_yaml_keep_content_hash(name, tmp_path):
     p = load_protocol(name)
     from_json = Protocol.model_validate_json(p.to_json())
@@ -147,3 +147,64 @@ def test_load_invalid_fields_names_the_field_and_the_fix(tmp_path):
     with pytest.raises(ValueError, match=r"surface.*fix those fields"):
         load_protocol(path)
 
+
+
+# --------------------------------------------------------------------------------------------
+# lesion protocols
+# --------------------------------------------------------------------------------------------
+def test_lesion_preset_label_table_and_metrics():
+    from evaluation.labels import LESION_LABEL_IDS
+    from evaluation.metric_registry import LESION_METRICS
+
+    p = load_protocol("touchstone-lesions")
+    assert p.kind == "lesion" and p.lesions == LESION_LABEL_IDS
+    assert p.labels == {**LABEL_IDS, **LESION_LABEL_IDS} and p.classes == (*LABEL_IDS, *LESION_LABEL_IDS)
+    assert p.organ_metrics == ("dsc", "nsd") and p.lesion_metrics == LESION_METRICS
+    assert p.lesion_matching.to_matching().rule == "IoU > 0" and p.lesion_matching.connectivity == 26
+    view = p.mask_protocol  # what evaluation.metrics scores: every class, organ metrics only
+    assert view.kind == "organ" and view.organs == p.labels and view.metrics == ("dsc", "nsd")
+    assert load_protocol("touchstone").mask_protocol is load_protocol("touchstone")
+
+
+def test_organ_protocol_yaml_and_hash_do_not_carry_lesion_fields():
+    p = load_protocol("touchstone")
+    assert "kind" not in yaml.safe_load(p.to_yaml()) and "lesions" not in yaml.safe_load(p.to_yaml())
+    # the hash of an organ protocol is the hash of its fields without the lesion-only ones
+    import hashlib
+
+    data = {k: v for k, v in p.to_dict().items() if k not in ("kind", "lesions", "lesion_matching")}
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), allow_nan=True)
+    assert p.content_hash == hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def test_lesion_matching_is_part_of_the_content_hash():
+    p = load_protocol("touchstone-lesions")
+    data = p.to_dict()
+    half = Protocol.model_validate({**data, "lesion_matching": {"iou_threshold": 0.5, "strict": False}})
+    assert half.content_hash != p.content_hash and half.lesion_matching.to_matching().rule == "IoU ≥ 0.5"
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"kind": "organ"}, "only allowed in a kind: lesion"),
+        ({"lesions": {}}, "needs lesions"),
+        ({"lesions": {"liver_lesion": 5}}, "distinct names and label ids"),
+        ({"lesions": {"liver": 20}}, "distinct names and label ids"),
+        ({"metrics": ["lesion_f1"]}, "at least one of"),
+        ({"lesion_matching": {"connectivity": 8}}, "connectivity"),
+        ({"lesion_matching": {"iou_threshold": 1.5}}, "iou_threshold"),
+        ({"worst": {"dsc": 0.0, "nsd": 0.0}}, "worst needs a value for metrics"),
+        ({"empty": {"both_empty": {"dsc": 0.0, "nsd": 0.0, "lesion_f1": 0.0}, "pred_empty": {"dsc": 0.0, "nsd": 0.0}, "gt_empty": {"dsc": 0.0, "nsd": 0.0}}}, "unknown metrics"),
+    ],
+)
+def test_lesion_protocol_fields_are_validated(change, message):
+    data = {**load_protocol("touchstone-lesions").to_dict(), **change}
+    with pytest.raises(pydantic.ValidationError, match=message):
+        Protocol.model_validate(data)
+
+
+def test_lesion_metrics_need_a_lesion_protocol():
+    data = load_protocol("touchstone").to_dict()
+    with pytest.raises(pydantic.ValidationError, match="need kind: lesion"):
+        Protocol.model_validate({**data, "metrics": ["dsc", "lesion_f1"], "worst": {**data["worst"], "lesion_f1": 0.0}})
