@@ -175,6 +175,10 @@ def phantoms(
     seed: int = typer.Option(0, "--seed", help="Random seed (the same seed gives the same files)."),
     public_sample: int = typer.Option(0, "--public-sample", min=0, help="How many cases to mark public_sample=true."),
     combined: bool = typer.Option(False, "--combined/--no-combined", help="Also write combined_labels.nii.gz per case."),
+    lesions: bool = typer.Option(
+        False, "--lesions/--no-lesions",
+        help="Tumour phantoms: liver, kidney and pancreatic lesions with labels of their own (score with --protocol touchstone-lesions).",
+    ),
 ) -> None:
     """Write a synthetic abdominal CT test set: <case>/ct.nii.gz, <case>/segmentations/<organ>.nii.gz, manifest.csv."""
     from evaluation.phantoms import SIZES, write_phantom_set
@@ -187,7 +191,7 @@ def phantoms(
         task = bar.add_task(f"phantoms ({size})", total=cases)
         manifest = write_phantom_set(
             out, cases, n_hospitals=hospitals, size=size, seed=seed, public_sample=public_sample,  # type: ignore[arg-type]
-            combined=combined, progress=lambda _case: bar.advance(task),
+            combined=combined, lesions=lesions, progress=lambda _case: bar.advance(task),
         )
     _out.print(f"wrote {cases} case(s) and {manifest}")
 
@@ -195,11 +199,15 @@ def phantoms(
 def phantom_predictions(
     gt: Path = typer.Option(..., "--gt", help="A test set written by `touchstone phantoms` (or any labelled set)."),
     out: Path = typer.Option(..., "--out", help="Folder to write predictions into."),
-    kind: str = typer.Option("realistic", "--kind", help="perfect, shift, erode, dilate, miss_organ, false_positive, wrong_affine, realistic."),
+    kind: str = typer.Option(
+        "realistic", "--kind",
+        help="perfect, shift, erode, dilate, miss_organ, false_positive, wrong_affine, realistic, miss_small_lesions.",
+    ),
     layout: str = typer.Option("masks", "--layout", help="masks (segmentations/<organ>.nii.gz) or combined (combined_labels.nii.gz)."),
     seed: int = typer.Option(0, "--seed"),
     magnitude: int = typer.Option(1, "--magnitude", min=1, help="Voxels of shift/erosion/dilation, number of blobs, 5 mm units of affine error."),
     missing_cases: int = typer.Option(0, "--missing-cases", min=0, help="Leave this many cases without a prediction."),
+    lesions: bool = typer.Option(False, "--lesions/--no-lesions", help="The test set has lesion classes (touchstone phantoms --lesions)."),
 ) -> None:
     """Write imperfect predictions of a labelled test set in a controlled way (for tests and benchmarks)."""
     from evaluation.phantoms import PREDICTION_KINDS, write_predictions
@@ -214,7 +222,7 @@ def phantom_predictions(
     with _progress() as bar:
         task = bar.add_task(f"predictions ({kind})", total=n)
         result = write_predictions(
-            gt, out, kind, layout=layout, seed=seed, missing_cases=missing_cases, magnitude=magnitude,  # type: ignore[arg-type]
+            gt, out, kind, layout=layout, seed=seed, missing_cases=missing_cases, magnitude=magnitude, lesions=lesions,  # type: ignore[arg-type]
             progress=lambda _c: bar.advance(task),
         )
     _out.print(f"wrote {len(result['written'])} prediction(s) to {out}; left out: {result['missing'] or 'none'}")

@@ -41,8 +41,9 @@ ball of diameter log-uniform in [4, 45] mm (smaller than a voxel: not in the lab
 annotations), clipped to its organ. Their HU follow :data:`LESION_HU` by contrast phase
 (hypo-attenuating in the portal-venous phase, a liver lesion hyper-enhancing in the arterial one,
 kidney lesions nearly iso-dense without contrast). Lesions are drawn from a child stream of the
-case's random stream (``rng.spawn``), so the anatomy, metadata and noise of a case are the same
-with and without lesions; only the lesion voxels differ. The manifest of a tumour set has the
+case's random stream (``rng.spawn``), so the organs, metadata and noise of a case are the same
+with and without lesions outside the lesion voxels (the CT of a ``diagnosis`` lesion may move, as
+it is placed among the organ voxels left). The manifest of a tumour set has the
 lesion counts per class (``n_<class>`` columns).
 
 Everything is deterministic: hospitals depend on ``(seed, n_hospitals)``, case ``i`` on
