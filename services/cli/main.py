@@ -24,6 +24,7 @@ _COMMAND_MODULES = (
     "services.cli.core",  # db, serve, users, testsets, submit, status
     "services.cli.worker",  # worker
     "services.cli.results",  # leaderboard, stats, export, results import-touchstone
+    "services.cli.report",  # report
     "services.cli.demo",  # demo
     "services.cli.storage",  # storage report|reclaim, rescore, rescore-jobs
 )

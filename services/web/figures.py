@@ -80,21 +80,20 @@ class RenderedFigure:
     alt: str
     figure: Figure | None
     empty: str | None = None
-    _svg: str | None = None
+    _svgs: dict[str, str] = field(default_factory=dict, repr=False)
     _png: bytes | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def svg(self, element_id: str | None = None) -> str:
-        """The ``<svg>`` element (ids prefixed by ``element_id``, default the kind)."""
+        """The ``<svg>`` element, its ids prefixed by ``element_id`` (default: the kind), so that
+        several figures can share one HTML document; rendered once per prefix."""
         if self.figure is None:
             return ""
-        if element_id is not None and element_id != self.kind:
-            with self._lock:
-                return plots.svg(self.figure, element_id)
+        element_id = element_id or self.kind
         with self._lock:
-            if self._svg is None:
-                self._svg = plots.svg(self.figure, self.kind)
-            return self._svg
+            if element_id not in self._svgs:
+                self._svgs[element_id] = plots.svg(self.figure, element_id)
+            return self._svgs[element_id]
 
     def png(self) -> bytes:
         if self.figure is None:

@@ -236,7 +236,9 @@ def group_bars(groups: Sequence[str], means: Sequence[float | None], lows: Seque
 #: colours of the groups of a subgroup variable (matplotlib's tab10)
 GROUP_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
                 "#bcbd22", "#17becf")
-SUPPRESSED_TEXT = "suppressed"
+#: horizontal boxes (``vert`` is deprecated from matplotlib 3.10, which has ``orientation``)
+HORIZONTAL = ({"orientation": "horizontal"} if tuple(int(x) for x in matplotlib.__version__.split(".")[:2]) >= (3, 10)
+              else {"vert": False})
 
 
 def _finite(values: Sequence[float | None]) -> np.ndarray:
@@ -261,7 +263,7 @@ def algorithm_boxes_figure(labels: Sequence[str], values: Sequence[Sequence[floa
         data = [_finite(v) if v is not None else np.array([]) for v in values]
         shown = [i for i, d in enumerate(data) if d.size]
         if shown:
-            ax.boxplot([data[i] for i in shown], positions=[i + 1 for i in shown], vert=False, widths=0.6,
+            ax.boxplot([data[i] for i in shown], positions=[i + 1 for i in shown], widths=0.6, **HORIZONTAL,
                        showfliers=show_fliers, patch_artist=True, manage_ticks=False,
                        boxprops={"facecolor": "#dbe9ff", "edgecolor": ACCENT, "linewidth": 0.7},
                        medianprops={"color": HIGHLIGHT}, whiskerprops={"linewidth": 0.7},
@@ -299,7 +301,7 @@ def group_boxes_figure(labels: Sequence[str], groups: Sequence[str],
                     positions.append(i + 1 - 0.4 + width * (g + 0.5))
                     data.append(d)
             if data:
-                ax.boxplot(data, positions=positions, vert=False, widths=width * 0.85, showfliers=show_fliers,
+                ax.boxplot(data, positions=positions, widths=width * 0.85, **HORIZONTAL, showfliers=show_fliers,
                            patch_artist=True, manage_ticks=False,
                            boxprops={"facecolor": color, "edgecolor": "#333", "linewidth": 0.5, "alpha": 0.75},
                            medianprops={"color": "black", "linewidth": 0.8}, whiskerprops={"linewidth": 0.5},

@@ -22,6 +22,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from fastapi import APIRouter, Depends, Query
+from fastapi import Path as Path_
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy.orm import Session
@@ -138,6 +139,67 @@ def read_subgroups(testset: str, variable: str, organ: str = ORGAN, metric: str 
     scope = _scope(scope, user)
     return _run(queries.breakdown, db, _testset(db, testset, protocol), variable=variable, organ=organ, metric=metric,
                 scope=scope)
+
+
+@router.get("/{testset}/figures/{filename}", response_class=Response,
+            responses={200: {"content": {"image/svg+xml": {}, "image/png": {}}}})
+def read_figure(
+    testset: str, filename: str = Path_(..., description="KIND.svg or KIND.png; kinds: boxes, significance, blobs, "
+                                        "hospitals, subgroups, ranking-heatmap, robustness"),
+    organ: str = ORGAN, metric: str = METRIC, method: str = Query("mean", description="order of the box plots"),
+    variable: str | None = Query(None, description="subgroup variable of the subgroups figure"), scope: str = SCOPE,
+    protocol: str | None = PROTOCOL, download: bool = False, db: Session = Depends(get_db),
+    user: User | None = Depends(optional_user),
+) -> Response:
+    """One figure across all algorithms in the scope (services.web.figures; small-cell suppression
+    outside scope=all), as SVG or PNG."""
+    from services.web import figure_pages, figures
+
+    scope = _scope(scope, user)
+    ts = _testset(db, testset, protocol)
+    kind, _, fmt = filename.rpartition(".")
+    try:
+        figures.check(kind, fmt)
+        rendered = figures.figure(db, ts, kind, organ=organ, metric=metric, scope=scope, method=method,
+                                  variable=variable)
+    except (figures.FigureError, queries.LeaderboardQueryError) as exc:
+        raise ApiError(str(exc), 422) from exc
+    if rendered.figure is None:
+        raise ApiError(f"no {kind} figure for {organ}/{metric}: {rendered.empty}", 404)
+    return figure_pages.figure_response(rendered, fmt, f"{ts.name}-{kind}-{organ}-{metric}.{fmt}", download)
+
+
+@router.get("/{testset}/report", response_class=Response,
+            responses={200: {"content": {"text/html": {}, "application/pdf": {}}}})
+def read_report(
+    testset: str, scope: str = SCOPE, format: str = Query("html", description="html | pdf (headless Chromium)"),
+    organ: list[str] = Query([], description="sections of these organs only (default: the average and every organ)"),
+    metric: list[str] = Query([], description="sections of these metrics only (default: every metric)"),
+    protocol: str | None = PROTOCOL, db: Session = Depends(get_db), user: User | None = Depends(optional_user),
+) -> Response:
+    """The self-contained benchmark report (services.report): challengeR's structure, every number
+    as this API returns it for the scope."""
+    import tempfile
+    from pathlib import Path
+
+    from services import report
+
+    scope = _scope(scope, user)
+    if format not in ("html", "pdf"):
+        raise ApiError(f"unknown format {format!r}; choose one of html, pdf", 422)
+    ts = _testset(db, testset, protocol)
+    html = _run(report.build_report, db, ts, scope=scope, organs=organ or None, metrics=metric or None)
+    name = f"{ts.name}-report-{scope}"
+    if format == "html":
+        return Response(html.encode(), media_type="text/html; charset=utf-8",
+                        headers={"Content-Disposition": f'attachment; filename="{name}.html"'})
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            pdf = report.write_pdf(html, Path(tmp) / "report.pdf").read_bytes()
+        except report.ReportError as exc:
+            raise ApiError(str(exc), 503) from exc
+    return Response(pdf, media_type="application/pdf",
+                    headers={"Content-Disposition": f'attachment; filename="{name}.pdf"'})
 
 
 def _visible_submission(db: Session, ts: TestSet, submission_id: int, user: User | None) -> Submission:
