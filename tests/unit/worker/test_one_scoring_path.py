@@ -25,14 +25,9 @@ from evaluation.protocols import load_protocol
 from services.db.enums import FailureCode, Role
 from services.db.enums import SubmissionState as S
 from services.db.models import Algorithm, Case, Score, Submission, Team, TestSet, User
-from worker.runtime.base import ContainerRuntime, FailureReason, ImageInfo, ImageRejected, RunResult
+from tests.unit.worker.conftest import DIGEST, FakeRuntime, run_messages, run_result
 
-DIGEST = "sha256:" + "d" * 64
 PROTOCOL = "touchstone"
-
-
-def _info() -> ImageInfo:
-    return ImageInfo(image_id=DIGEST, tags=(), architecture="amd64", os="linux", size_bytes=1 << 20, user="")
 
 
 def write_prediction(case, case_dir: Path, kind: str) -> None:
@@ -55,41 +50,17 @@ def write_prediction(case, case_dir: Path, kind: str) -> None:
         io.write_combined_labels(case_dir, case.labels, case.affine)
 
 
-class WritingRuntime(ContainerRuntime):
+class WritingRuntime(FakeRuntime):
     """Knows one image; ``run`` writes the prediction of each case of the run into /output."""
 
     def __init__(self, cases: dict, kinds: dict[str, str]):
+        super().__init__(local=(DIGEST,), on_run=self._write)
         self.cases, self.kinds = cases, kinds
 
-    def load_image(self, tarball):
-        raise ImageRejected(FailureReason.image_load_failed("fake"))
-
-    def inspect_image(self, image):
-        if image != DIGEST:
-            raise ImageRejected(FailureReason.image_load_failed(f"no image {image!r}"))
-        return _info()
-
-    def pull_image(self, reference):
-        raise ImageRejected(FailureReason.image_load_failed("fake"))
-
-    def run(self, spec):
+    def _write(self, spec):
         for case_id in spec.case_ids:
             write_prediction(self.cases[case_id], Path(spec.output_dir) / case_id, self.kinds[case_id])
-        return RunResult(container_name="fake", exit_code=0, timed_out=False, oom_killed=False, cancelled=False,
-                         output_too_large=False, duration_s=1.0, peak_memory_bytes=None, gpu=None, log_tail="done",
-                         output_seen_s={c: 0.5 + i for i, c in enumerate(spec.case_ids)}, failure=None)
-
-    def kill(self, container):
-        pass
-
-    def cancel(self, submission_id, shard_id=None):
-        return 0
-
-    def remove_leftovers(self, submission_id, shard_id):
-        return 0
-
-    def remove_image(self, image):
-        pass
+        return run_result(spec)
 
 
 @pytest.fixture
@@ -132,18 +103,11 @@ def _world(gt_root: Path, cases: dict, public: str) -> int:
 
 
 def _run_service(sent: list, submission_id: int) -> str:
-    """validate_run, then every infer_shard and score message it leads to, in this process."""
-    from worker import finalize, inference, scoring, validation
+    """validate_run, then every infer_shard, score and finalize message it leads to, in this process."""
+    from worker import validation
 
     outcome = validation.validate_run(submission_id)
-    while sent:
-        name, args = sent.pop(0)
-        if name == "touchstone.infer_shard":
-            inference.infer_shard(*args)
-        elif name == "touchstone.score":
-            scoring.score(*args)
-        elif name == "touchstone.finalize":
-            finalize.finalize(*args)
+    run_messages(sent)
     return outcome
 
 
@@ -175,8 +139,6 @@ def _cli_rows(gt_root: Path, pred_root: Path, out: Path) -> dict[tuple[str, str]
 
 
 def test_service_and_cli_give_one_folder_identical_rows(env, phantoms, tmp_path):
-    from worker import finalize, inference, scoring, validation
-
     gt_root, cases = phantoms
     ids = sorted(cases)
     kinds = {ids[0]: "missing_organ", ids[1]: "bad_organ_and_missing_organ", ids[2]: "geometry_mismatch",
@@ -211,7 +173,6 @@ def test_service_and_cli_give_one_folder_identical_rows(env, phantoms, tmp_path)
 
 def test_a_public_case_the_scorer_refuses_fails_the_validation_with_its_code(env, phantoms):
     from services.db.session import session_scope
-    from worker import finalize, inference, scoring, validation
 
     gt_root, cases = phantoms
     ids = sorted(cases)

@@ -43,14 +43,6 @@ def _setup(db, n_hidden=5, n_public=1, shard_size=2):
     return sub, testset
 
 
-def test_cut_into_shards():
-    assert validation.cut_into_shards(["a", "b", "c", "d", "e"], 2) == [["a", "b"], ["c", "d"], ["e"]]
-    assert validation.cut_into_shards(["a", "b"], 1) == [["a"], ["b"]]
-    assert validation.cut_into_shards([], 3) == []
-    with pytest.raises(ValueError):
-        validation.cut_into_shards(["a"], 0)
-
-
 def test_shards_cover_hidden_cases_once_and_are_idempotent(session):
     sub, testset = _setup(session, n_hidden=5, shard_size=2)
     shards = validation.create_shards(session, sub, testset)
