@@ -111,7 +111,8 @@ def rescore(job_id: int) -> str:
             items, reason = rescoring.prediction_items(session, sub, get_settings())
             scored = pipeline.scored_case_pks(session, submission_id, key)
             previous = _previous_statuses(session, submission_id, current_key)
-            labels = dict(session.execute(sa.select(Case.id, Case.labels_path).where(Case.testset_id == testset_id)))
+            labels = {pk: path for pk, path in session.execute(
+                sa.select(Case.id, Case.labels_path).where(Case.testset_id == testset_id))}
         if reason is not None:
             # deleted since the job was made: reported with the others, never silently skipped
             _add_unavailable(job_id, submission_id, reason)
