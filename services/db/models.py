@@ -403,6 +403,28 @@ class PairwiseCache(Base):
     computed_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
 
+class PackedScores(Base):
+    """One submission's scores on the hidden cases under one protocol, packed for the statistics
+    (0007_pairwise_cache): a recomputation reads K blobs instead of K x cases x organs score rows
+    (``services/leaderboard/pairwise.py``). Derived from ``scores``; rebuilt whenever the submission
+    is scored, published or unpublished (``on_submission_scored``) and by a full recomputation.
+
+    ``data``: little-endian records (case pk int32, organ index int16 into ``organs``, dsc float64,
+    nsd float64, failed uint8), NaN where a metric has no value.
+    """
+
+    __tablename__ = "packed_scores"
+    __table_args__ = (sa.UniqueConstraint("submission_id", "protocol_key", name="uq_packed_scores_key"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    submission_id: Mapped[int] = mapped_column(sa.ForeignKey("submissions.id", ondelete="CASCADE"))
+    protocol_key: Mapped[str] = mapped_column(sa.String(160))
+    organs: Mapped[list[str]] = mapped_column(PortableJSON, default=list)
+    n_scores: Mapped[int]
+    data: Mapped[bytes] = mapped_column(sa.LargeBinary)
+    computed_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
 class TestSetProtocol(Base):
     """A protocol version of a test set other than the one it was imported with (0008_rescoring):
     the full description its scores were made under. The test set's own protocol stays in
