@@ -6,8 +6,10 @@ no score for that case: not run, or an imported result with an empty cell). A fa
 that the scorer gave the worst value is *scored* (a number, e.g. DSC 0); the optional ``failed``
 mask says which scores came from failures, so that summaries can count them.
 
-Direction: every statistic reads "better" from :data:`HIGHER_IS_BETTER` (or the matrix's
-``higher_is_better``): DSC and NSD are better when higher, HD95 and ASSD (mm) when lower.
+Direction: every statistic reads "better" from :data:`HIGHER_IS_BETTER` -- the metric registry's
+(:mod:`evaluation.metric_registry`), or the matrix's ``higher_is_better``: DSC and NSD are better
+when higher, HD95 and ASSD (mm) when lower; of the lesion metrics, ``lesion_fp`` and ``lesion_fn``
+(counts) are better when lower, the others when higher.
 Internally the statistics work on the *oriented* scores ``s = +x`` (higher better) or ``s = -x``
 (lower better), so that "A better than B" always means ``s_A > s_B``.
 """
@@ -23,14 +25,7 @@ import numpy as np
 import pandas as pd
 
 from evaluation.labels import ORGANS
-
-#: metric name -> True when a higher value is better. Units: dsc, nsd in [0, 1]; hd95, assd in mm.
-HIGHER_IS_BETTER: dict[str, bool] = {
-    "dsc": True,
-    "nsd": True,
-    "hd95": False,
-    "assd": False,
-}
+from evaluation.metric_registry import HIGHER_IS_BETTER  # metric name -> True when higher is better
 
 #: the organ name used for the per-case average over organs (see :func:`average_over_organs`)
 AVERAGE_ORGAN = "average"

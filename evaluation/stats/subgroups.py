@@ -67,7 +67,8 @@ def age_decade(age: pd.Series) -> pd.Series:
     years = pd.to_numeric(age, errors="coerce")
     years = years.where(years >= 0)
     lower = (np.floor(years / 10) * 10).astype("Int64")
-    return lower.map(lambda x: f"{x}-{x + 9}" if pd.notna(x) else np.nan).astype(object)
+    # int(): pandas 2 hands Int64 values to map() as floats, pandas 3 as ints
+    return lower.map(lambda x: f"{int(x)}-{int(x) + 9}" if pd.notna(x) else np.nan).astype(object)
 
 
 def group_labels(case_metadata: pd.DataFrame, variable: str, case_ids: tuple[str, ...]) -> np.ndarray:

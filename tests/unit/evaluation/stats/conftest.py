@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from evaluation.stats import ScoreMatrix
+from evaluation.stats import ScoreMatrix, higher_is_better
 
 
 def _make_matrix(values, metric: str = "dsc", organ: str = "liver", failed=None) -> ScoreMatrix:
@@ -18,7 +18,7 @@ def _make_matrix(values, metric: str = "dsc", organ: str = "liver", failed=None)
         case_ids=tuple(f"c{j}" for j in range(n)),
         values=values,
         failed=failed,
-        higher_is_better=metric in ("dsc", "nsd"),
+        higher_is_better=higher_is_better(metric),
     )
 
 
