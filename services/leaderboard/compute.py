@@ -68,7 +68,7 @@ from evaluation.stats import (
     score_matrices_from_long,
 )
 from evaluation.stats.subgroups import UNKNOWN_GROUP, group_labels
-from evaluation.stats.summary import bootstrap_distribution, bootstrap_intervals, percentile_interval
+from evaluation.stats.summary import summarize
 from services.db.base import finite_or_none, utcnow
 from services.db.enums import SubmissionState
 from services.db.leaderboard_models import SCOPES, PairwiseTest, RankingEntry, RankStability, StatsRun
@@ -432,41 +432,27 @@ def scope_submission_ids(session: Session, testset_id: int, scope: str) -> list[
 
 def summary_row(values: np.ndarray, failed: np.ndarray, *, n_resamples: int, seed: int,
                 confidence: float, ci_method: str = "percentile", missing: np.ndarray | None = None) -> dict:
-    """Summary of one algorithm's scores over a set of cases (``NaN`` = not scored).
-
-    The same numbers as :func:`evaluation.stats.summarize` on a one-algorithm matrix (same seeding:
-    the first generator spawned from ``SeedSequence(seed)``; same resample indices for mean and
-    median) without building a DataFrame per call: n (scored), mean, median, std (ddof 1),
-    bootstrap intervals of mean and median (``ci_method``: percentile or BCa; the one stored is
-    named in ``ci_method``), n_failed, n_missing (``missing.sum()`` when given, else the NaN).
-    """
-    x = values[~np.isnan(values)]
-    n = int(x.size)
-    rng = np.random.default_rng(np.random.SeedSequence(seed).spawn(1)[0])
-    indices = rng.integers(0, max(n, 1), (n_resamples, n))
-    nan = (float("nan"), float("nan"))
-    if ci_method == "bca" and n:
-        mean_ci = bootstrap_intervals(x, "mean", indices=indices, confidence=confidence)
-        median_ci = bootstrap_intervals(x, "median", indices=indices, confidence=confidence)
-        mean_lo, mean_hi = mean_ci["low_bca"], mean_ci["high_bca"]
-        median_lo, median_hi = median_ci["low_bca"], median_ci["high_bca"]
-    else:
-        # percentile intervals only: bootstrap_intervals' BCa half (jackknife, acceleration) was
-        # ~15 % of an aggregate recomputation
-        mean_lo, mean_hi = percentile_interval(bootstrap_distribution(x, "mean", indices), confidence) if n else nan
-        median_lo, median_hi = (
-            percentile_interval(bootstrap_distribution(x, "median", indices), confidence) if n else nan
-        )
+    """:func:`evaluation.stats.summarize` of one algorithm's scores over a set of cases (``NaN`` =
+    not scored), as an Aggregate row stores it: n (scored), mean, median, std (ddof 1), the
+    bootstrap intervals of mean and median by ``ci_method`` (percentile, or BCa: the jackknife
+    only then), n_failed, n_missing (``missing.sum()`` when given, else the NaN); None for what
+    is not finite."""
+    matrix = ScoreMatrix("", "", ("",), tuple(map(str, range(values.size))), values[None, :],
+                         failed=np.asarray(failed, dtype=bool)[None, :])
+    row = summarize(matrix, confidence=confidence, n_resamples=n_resamples, seed=seed,
+                    bca=ci_method == "bca").iloc[0]
+    method = "bca" if ci_method == "bca" else "percentile"
+    n = int(row["n_scored"])
     return {
         "n": n,
-        "mean": finite_or_none(x.mean()) if n else None,
-        "median": finite_or_none(np.median(x)) if n else None,
-        "std": finite_or_none(x.std(ddof=1)) if n > 1 else None,
-        "ci_low": finite_or_none(mean_lo),
-        "ci_high": finite_or_none(mean_hi),
-        "median_ci_low": finite_or_none(median_lo),
-        "median_ci_high": finite_or_none(median_hi),
-        "n_failed": int(failed.sum()),
+        "mean": finite_or_none(row["mean"]),
+        "median": finite_or_none(row["median"]),
+        "std": finite_or_none(row["std"]),
+        "ci_low": finite_or_none(row[f"mean_ci_low_{method}"]),
+        "ci_high": finite_or_none(row[f"mean_ci_high_{method}"]),
+        "median_ci_low": finite_or_none(row[f"median_ci_low_{method}"]),
+        "median_ci_high": finite_or_none(row[f"median_ci_high_{method}"]),
+        "n_failed": int(row["n_failed"]),
         "n_missing": int(missing.sum()) if missing is not None else int(values.size - n),
         "ci_method": ci_method,
     }
