@@ -2,7 +2,7 @@
 
     /leaderboards/{testset}/figures/{kind}.svg|png?organ=&metric=&method=&variable=[&download=1]
                                     one figure of :mod:`services.web.figures` (kinds: FIGURE_KINDS)
-    /leaderboards/{testset}/report.html[?download=1]
+    /leaderboards/{testset}/report.html[?organ=..&metric=..][&download=1]
                                     the self-contained benchmark report (:mod:`services.report`)
 
 The leaderboard page (:func:`services.web.pages.leaderboard_page`) shows the figures of
@@ -94,13 +94,16 @@ def figure_download(
 
 @router.get("/leaderboards/{testset}/report.html")
 def report_page(request: Request, testset: str, download: bool = Query(False),
+                organ: list[str] = Query([]), metric: list[str] = Query([]),
                 db: Session = Depends(_db)) -> Response:
     from services import report
 
     try:
         ts = queries.get_testset(db, testset)
+        html = report.build_report(db, ts, scope="published", organs=organ or None, metrics=metric or None)
     except queries.LeaderboardNotFound as exc:
         return _problem(request, 404, str(exc))
-    html = report.build_report(db, ts, scope="published")
+    except queries.LeaderboardQueryError as exc:
+        return _problem(request, 422, str(exc))
     headers = {"Content-Disposition": f'attachment; filename="{ts.name}-report.html"'} if download else {}
     return HTMLResponse(html, headers=headers)
