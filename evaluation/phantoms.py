@@ -61,6 +61,7 @@ import numpy as np
 from scipy import ndimage
 
 from evaluation import io
+from evaluation.manifest import METADATA_FIELDS
 from evaluation.labels import (
     COMBINED_LABELS_FILE,
     CT_FILE,
@@ -614,9 +615,6 @@ def write_case(case: PhantomCase, out_dir: Path | str, *, combined: bool = False
     return case_dir
 
 
-MANIFEST_METADATA = ("hospital", "age", "sex", "race", "manufacturer", "scanner", "contrast_phase", "diagnosis")
-
-
 def write_phantom_set(
     out_dir: Path | str,
     n_cases: int,
@@ -653,7 +651,7 @@ def write_phantom_set(
                 public_sample=i in public,
                 extras={"spacing_mm": str(meta["spacing_mm"]), "shape": str(meta["shape"]),
                         **{f"n_{name}": str(meta[f"n_{name}"]) for name in LESION_LABEL_IDS if lesions}},
-                **{k: meta[k] for k in MANIFEST_METADATA},
+                **{k: meta[k] for k in METADATA_FIELDS},
             )
         )
         if progress is not None:

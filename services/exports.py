@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from evaluation.manifest import METADATA_FIELDS
 from services.db.models import Aggregate, Algorithm, Case, Score, Submission, Team, TestSet
 from services.leaderboard import suppression
 from services.leaderboard.compute import SCOPE_STATES
@@ -44,9 +45,9 @@ _SUBMISSION = [
     ("image_digest", pa.string()), ("image_sha256", pa.string()),
 ]
 _CASE = [
-    ("case_id", pa.string()), ("case_image_sha256", pa.string()), ("hospital", pa.string()), ("age", pa.int64()),
-    ("sex", pa.string()), ("race", pa.string()), ("manufacturer", pa.string()), ("scanner", pa.string()),
-    ("contrast_phase", pa.string()), ("diagnosis", pa.string()), ("organ", pa.string()),
+    ("case_id", pa.string()), ("case_image_sha256", pa.string()),
+    *((column, pa.int64() if column == "age" else pa.string()) for column in METADATA_FIELDS),
+    ("organ", pa.string()),
     ("dsc", pa.float64()), ("nsd", pa.float64()), ("hd95", pa.float64()), ("assd", pa.float64()),
     ("status", pa.string()),
 ]
@@ -94,9 +95,8 @@ def _statement(testset: TestSet, level: str, scope: str) -> sa.Select:
         # hidden cases' per-case scores: organizers only (scope=all); anyone else the public sample
         visible_cases = () if suppression.reveals(scope) else (Case.public_sample.is_(True),)
         return (
-            sa.select(*submission_cols, Case.case_id, Case.image_sha256, Case.hospital, Case.age, Case.sex, Case.race,
-                      Case.manufacturer, Case.scanner, Case.contrast_phase, Case.diagnosis, Score.organ, Score.dsc,
-                      Score.nsd, Score.hd95, Score.assd, Score.status)
+            sa.select(*submission_cols, Case.case_id, Case.image_sha256, *(getattr(Case, c) for c in METADATA_FIELDS),
+                      Score.organ, Score.dsc, Score.nsd, Score.hd95, Score.assd, Score.status)
             .select_from(Score)
             .join(Submission, Submission.id == Score.submission_id)
             .join(Algorithm, Algorithm.id == Submission.algorithm_id)

@@ -44,7 +44,6 @@ from services.db.models import Algorithm, AuditLog, Case, Score, Submission, Tea
 METRIC_FILES = {"dsc": "dsc.csv", "nsd": "nsd.csv"}
 CASE_COLUMN = "name"
 DEFAULT_TEAM = "Touchstone (published)"
-METADATA_COLUMNS = ("hospital", "age", "sex", "race", "manufacturer", "scanner", "contrast_phase", "diagnosis")
 
 
 class TouchstoneFormatError(ValueError):

@@ -337,7 +337,7 @@ STATISTICS_SETTINGS = ("missing_policy", "stats_preset", "stats_options", "subgr
 
 
 def _case_columns(session: Session, testset: TestSet) -> set[str]:
-    typed = {"hospital", "age", "age_decade", "sex", "race", "manufacturer", "scanner", "contrast_phase", "diagnosis"}
+    typed = {*ev_manifest.METADATA_FIELDS, "age_decade"}
     extras: set[str] = set()
     for extra in session.scalars(sa.select(Case.extra).where(Case.testset_id == testset.id)):
         extras.update((extra or {}).keys())

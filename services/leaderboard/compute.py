@@ -50,6 +50,7 @@ from sqlalchemy.orm import Session
 
 from evaluation.io import ScoreStatus
 from evaluation.labels import ORGANS
+from evaluation.manifest import METADATA_FIELDS
 from evaluation.stats import (
     AVERAGE_ORGAN,
     CORRECTIONS,
@@ -86,8 +87,6 @@ RANKING_METHODS: tuple[str, ...] = ("mean", "median", "rank-mean", "test")
 STABILITY_METHODS: tuple[str, ...] = ("mean", "rank-mean")
 #: the breakdowns of the per-submission aggregates (Aggregate.scope), hospital first
 BREAKDOWNS: tuple[str, ...] = SUBGROUP_VARIABLES
-#: metadata columns of a case (age_decade is derived from age)
-CASE_METADATA = ("hospital", "age", "sex", "race", "manufacturer", "scanner", "contrast_phase", "diagnosis")
 #: which submission states each scope holds
 SCOPE_STATES: dict[str, tuple[SubmissionState, ...]] = {
     "published": (SubmissionState.published,),
@@ -315,11 +314,11 @@ def load_cases(session: Session, testset_id: int, extra_columns: Sequence[str] =
 
     Public-sample cases are left out: they are the inventors' validation run, not the benchmark,
     and counting them would make every submission "miss" them."""
-    columns = [Case.id, Case.case_id, *(getattr(Case, c) for c in CASE_METADATA), Case.extra]
+    columns = [Case.id, Case.case_id, *(getattr(Case, c) for c in METADATA_FIELDS), Case.extra]
     rows = session.execute(
         sa.select(*columns).where(Case.testset_id == testset_id, Case.public_sample.is_(False)).order_by(Case.id)
     ).all()
-    frame = pd.DataFrame(rows, columns=["case_pk", "case_id", *CASE_METADATA, "extra"])
+    frame = pd.DataFrame(rows, columns=["case_pk", "case_id", *METADATA_FIELDS, "extra"])
     for column in extra_columns:
         if column not in frame.columns:
             frame[column] = [(e or {}).get(column) if isinstance(e, dict) else None for e in frame["extra"]]
@@ -536,7 +535,7 @@ def store_submission_aggregates(
 
 
 def _extra_columns(variables: Sequence[str]) -> list[str]:
-    return [v for v in variables if v not in CASE_METADATA and v != "age_decade"]
+    return [v for v in variables if v not in METADATA_FIELDS and v != "age_decade"]
 
 
 # --------------------------------------------------------------------------------------------
