@@ -96,8 +96,8 @@ def read_leaderboard(
 ) -> dict[str, Any]:
     """The ranked table of one organ (or the average), metric and ranking method."""
     scope = _scope(scope, user)
-    return _json(_run(queries.leaderboard, db, _testset(db, testset, protocol), organ=organ, metric=metric, method=method,
-                      scope=scope))
+    return _json(_run(queries.leaderboard, db, _testset(db, testset, protocol), organ=organ, metric=metric,
+                      method=method, scope=scope))
 
 
 @router.get("/{testset}/significance")
@@ -117,7 +117,8 @@ def read_stability(
 ) -> dict[str, Any]:
     """Bootstrap rank distribution per algorithm, median rank, 95 % interval, Kendall's tau."""
     scope = _scope(scope, user)
-    return _run(queries.stability, db, _testset(db, testset, protocol), organ=organ, metric=metric, method=method, scope=scope)
+    return _run(queries.stability, db, _testset(db, testset, protocol), organ=organ, metric=metric, method=method,
+                scope=scope)
 
 
 @router.get("/{testset}/hospitals")

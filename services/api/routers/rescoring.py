@@ -26,7 +26,8 @@ def list_protocol_versions(name: str, db: Session = Depends(get_db)) -> list[dic
     """The protocol versions a test set has scores under: its current one (what every reader gets
     by default) and those added by re-scoring. ``protocol=`` of the leaderboard routes takes a key."""
     testset = get_testset(db, name)
-    out: list[dict[str, Any]] = [{"protocol_key": testset.protocol_key, "current": True, "protocol": testset.protocol_json}]
+    out: list[dict[str, Any]] = [
+        {"protocol_key": testset.protocol_key, "current": True, "protocol": testset.protocol_json}]
     for row in db.scalars(sa.select(TestSetProtocol).where(TestSetProtocol.testset_id == testset.id)
                           .order_by(TestSetProtocol.id)):
         if row.protocol_key != testset.protocol_key:
