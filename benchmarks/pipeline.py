@@ -14,13 +14,15 @@ Stacks:
   free port (``appendonly yes``, as docs/operations.md asks for production), so its memory is
   this run's alone.
 
-A test set of ``N`` hidden tiny phantoms (64³, +1 public-sample case; written once per work
-folder and reused) is imported; the real API runs as its own uvicorn process and the trivial
-example image (``touchstone/example-trivial``, a threshold segmenter) is uploaded to it as a
-``docker save`` tarball over HTTP (``POST /api/v1/submissions``, an inventor's token); real Celery
-workers started as ``touchstone worker`` starts them (one ``gpu``-queue worker, one ``cpu``-queue
-worker with ``--cpu-concurrency`` processes and no beat) take it through validation, shards of
-``--shard-size`` cases, scoring, finalize and the statistics. The benchmark polls
+A test set of ``N`` hidden tiny phantoms (64³, +1 public-sample case) is imported: ``--distinct``
+(201) phantoms are written once per work folder, further cases name their files under their own
+case ids (the case count is the point, not the pixels); the real API runs as its own uvicorn
+process and the trivial example image (``touchstone/example-trivial``, a threshold segmenter) is
+uploaded to it as a ``docker save`` tarball over HTTP (``POST /api/v1/submissions``, an
+inventor's token); real Celery workers started as ``touchstone worker`` starts them (one
+``gpu``-queue worker, one ``cpu``-queue worker with ``--cpu-concurrency`` processes and no beat)
+take it through validation, shards of ``--shard-size`` cases, scoring, finalize and the
+statistics. The benchmark polls
 ``GET /api/v1/submissions/{id}`` through the API (as a client would) and prints a progress line
 every ``--progress-s`` seconds.
 
@@ -100,6 +102,39 @@ def fresh_postgres_database(keep: bool) -> tuple[str, Callable[[], None]]:
     return url, drop
 
 
+def test_set_manifest(work: Path, cases: int, distinct: int) -> Path:
+    """The manifest of ``cases`` hidden + 1 public-sample tiny phantoms. ``distinct`` of them
+    are written (``evaluation.phantoms.write_phantom_set``, seed 11, once per work folder); the
+    other rows name the files of phantom ``i mod distinct`` under their own case ids (hidden),
+    so a 5,903-case test set costs 201 phantoms' writing time: the case count is what is measured."""
+    import csv
+
+    from evaluation.phantoms import write_phantom_set
+
+    distinct = max(1, min(distinct, cases + 1))
+    source = work / f"phantoms-{distinct}"
+    if not (source / "manifest.csv").exists():
+        started = time.perf_counter()
+        print(f"writing {distinct} tiny phantoms to {source} ...", flush=True)
+        write_phantom_set(source, distinct, public_sample=1, size="tiny", seed=11)
+        print(f"  {time.perf_counter() - started:.0f} s", flush=True)
+    if cases + 1 == distinct:
+        return source / "manifest.csv"
+    with open(source / "manifest.csv", newline="") as handle:
+        reader = csv.DictReader(handle)
+        header, rows = reader.fieldnames, list(reader)
+    manifest = source / f"manifest-{cases + 1}.csv"
+    with open(manifest, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=header)
+        writer.writeheader()
+        for i in range(cases + 1):
+            row = dict(rows[i % distinct])
+            if i >= distinct:
+                row["case_id"], row["public_sample"] = f"{row['case_id']}_r{i:05d}", "false"
+            writer.writerow(row)
+    return manifest
+
+
 def start_redis(folder: Path) -> tuple[subprocess.Popen, str]:
     """A persistent redis-server of our own (its memory is this run's alone)."""
     import redis
@@ -155,6 +190,8 @@ def main() -> None:
                         help="embedded: SQLite + filesystem://; postgres: PostgreSQL + a Redis of its own")
     parser.add_argument("--workdir", type=Path, default=None, help="work folder (phantoms are reused; default: temporary)")
     parser.add_argument("--cpu-concurrency", type=int, default=1, help="processes of the cpu-queue worker")
+    parser.add_argument("--distinct", type=int, default=201,
+                        help="phantoms written; further cases reuse their files under their own ids (default 201)")
     parser.add_argument("--progress-s", type=float, default=10.0, help="seconds between progress lines")
     parser.add_argument("--keep-db", action="store_true", help="postgres: keep the database (its URL is printed)")
     args = parser.parse_args()
@@ -194,30 +231,17 @@ def run(args, work: Path, run_dir: Path, data_dir: Path, database: str, broker: 
     import sqlalchemy as sa
 
     from evaluation.labels import ORGANS
-    from evaluation.phantoms import write_phantom_set
     from services.cli.worker import celery_commands
     from services.db import migrate
     from services.db.accounts import create_user
-    from services.db.models import Algorithm, CaseRun, Score, Shard, Submission
+    from services.db.models import Algorithm, Case, CaseRun, Score, Shard, Submission
     from services.db.session import session_scope
     from services.db.testsets import import_testset
 
     client = docker.from_env(timeout=600)
     subprocess.run(["bash", str(ROOT / "scripts/build-examples.sh"), "--only", "trivial"], check=True,
                    stdout=subprocess.DEVNULL)
-    phantoms = work / f"phantoms-{args.cases + 1}"
-    manifest = phantoms / "manifest.csv"
-    if not manifest.exists():
-        started = time.perf_counter()
-        print(f"writing {args.cases + 1} tiny phantoms to {phantoms} ...", flush=True)
-        written = [0]
-
-        def report(_case) -> None:
-            written[0] += 1
-            if written[0] % 500 == 0:
-                print(f"  {written[0]} / {args.cases + 1} phantoms ({time.perf_counter() - started:.0f} s)", flush=True)
-
-        write_phantom_set(phantoms, args.cases + 1, public_sample=1, size="tiny", seed=11, progress=report)
+    manifest = test_set_manifest(work, args.cases, args.distinct)
     tarball = work / "trivial.tar"
     image_id = client.images.get(IMAGE).id
     saved_id = work / "trivial.id"  # the image the tarball holds: saved again when it was rebuilt
@@ -266,13 +290,15 @@ def run(args, work: Path, run_dir: Path, data_dir: Path, database: str, broker: 
         upload_s = started - started_upload
         print(f"uploaded {tarball.stat().st_size / 1e6:.0f} MB over HTTP in {upload_s:.1f} s; submission {submission_id}",
               flush=True)
+        hidden_score_rows = (sa.select(sa.func.count(Score.id)).join(Case, Case.id == Score.case_id)
+                             .where(Score.submission_id == submission_id, Case.public_sample.is_(False)))
         last_state, last_progress = None, started
         n_scored, last_score_at = 0, started
         while True:
             state = http.get(f"/api/v1/submissions/{submission_id}").json()["state"]
             now = time.perf_counter()
             with session_scope() as session:
-                scores = session.scalar(sa.select(sa.func.count(Score.id)).where(Score.submission_id == submission_id))
+                scores = session.scalar(hidden_score_rows)
             if scores // len(ORGANS) != n_scored:
                 n_scored, last_score_at = scores // len(ORGANS), now
             if state != last_state:
@@ -300,7 +326,7 @@ def run(args, work: Path, run_dir: Path, data_dir: Path, database: str, broker: 
         workers_seen = set(session.scalars(sa.select(Shard.worker_hostname).where(Shard.submission_id == sub.id)))
         scoring = sum(session.scalars(sa.select(CaseRun.scoring_seconds).where(CaseRun.submission_id == sub.id)))
         n_runs = session.scalar(sa.select(sa.func.count(CaseRun.id)).where(CaseRun.submission_id == sub.id))
-        n_score_rows = session.scalar(sa.select(sa.func.count(Score.id)).where(Score.submission_id == sub.id))
+        n_score_rows = session.scalar(hidden_score_rows)
         found = re.search(r"exit code 0, ([0-9.]+) s", sub.validation_log or "")
         validation_container = float(found.group(1)) if found else 0.0
 
