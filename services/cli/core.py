@@ -1,7 +1,9 @@
 """Service CLI: ``touchstone db``, ``serve``, ``users``, ``testsets``, ``submit``, ``status``.
 
 ``db``, ``users`` and ``testsets`` work on the database directly (run them on the server);
-``submit`` and ``status`` talk to the API (``--api``/``TOUCHSTONE_API_URL``, ``--token``/``TOUCHSTONE_TOKEN``).
+``submit`` and ``status`` talk to the API (``--api``/``TOUCHSTONE_API_URL``, ``--token``/``TOUCHSTONE_TOKEN``);
+with ``--format json`` they print one JSON document on stdout for scripts: the API's answer, or
+``{"error": {"message": ..., "http_status": ..., "detail": ...}}`` with exit status 1.
 """
 
 from __future__ import annotations
@@ -206,24 +208,53 @@ def testsets_update(
 
 
 # --- submit / status (API clients) -----------------------------------------------------------------
+OUTPUT_FORMATS = ("text", "json")
+
+
+def _output_format(value: str) -> str:
+    if value not in OUTPUT_FORMATS:
+        raise typer.BadParameter(f"unknown format {value!r}; choose one of {', '.join(OUTPUT_FORMATS)}")
+    return value
+
+
+def _format_option(help_text: str):
+    return typer.Option("text", "--format", callback=_output_format, help=help_text)
+
+
+def _client_fail(fmt: str, message: str, http_status: int | None = None, detail=None) -> None:
+    """An API client's error: a red line on stderr, or with ``--format json`` the machine-readable
+    ``{"error": {"message", "http_status", "detail"}}`` on stdout (``detail``: the API's own,
+    as it sent it); exit status 1 either way."""
+    if fmt == "json":
+        print(json.dumps({"error": {"message": message, "http_status": http_status, "detail": detail}}, indent=2))
+        raise typer.Exit(1)
+    _fail(message)
+
+
 def _api(api: str | None) -> str:
     from services.config import get_settings
 
     return (api or get_settings().api_url).rstrip("/")
 
 
-def _token(token: str | None) -> str:
+def _token(token: str | None, fmt: str = "text") -> str:
     token = token or os.environ.get("TOUCHSTONE_TOKEN")
     if not token:
-        _fail("give --token or set TOUCHSTONE_TOKEN")
+        _client_fail(fmt, "give --token or set TOUCHSTONE_TOKEN")
     return token  # type: ignore[return-value]
 
 
-def _error_detail(response) -> str:
+def _error_detail(response):
+    """The API's ``detail`` (a sentence, or a structure as sent), else the start of the body."""
     try:
-        return str(response.json().get("detail", response.text))
+        return response.json().get("detail", response.text)
     except (ValueError, AttributeError):
         return response.text[:500]
+
+
+def _refused(fmt: str, what: str, response) -> None:
+    detail = _error_detail(response)
+    _client_fail(fmt, f"{what}({response.status_code}): {detail}", response.status_code, detail)
 
 
 def submit(
@@ -232,11 +263,12 @@ def submit(
     testset: str = typer.Option(..., "--testset", help="test set name"),
     api: Optional[str] = typer.Option(None, "--api", help="API base URL (default TOUCHSTONE_API_URL)"),
     token: Optional[str] = typer.Option(None, "--token", help="API token (default TOUCHSTONE_TOKEN)"),
+    fmt: str = _format_option("text | json (the API's answer, or a JSON error, on stdout)"),
 ) -> None:
     """Submit an image; a tarball is streamed (never read into memory) with a progress bar."""
     import httpx
 
-    base, bearer = _api(api), _token(token)
+    base, bearer = _api(api), _token(token, fmt)
     headers = {"Authorization": f"Bearer {bearer}"}
     params = {"algorithm": algorithm, "testset": testset}
     path = Path(image)
@@ -250,10 +282,13 @@ def submit(
                     files={"image_ref": (None, image)},
                 )
     except httpx.HTTPError as exc:
-        _fail(f"could not reach the API at {base}: {exc}")
+        _client_fail(fmt, f"could not reach the API at {base}: {exc}")
     if response.status_code != 202:
-        _fail(f"submission refused ({response.status_code}): {_error_detail(response)}")
+        _refused(fmt, "submission refused ", response)
     body = response.json()
+    if fmt == "json":
+        print(json.dumps(body, indent=2))
+        return
     console.print(f"submission {body['id']} received (state {body['state']}); follow it with: touchstone status {body['id']}")
 
 
@@ -297,20 +332,22 @@ def status(
     submission_id: int = typer.Argument(..., help="submission id"),
     api: Optional[str] = typer.Option(None, "--api"),
     token: Optional[str] = typer.Option(None, "--token"),
-    as_json: bool = typer.Option(False, "--json", help="print the raw JSON"),
+    fmt: str = _format_option("text | json (the API's answer, or a JSON error, on stdout)"),
+    as_json: bool = typer.Option(False, "--json", hidden=True, help="the same as --format json"),
 ) -> None:
     """Show a submission's state, timestamps and failure reason."""
     import httpx
 
-    base, bearer = _api(api), _token(token)
+    fmt = "json" if as_json else fmt
+    base, bearer = _api(api), _token(token, fmt)
     try:
         response = httpx.get(f"{base}/api/v1/submissions/{submission_id}", headers={"Authorization": f"Bearer {bearer}"})
     except httpx.HTTPError as exc:
-        _fail(f"could not reach the API at {base}: {exc}")
+        _client_fail(fmt, f"could not reach the API at {base}: {exc}")
     if response.status_code != 200:
-        _fail(f"{response.status_code}: {_error_detail(response)}")
+        _refused(fmt, "", response)
     body = response.json()
-    if as_json:
+    if fmt == "json":
         print(json.dumps(body, indent=2))
         return
     console.print(f"submission {body['id']}: {body['algorithm']} ({body['team']}) on {body['testset']} -- [bold]{body['state']}[/bold]")
