@@ -48,8 +48,14 @@ class TestSetUnderProtocol:
         return object.__getattribute__(self, "_testset")
 
 
+def _unwrapped(testset: TestSet | TestSetUnderProtocol) -> TestSet:
+    return testset.testset if isinstance(testset, TestSetUnderProtocol) else testset
+
+
 def other_protocols(session: Session, testset: TestSet) -> list[TestSetProtocol]:
-    """The test set's protocol versions besides its current one (oldest first)."""
+    """The test set's protocol versions besides its current one (oldest first; of a view: those of
+    the test set it shows)."""
+    testset = _unwrapped(testset)
     return list(session.scalars(
         sa.select(TestSetProtocol).where(TestSetProtocol.testset_id == testset.id,
                                          TestSetProtocol.protocol_key != testset.protocol_key)
@@ -58,14 +64,14 @@ def other_protocols(session: Session, testset: TestSet) -> list[TestSetProtocol]
 
 def protocol_keys(session: Session, testset: TestSet) -> list[str]:
     """Every protocol key of the test set, the current one first."""
+    testset = _unwrapped(testset)
     return [testset.protocol_key, *(p.protocol_key for p in other_protocols(session, testset))]
 
 
 def under_protocol(session: Session, testset: TestSet, protocol_key: str | None) -> TestSet | TestSetUnderProtocol:
     """``testset`` itself for its current key (or ``None``), else its view under ``protocol_key``;
     :class:`UnknownProtocolVersion` for a key the test set has no protocol of."""
-    if isinstance(testset, TestSetUnderProtocol):
-        testset = testset.testset
+    testset = _unwrapped(testset)
     if protocol_key is None or protocol_key == testset.protocol_key:
         return testset
     row = session.scalar(sa.select(TestSetProtocol).where(TestSetProtocol.testset_id == testset.id,

@@ -165,6 +165,7 @@ def _scores(session, submission_id: int, key: str) -> dict[tuple[int, str], tupl
         sa.select(Score).where(Score.submission_id == submission_id, Score.protocol_key == key))}
 
 
+@pytest.mark.slow  # builds the scored world (phantoms, scoring, statistics) and recomputes two versions
 def test_rescore_scores_kept_predictions_under_the_new_version(env, tmp_path):
     from evaluation.protocols import load_protocol
     from evaluation.scoring import score_case
@@ -229,6 +230,33 @@ def test_rescore_scores_kept_predictions_under_the_new_version(env, tmp_path):
             queries.get_testset(session, "phantoms", "touchstone@3")
     # a redelivered job does nothing twice
     assert rescore.run(job_id) == "nothing to do"
+
+    # publishing recomputes the published scope of every version; the pages show the chosen one
+    from fastapi.testclient import TestClient
+
+    from services.api.app import create_app
+    from services.config import get_settings
+    from services.submissions import publish
+
+    first = world["submission_ids"][0]
+    with session_scope() as session:
+        publish(session, None, first)
+    with session_scope() as session:
+        for key in ("touchstone@1", "touchstone@2"):
+            board = queries.leaderboard(session, queries.get_testset(session, "phantoms", key), scope="published")
+            assert [e["submission_id"] for e in board["entries"]] == [first], key
+    client = TestClient(create_app(get_settings()))
+    page = client.get("/leaderboards/phantoms", params={"protocol": "touchstone@2", "metric": "nsd"})
+    assert page.status_code == 200
+    assert "protocol <code>touchstone@2</code>" in page.text
+    assert "&amp;protocol=touchstone%402#board" in page.text  # every link keeps the version
+    assert "protocol=touchstone%401" in page.text  # the selector offers the other one
+    default = client.get("/leaderboards/phantoms").text
+    # the default version: links without a protocol (they follow the test set's current one)
+    assert "protocol <code>touchstone@1</code>" in default and 'method=mean#board"' in default
+    assert client.get("/leaderboards/phantoms", params={"protocol": "touchstone@3"}).status_code == 404
+    submission = client.get(f"/leaderboards/phantoms/submissions/{first}", params={"protocol": "touchstone@2"})
+    assert submission.status_code == 200 and "protocol <code>touchstone@2</code>" in submission.text
 
 
 def test_predictions_gone_are_reported_not_skipped(env, tmp_path):
