@@ -12,9 +12,13 @@ import html
 import io
 import json
 import os
+import socket
 import subprocess
+import sys
+import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import sqlalchemy as sa
@@ -304,7 +308,7 @@ class DevTools:
         self._from_chrome, from_chrome_w = os.pipe()
         command = (f'exec "$0" "$@" 3<&{to_chrome_r} 4>&{from_chrome_w} {to_chrome_r}<&- {from_chrome_w}>&-')
         self.process = subprocess.Popen(
-            ["sh", "-c", command, chromium, *CHROMIUM_FLAGS, "--remote-debugging-pipe", f"--user-data-dir={profile}",
+            ["bash", "-c", command, chromium, *CHROMIUM_FLAGS, "--remote-debugging-pipe", f"--user-data-dir={profile}",
              "about:blank"],
             pass_fds=(to_chrome_r, from_chrome_w), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         os.close(to_chrome_r)
@@ -353,9 +357,42 @@ class DevTools:
         os.close(self._from_chrome)
 
 
+@pytest.fixture
+def viewer_server(settings, vworld):
+    """The app in a real uvicorn process on the test's database and storage (up to 180 s to start:
+    the machine may be busy)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "TOUCHSTONE_DATA_DIR": str(settings.data_dir), "TOUCHSTONE_DATABASE_URL": str(settings.database_url),
+           "TOUCHSTONE_LOG_LEVEL": "WARNING"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "services.api.app:create_app", "--factory", "--host", "127.0.0.1",
+         "--port", str(port), "--log-level", "warning"], cwd=Path(__file__).resolve().parents[3], env=env)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            if httpx.get(f"{base}/api/v1/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail("uvicorn did not start within 180 s")
+        time.sleep(0.5)
+    yield base
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
 @pytest.mark.chromium
-def test_viewer_in_headless_chromium_screenshot(vworld, live_server, chromium_path, tmp_path):
-    base, _process = live_server
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # the browser part does not depend on the database
+def test_viewer_in_headless_chromium_screenshot(vworld, viewer_server, chromium_path, tmp_path):
+    base = viewer_server
     ids = vworld["ids"]
     url = f"{base}{_page(ids['alpha'], ids['public'], '?organ=liver')}"
     browser = DevTools(chromium_path, tmp_path / "profile")
@@ -377,6 +414,7 @@ def test_viewer_in_headless_chromium_screenshot(vworld, live_server, chromium_pa
         boxes = browser.call("Runtime.evaluate", session, returnByValue=True, expression=(
             "Array.from(document.querySelectorAll('img[id^=slice-]')).map(i => {"
             "const r = i.getBoundingClientRect(); return [r.left, r.top, r.width, r.height]; })"))["result"]["value"]
+        shot = base64.b64decode(browser.call("Page.captureScreenshot", session, format="png")["data"])
         # the slice chooser swaps the image without reloading the page
         browser.call("Runtime.evaluate", session, expression=(
             "var r = document.querySelector('input[data-plane=axial]'); r.value = 3;"
@@ -385,7 +423,9 @@ def test_viewer_in_headless_chromium_screenshot(vworld, live_server, chromium_pa
         src = browser.call("Runtime.evaluate", session, returnByValue=True,
                            expression="document.getElementById('slice-axial').getAttribute('src')")["result"]["value"]
         assert src.endswith("/axial/3.png")
-        shot = base64.b64decode(browser.call("Page.captureScreenshot", session, format="png")["data"])
+        swapped = browser.call("Runtime.evaluate", session, returnByValue=True, expression=(
+            "(i => [i.complete, i.naturalWidth])(document.getElementById('slice-axial'))"))["result"]["value"]
+        assert swapped[0] and swapped[1] > 100, swapped
     finally:
         browser.close()
     pixels = np.asarray(Image.open(io.BytesIO(shot)).convert("RGB")).astype(float)
