@@ -48,6 +48,8 @@ class WorkerSettings(BaseSettings):
     where the database, broker and storage are."""
 
     model_config = SettingsConfigDict(env_prefix="TOUCHSTONE_WORKER_", env_file=None, extra="ignore")
+    # the fields are declarations of the same shape (a comment, a name, a default and its bounds):
+    # `duplicates` pairs runs of them; each is its own setting
 
     #: the container runtime, a dotted path ``module:attribute`` to a
     #: :class:`worker.runtime.base.ContainerRuntime` class (or a callable without arguments returning

@@ -32,22 +32,8 @@ from worker import pipeline
 from worker.app import CPU_QUEUE, GPU_QUEUE, app, worker_settings
 from worker.finalize import finalize
 from worker.outputs import OutputReport, check_outputs, delete_tree, prune_outputs
-from worker.runs import (
-    ImageSource,
-    discard_run,
-    engine_errors,
-    ensure_image,
-    fail,
-    fresh_run_dir,
-    get_runtime,
-    gpu_ids,
-    log,
-    public_text,
-    relative,
-    run_limits,
-    storage_root,
-    supervised_run,
-)
+from worker.runs import ImageSource, discard_run, engine_errors, ensure_image, fail, fresh_run_dir, get_runtime
+from worker.runs import gpu_ids, log, public_text, relative, run_limits, storage_root, supervised_run
 from worker.runtime.base import (
     FailureCode,
     FailureReason,

@@ -44,27 +44,27 @@ def stale_shards(session: Session, now: dt.datetime, stale_after_s: float) -> li
     ))
 
 
-def stale_validations(session: Session, now: dt.datetime, stale_after_s: float) -> list[int]:
-    """Validating submissions claimed by a worker whose heartbeat is older than ``stale_after_s``."""
-    cutoff = now - dt.timedelta(seconds=stale_after_s)
-    heartbeat = sa.func.coalesce(Submission.heartbeat_at, Submission.validating_at)
+def _validations_untouched(session: Session, cutoff: dt.datetime, claimed: bool) -> list[int]:
+    """Validating submissions, ``claimed`` by a worker or not, whose heartbeat (else the start of
+    their validation) is older than ``cutoff``."""
+    touched = sa.func.coalesce(Submission.heartbeat_at, Submission.validating_at)
+    owner = Submission.worker_hostname.is_not(None) if claimed else Submission.worker_hostname.is_(None)
     return list(session.scalars(
-        sa.select(Submission.id).where(Submission.state == S.validating, Submission.worker_hostname.is_not(None),
-                                       sa.or_(heartbeat.is_(None), heartbeat < cutoff))
+        sa.select(Submission.id).where(Submission.state == S.validating, owner,
+                                       sa.or_(touched.is_(None), touched < cutoff))
         .order_by(Submission.id)
     ))
+
+
+def stale_validations(session: Session, now: dt.datetime, stale_after_s: float) -> list[int]:
+    """Validating submissions claimed by a worker whose heartbeat is older than ``stale_after_s``."""
+    return _validations_untouched(session, now - dt.timedelta(seconds=stale_after_s), claimed=True)
 
 
 def quiet_validations(session: Session, now: dt.datetime, quiet_s: float) -> list[int]:
     """Validating submissions nobody claimed and nothing touched for ``quiet_s`` seconds (a lost
     message)."""
-    cutoff = now - dt.timedelta(seconds=quiet_s)
-    touched = sa.func.coalesce(Submission.heartbeat_at, Submission.validating_at)
-    return list(session.scalars(
-        sa.select(Submission.id).where(Submission.state == S.validating, Submission.worker_hostname.is_(None),
-                                       sa.or_(touched.is_(None), touched < cutoff))
-        .order_by(Submission.id)
-    ))
+    return _validations_untouched(session, now - dt.timedelta(seconds=quiet_s), claimed=False)
 
 
 def ended_submissions_holding_files(session: Session, now: dt.datetime, grace_s: float) -> list[int]:

@@ -40,21 +40,8 @@ from worker.app import CPU_QUEUE, GPU_QUEUE, app, worker_settings
 from worker.finalize import finalize
 from worker.inference import infer_shard
 from worker.outputs import check_outputs, delete_tree, prune_outputs, score_outputs
-from worker.runs import (
-    ImageSource,
-    discard_run,
-    engine_errors,
-    ensure_image,
-    fail,
-    fresh_run_dir,
-    get_runtime,
-    gpu_ids,
-    log,
-    protocol_of,
-    public_text,
-    run_limits,
-    supervised_run,
-)
+from worker.runs import ImageSource, discard_run, engine_errors, ensure_image, fail, fresh_run_dir, get_runtime
+from worker.runs import gpu_ids, log, protocol_of, public_text, run_limits, supervised_run
 from worker.runtime.base import (
     EngineUnavailable,
     FailureCode,

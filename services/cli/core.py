@@ -257,6 +257,18 @@ def _refused(fmt: str, what: str, response) -> None:
     _client_fail(fmt, f"{what}({response.status_code}): {detail}", response.status_code, detail)
 
 
+def _api_answer(fmt: str, response, expected: int, refused: str) -> dict | None:
+    """The API's JSON answer, for the text format to show; with ``--format json`` it is printed as
+    it came and None returned. Any status but ``expected`` fails (:func:`_refused`)."""
+    if response.status_code != expected:
+        _refused(fmt, refused, response)
+    body = response.json()
+    if fmt == "json":
+        print(json.dumps(body, indent=2))
+        return None
+    return body
+
+
 def submit(
     image: str = typer.Argument(..., help="a `docker save` tarball (IMAGE.tar) or an image reference"),
     algorithm: str = typer.Option(..., "--algorithm", help="your team's algorithm name"),
@@ -283,11 +295,8 @@ def submit(
                 )
     except httpx.HTTPError as exc:
         _client_fail(fmt, f"could not reach the API at {base}: {exc}")
-    if response.status_code != 202:
-        _refused(fmt, "submission refused ", response)
-    body = response.json()
-    if fmt == "json":
-        print(json.dumps(body, indent=2))
+    body = _api_answer(fmt, response, 202, "submission refused ")
+    if body is None:
         return
     console.print(f"submission {body['id']} received (state {body['state']}); follow it with: touchstone status {body['id']}")
 
@@ -344,11 +353,8 @@ def status(
         response = httpx.get(f"{base}/api/v1/submissions/{submission_id}", headers={"Authorization": f"Bearer {bearer}"})
     except httpx.HTTPError as exc:
         _client_fail(fmt, f"could not reach the API at {base}: {exc}")
-    if response.status_code != 200:
-        _refused(fmt, "", response)
-    body = response.json()
-    if fmt == "json":
-        print(json.dumps(body, indent=2))
+    body = _api_answer(fmt, response, 200, "")
+    if body is None:
         return
     console.print(f"submission {body['id']}: {body['algorithm']} ({body['team']}) on {body['testset']} -- [bold]{body['state']}[/bold]")
     for state in ("received", "validating", "queued", "running", "evaluating", "scored", "published", "failed", "cancelled"):

@@ -58,6 +58,8 @@ class FailureReason:
     def __str__(self) -> str:
         return self.message
 
+    # One constructor per failure code, alike by design (`duplicates` pairs them): each holds the
+    # one sentence a team reads for that code, with its own numbers and its own fix.
     # -- the sentences, in one place so that every caller words a failure the same way --------
     @classmethod
     def time_limit(cls, limit_s: float, n_cases: int | None = None) -> FailureReason:

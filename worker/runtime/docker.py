@@ -222,6 +222,8 @@ class DockerRuntime(ContainerRuntime):
             raise ImageRejected(FailureReason.wrong_architecture(info.architecture, info.os))
         return self.inspect_image(info.image_id)
 
+    # The engine calls below each ignore the one "already gone" error of their call (alike in
+    # shape, paired by `duplicates`): which error is harmless differs from call to call.
     def _has_image(self, image_id: str) -> bool:
         try:
             return self.client.api.inspect_image(image_id)["Id"] == image_id

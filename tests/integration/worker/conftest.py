@@ -4,6 +4,8 @@ session with scripts/build-examples.sh), a runtime on the real engine, tiny stag
 from __future__ import annotations
 
 import subprocess
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,6 +74,25 @@ class Harness:
                        limits=limits or self.limits, extra_input_mounts=staged.mounts, case_ids=staged.case_ids,
                        command=command, submission_id=submission_id, shard_id=shard_id)
         return self.runtime.run(spec), output
+
+    def start_running(self, image: str, cts: dict[str, Path], *, submission_id: str, shard_id: str,
+                      time_limit_s: float = 60) -> tuple[threading.Thread, dict]:
+        """:meth:`run` in a thread, returned once its container is running (at most 30 s); the
+        thread leaves ``{"result": RunResult}`` in the returned dict when the run ends."""
+        outcome: dict = {}
+
+        def run() -> None:
+            outcome["result"], _ = self.run(image, cts, time_limit_s=time_limit_s, submission_id=submission_id,
+                                            shard_id=shard_id)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        label = [f"touchstone.submission={submission_id}", f"touchstone.deployment={self.runtime.deployment_id}"]
+        deadline = time.monotonic() + 30
+        while not self.runtime.client.api.containers(filters={"label": label, "status": "running"}):
+            assert time.monotonic() < deadline, "the container never started"
+            time.sleep(0.1)
+        return thread, outcome
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 import pytest
@@ -114,19 +113,9 @@ def test_symlink_escape_is_refused(harness, example_images, tiny_cts):
 
 
 def test_cancel_by_label_stops_a_running_container_within_seconds(harness, example_images, tiny_cts, docker_client):
-    outcome = {}
-
-    def run():
-        outcome["result"], _ = harness.run(example_images["sleep-forever"], tiny_cts, time_limit_s=60,
-                                           submission_id="sub-cancel", shard_id="7")
-
-    thread = threading.Thread(target=run)
-    thread.start()
+    thread, outcome = harness.start_running(example_images["sleep-forever"], tiny_cts, submission_id="sub-cancel",
+                                            shard_id="7")
     other = DockerRuntime()  # another client, as a cancel from the API process would be
-    deadline = time.monotonic() + 30
-    while not other.client.api.containers(filters={"label": ["touchstone.submission=sub-cancel"], "status": "running"}):
-        assert time.monotonic() < deadline, "the container never started"
-        time.sleep(0.1)
     assert other.cancel("sub-cancel", shard_id="8") == 0  # another shard: nothing to stop
     cancelled_at = time.monotonic()
     assert other.cancel("sub-cancel") == 1

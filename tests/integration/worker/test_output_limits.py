@@ -4,7 +4,6 @@ and two deployments sharing one engine. Real Docker; small caps so each run take
 from __future__ import annotations
 
 import dataclasses
-import threading
 import time
 
 import pytest
@@ -73,19 +72,9 @@ def test_a_sigterm_ignoring_container_is_killed_at_its_time_limit(harness, examp
 def test_two_deployments_on_one_engine_never_touch_each_other(harness, example_images, tiny_cts, docker_client):
     other = DockerRuntime(docker_client, deployment_id="other-deployment")
     assert other.deployment_id != harness.runtime.deployment_id
-    outcome = {}
-
-    def run():
-        outcome["result"], _ = harness.run(example_images["sleep-forever"], tiny_cts, time_limit_s=60,
-                                           submission_id="sub-deploy", shard_id="validation")
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    deadline = time.monotonic() + 30
+    thread, outcome = harness.start_running(example_images["sleep-forever"], tiny_cts, submission_id="sub-deploy",
+                                            shard_id="validation")
     label = ["touchstone.submission=sub-deploy", f"touchstone.deployment={harness.runtime.deployment_id}"]
-    while not docker_client.api.containers(filters={"label": label, "status": "running"}):
-        assert time.monotonic() < deadline, "the container never started"
-        time.sleep(0.1)
     # the other deployment's cancel and clean-up see nothing of ours, though ids are the same
     assert other.cancel("sub-deploy") == 0
     assert other.remove_leftovers("sub-deploy", "validation") == 0

@@ -1,7 +1,11 @@
 """Test algorithm: the trivial threshold segmenter, slowed to SECONDS_PER_CASE per case, so a test
 can kill its worker, restart Redis or cancel while it runs. Public-sample runs are not slowed
 (validation stays fast) unless the image sets SLOW_PUBLIC_S (the engine-restart test's variant);
-a case is recognised as hidden when /input holds more than one case."""
+a case is recognised as hidden when /input holds more than one case.
+
+The segmentation lines repeat examples/algorithms/trivial/run.py on purpose: this file is the whole
+build context of its own test image (tests/integration/pipeline/conftest.py), so it cannot import
+the example; the trivial example stays the readable reference a team copies."""
 import json
 import os
 import time
