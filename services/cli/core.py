@@ -257,9 +257,16 @@ def _refused(fmt: str, what: str, response) -> None:
     _client_fail(fmt, f"{what}({response.status_code}): {detail}", response.status_code, detail)
 
 
-def _api_answer(fmt: str, response, expected: int, refused: str) -> dict | None:
-    """The API's JSON answer, for the text format to show; with ``--format json`` it is printed as
-    it came and None returned. Any status but ``expected`` fails (:func:`_refused`)."""
+def _call_api(fmt: str, base: str, send, expected: int, refused: str) -> dict | None:
+    """``send()`` the request; the API's JSON answer, for the text format to show; with ``--format
+    json`` it is printed as it came and None returned. An unreachable API, or any status but
+    ``expected`` (:func:`_refused`), fails."""
+    import httpx
+
+    try:
+        response = send()
+    except httpx.HTTPError as exc:
+        _client_fail(fmt, f"could not reach the API at {base}: {exc}")
     if response.status_code != expected:
         _refused(fmt, refused, response)
     body = response.json()
@@ -284,18 +291,15 @@ def submit(
     headers = {"Authorization": f"Bearer {bearer}"}
     params = {"algorithm": algorithm, "testset": testset}
     path = Path(image)
-    try:
+
+    def send():
         with httpx.Client(timeout=httpx.Timeout(60.0, read=None, write=None)) as client:
             if path.is_file():
-                response = _stream_upload(client, f"{base}/api/v1/submissions", path, params, headers)
-            else:
-                response = client.post(
-                    f"{base}/api/v1/submissions", params=params, headers=headers,
-                    files={"image_ref": (None, image)},
-                )
-    except httpx.HTTPError as exc:
-        _client_fail(fmt, f"could not reach the API at {base}: {exc}")
-    body = _api_answer(fmt, response, 202, "submission refused ")
+                return _stream_upload(client, f"{base}/api/v1/submissions", path, params, headers)
+            return client.post(f"{base}/api/v1/submissions", params=params, headers=headers,
+                               files={"image_ref": (None, image)})
+
+    body = _call_api(fmt, base, send, 202, "submission refused ")
     if body is None:
         return
     console.print(f"submission {body['id']} received (state {body['state']}); follow it with: touchstone status {body['id']}")
@@ -349,11 +353,8 @@ def status(
 
     fmt = "json" if as_json else fmt
     base, bearer = _api(api), _token(token, fmt)
-    try:
-        response = httpx.get(f"{base}/api/v1/submissions/{submission_id}", headers={"Authorization": f"Bearer {bearer}"})
-    except httpx.HTTPError as exc:
-        _client_fail(fmt, f"could not reach the API at {base}: {exc}")
-    body = _api_answer(fmt, response, 200, "")
+    body = _call_api(fmt, base, lambda: httpx.get(f"{base}/api/v1/submissions/{submission_id}",
+                                                  headers={"Authorization": f"Bearer {bearer}"}), 200, "")
     if body is None:
         return
     console.print(f"submission {body['id']}: {body['algorithm']} ({body['team']}) on {body['testset']} -- [bold]{body['state']}[/bold]")
