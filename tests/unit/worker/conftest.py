@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 #: the runtimes installed by ``tasks_env["use_runtime"]``; ``WorkerSettings.runtime`` points at
@@ -16,15 +18,24 @@ def installed_runtime():
     return _installed[-1]
 
 
+@pytest.fixture(scope="session")
+def migrated_sqlite(tmp_path_factory):
+    """A SQLite file migrated to head once per session; each test starts from a copy of it."""
+    from services.db import migrate
+
+    path = tmp_path_factory.mktemp("migrated") / "touchstone.db"
+    migrate.upgrade("head", f"sqlite:///{path}")
+    return path
+
+
 @pytest.fixture
-def tasks_env(tmp_path, monkeypatch):
+def tasks_env(tmp_path, monkeypatch, migrated_sqlite):
     """A data folder with a migrated SQLite database that the tasks' settings point at, the tasks'
     ``apply_async`` recorded instead of sent, and the container runtime chosen through
     ``WorkerSettings.runtime``: yields ``{"data": folder, "sent": [(task, args)], "use_runtime": f}``
     where ``f(runtime)`` makes ``runtime`` the one every task gets. One registry is configured
     (``registry.example.org``) for image references."""
     from services.config import get_settings
-    from services.db import migrate
     from services.db.session import dispose_engines
     from worker import finalize, inference, reaper, runs, scoring, validation
     from worker.app import worker_settings
@@ -37,7 +48,7 @@ def tasks_env(tmp_path, monkeypatch):
     monkeypatch.setenv("TOUCHSTONE_ALLOWED_REGISTRIES", '["registry.example.org"]')
     get_settings.cache_clear()
     dispose_engines()
-    migrate.upgrade("head", url)
+    shutil.copyfile(migrated_sqlite, data / "touchstone.db")  # the same schema as migrate.upgrade("head")
     sent: list[tuple[str, list]] = []
     for task in (validation.validate, validation.validate_run, inference.infer_shard, finalize.finalize,
                  scoring.score, reaper.reap):
