@@ -86,6 +86,17 @@ def _add_unavailable(job_id: int, submission_id: int, reason: str) -> None:
 @app.task(name=rescoring.RESCORE_TASK)
 def rescore(job_id: int) -> str:
     """Score the job's submissions under its protocol version, then compute that version's statistics."""
+    try:
+        return _rescore(job_id)
+    except Exception as exc:
+        # a job left "running" would keep its submissions' predictions from the reclaim forever
+        log.exception("re-scoring job %s failed", job_id)
+        _update_job(job_id, state=RescoreState.failed, finished_at=utcnow(),
+                    error=f"{type(exc).__name__}: {exc}; see the worker log, then start the job again")
+        raise
+
+
+def _rescore(job_id: int) -> str:
     from evaluation.scoring import worst_rows
 
     with session_scope() as session:

@@ -15,6 +15,9 @@ import pytest
 import sqlalchemy as sa
 import yaml
 
+#: the module builds one scored world (phantoms, scoring, statistics: ~20 s on 2 cores) for its tests
+pytestmark = pytest.mark.slow
+
 N_CASES, PUBLIC, SEED = 4, 1, 5
 
 
@@ -165,7 +168,6 @@ def _scores(session, submission_id: int, key: str) -> dict[tuple[int, str], tupl
         sa.select(Score).where(Score.submission_id == submission_id, Score.protocol_key == key))}
 
 
-@pytest.mark.slow  # builds the scored world (phantoms, scoring, statistics) and recomputes two versions
 def test_rescore_scores_kept_predictions_under_the_new_version(env, tmp_path):
     from evaluation.protocols import load_protocol
     from evaluation.scoring import score_case
@@ -323,3 +325,30 @@ def test_reclaim_deletes_only_what_the_retention_lets_go(env, tmp_path):
         session.execute(sa.text("update rescore_jobs set state = 'done'"))
     assert reclaim_predictions.run().startswith("predictions of 1 submission(s) deleted")
     assert not (runs / f"submission-{second}").exists()
+
+
+def test_a_job_that_breaks_is_failed_not_left_running(env, tmp_path, monkeypatch):
+    from services import rescoring
+    from services.db.models import RescoreJob, TestSet
+    from services.db.session import session_scope
+    from services.leaderboard import compute
+    from worker.rescoring import rescore
+
+    env, world = env
+
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("the statistics broke")
+
+    monkeypatch.setattr(compute, "recompute_protocol_version", broken)
+    with session_scope() as session:
+        job = rescoring.start_rescore(session, session.get(TestSet, world["testset_id"]), str(protocol_v2(tmp_path)),
+                                      submission_ids=world["submission_ids"][:1])
+        job_id = job.id
+        assert rescoring.active_job_submissions(session) == {world["submission_ids"][0]}
+    with pytest.raises(RuntimeError):
+        rescore.run(job_id)
+    with session_scope() as session:
+        job = session.get(RescoreJob, job_id)
+        assert job.state.value == "failed" and "the statistics broke" in job.error
+        # its submissions are no longer held back from the reclaim
+        assert rescoring.active_job_submissions(session) == set()
