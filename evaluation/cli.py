@@ -65,11 +65,37 @@ def write_results_csv(path: Path, rows, protocol) -> Path:
     return path
 
 
+#: columns of the per-lesion CSV (``touchstone evaluate --lesions-out``)
+LESION_CSV_COLUMNS = ("case_id", "lesion_class", "side", "component", "voxels", "volume_mm3", "diameter_mm",
+                      "matched", "matched_to", "iou", "dsc")
+
+
+def write_lesions_csv(path: Path, rows) -> Path:
+    """One row per lesion (every truth component, then every predicted one) of every lesion class
+    row: its size, whether it was matched (and to which component of the other side), IoU and DSC
+    with its match (0 when unmatched). Failed predictions have no lesion records."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(LESION_CSV_COLUMNS)
+        for r in rows:
+            for lesion in r.lesions:
+                writer.writerow([r.case_id, r.organ, lesion.side, lesion.index, lesion.voxels, _fmt(lesion.volume_mm3),
+                                 _fmt(lesion.diameter_mm), str(lesion.matched).lower(),
+                                 "" if lesion.matched_to is None else lesion.matched_to, _fmt(lesion.iou), _fmt(lesion.dsc)])
+    tmp.replace(path)
+    return path
+
+
 def evaluate(
     gt: Optional[Path] = typer.Option(None, "--gt", help="Ground-truth folder: one sub-folder per case."),
     pred: Path = typer.Option(..., "--pred", help="Prediction folder: one sub-folder per case (either layout)."),
     protocol: str = typer.Option("touchstone", "--protocol", help="Preset (touchstone, nsd-deepmind) or a .yaml/.json protocol file."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the long-format per-case, per-organ CSV here."),
+    lesions_out: Optional[Path] = typer.Option(
+        None, "--lesions-out", help="Lesion protocols: write one row per lesion (size, matched or not, IoU, DSC) here."
+    ),
     workers: int = typer.Option(1, "--workers", min=1, help="Processes scoring cases in parallel."),
     cases_from: Optional[Path] = typer.Option(
         None, "--cases-from", help="Score only this manifest's cases, in its order; ground truth from its labels column unless --gt is given."
@@ -92,6 +118,8 @@ def evaluate(
         proto = load_protocol(protocol)
     except ValueError as exc:
         _fail(str(exc))
+    if lesions_out is not None and not proto.lesions:
+        _fail(f"--lesions-out needs a protocol with lesion classes (kind: lesion), e.g. touchstone-lesions; {proto.key} has none")
     if device != "cpu":
         from evaluation.gpu import GpuUnavailableError, resolve_device
 
@@ -163,6 +191,9 @@ def evaluate(
     if out is not None:
         write_results_csv(out, rows, proto)
         _out.print(f"wrote {len(rows)} rows to {out}")
+    if lesions_out is not None:
+        write_lesions_csv(lesions_out, rows)
+        _out.print(f"wrote {sum(len(r.lesions) for r in rows)} lesion rows to {lesions_out}")
     else:
         _out.print("(use --out results.csv to save the per-case rows)")
 
