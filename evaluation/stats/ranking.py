@@ -57,20 +57,53 @@ def min_ranks(values: np.ndarray, higher_is_better: bool = True, rtol: float = T
     """Ranks along the last axis, 1 = best, ties "min" under the tie rule (values within ``rtol``
     relative tolerance tie); NaN values rank after all others.
 
-    Works on one ranking ``(K,)`` or many ``(B, K)`` at once.
+    Works on one ranking ``(K,)`` or many ``(B, K)`` at once. ``rank_k = 1 + #{l : l better than
+    k}``, found in sorted order, ``O(K log K)`` per ranking: the values strictly greater than ``k``
+    (a search in the sorted row) minus those of them within the tolerance of ``k``. Those lie in the
+    window ``(x_k, x_k + 2 rtol max(1, |x_k|)]`` (the tie rule's ``rtol max(1, |a|, |b|)`` is below
+    ``rtol max(1, |x_k|) / (1 - rtol)``), so only the few values inside it are compared, each with
+    exactly the pairwise rule's float expression: the ranks equal the ``O(K^2)`` pairwise
+    comparison's bit for bit (tested against it). An infinite value ties with every value (its
+    tolerance is infinite), as it does in that comparison.
     """
     values = np.asarray(values, dtype=np.float64)
     key = values if higher_is_better else -values  # larger key = better
-    missing = np.isnan(key)
-    a = key[..., :, None]  # the candidate better one
-    b = key[..., None, :]
+    shape = key.shape
+    k = shape[-1] if key.ndim else 1
+    if k == 0 or key.size == 0:
+        return np.zeros(shape, dtype=np.int64)
+    rows = key.reshape(-1, k)
+    order = np.argsort(rows, axis=1, kind="stable")  # ascending, NaN last
+    s = np.take_along_axis(rows, order, axis=1)
+    n_valid = np.count_nonzero(~np.isnan(s), axis=1)[:, None]
+    # an infinite value ties with every value: its tolerance rtol max(1, |a|, |b|) is infinite;
+    # so only finite values are better than anything, and only than finite values
+    n_below_inf = np.count_nonzero(s < np.inf, axis=1)[:, None]  # -inf and finite
+    finite = np.isfinite(s)
+    position = np.broadcast_to(np.arange(k), s.shape)
+    # first position after p holding a different (for valid values: strictly greater) value
+    starts = np.where(np.concatenate([np.ones((s.shape[0], 1), bool), s[:, 1:] != s[:, :-1]], axis=1), position, k)
+    above = np.full(s.shape, k, dtype=np.int64)
+    above[:, :-1] = np.minimum.accumulate(starts[:, :0:-1], axis=1)[:, ::-1]
+    greater = np.where(finite, np.maximum(n_below_inf - above, 0), 0)
+    # subtract the strictly greater values that tie with p under the tolerance
     with np.errstate(invalid="ignore", over="ignore"):
-        tol = rtol * np.maximum(1.0, np.maximum(np.abs(a), np.abs(b)))
-        better = (a > b) & ~((a - b) <= tol)  # a - b is inf for inf vs finite, NaN only for NaN
-    better &= ~np.isnan(a) & ~np.isnan(b)
-    ranks = 1 + better.sum(axis=-2)  # [.., k] = how many are better than k
-    after_last = np.sum(~missing, axis=-1, keepdims=True) + 1
-    return np.where(missing, after_last, ranks).astype(np.int64)
+        window = s + 2.0 * rtol * np.maximum(1.0, np.abs(s))
+    near = np.zeros(s.shape, dtype=np.int64)
+    candidate = above.copy()
+    active = finite & (candidate < n_below_inf)
+    while active.any():
+        a = np.take_along_axis(s, np.minimum(candidate, k - 1), axis=1)  # the candidate better one
+        active &= a <= window
+        with np.errstate(invalid="ignore", over="ignore"):
+            tol = rtol * np.maximum(1.0, np.maximum(np.abs(a), np.abs(s)))
+            near += active & (a > s) & ((a - s) <= tol)
+        candidate += 1
+        active &= candidate < n_below_inf
+    ranks_sorted = np.where(np.isnan(s), n_valid + 1, 1 + greater - near)
+    ranks = np.empty_like(ranks_sorted)
+    np.put_along_axis(ranks, order, ranks_sorted, axis=1)
+    return ranks.reshape(shape).astype(np.int64)
 
 
 def _aggregate(values: np.ndarray, aggregate: str, fill_missing: float | None) -> np.ndarray:
@@ -279,19 +312,21 @@ def resample_counts(
     """``(B, N)`` float: how often each case appears in each bootstrap resample.
 
     Drawn as ``rng.integers(0, N, (B, N))`` (one resample per row, as ``scipy.stats.bootstrap``;
-    drawn in chunks of rows, which yields the same stream) and counted per row.
+    drawn in chunks of ``chunk`` rows, which yields the same stream) and counted with one
+    ``bincount`` per chunk (row ``r``'s cases offset by ``r N``): no loop over resamples.
     """
     counts = np.empty((n_resamples, n_cases))
     for start in range(0, n_resamples, chunk):
-        idx = rng.integers(0, n_cases, (min(chunk, n_resamples - start), n_cases))
-        for r, row in enumerate(idx):  # one bincount per resample: faster than one big one
-            counts[start + r] = np.bincount(row, minlength=n_cases)
+        rows = min(chunk, n_resamples - start)
+        idx = rng.integers(0, n_cases, (rows, n_cases))
+        idx += (np.arange(rows, dtype=idx.dtype) * n_cases)[:, None]
+        counts[start : start + rows] = np.bincount(idx.ravel(), minlength=rows * n_cases).reshape(rows, n_cases)
     return counts
 
 
 def _bootstrap_values(
     scores: ScoreMatrix, method: str, rng: np.random.Generator, n_resamples: int,
-    fill_missing: float | None, chunk: int,
+    fill_missing: float | None, chunk: int, counts: np.ndarray | None = None,
 ) -> tuple[np.ndarray, bool]:
     """(B, K) aggregate per resample and whether higher is better for it."""
     n = scores.n_cases
@@ -308,7 +343,7 @@ def _bootstrap_values(
                 med = np.nanmedian(sample, axis=2) if any_nan else np.median(sample, axis=2)
             out[start : start + idx.shape[0]] = med.T
         return out, scores.higher_is_better
-    counts = resample_counts(rng, n, n_resamples)  # (B, N)
+    counts = resample_counts(rng, n, n_resamples) if counts is None else counts  # (B, N)
     if method == "rank-mean":
         return (counts @ case_ranks(scores).T) / n, False
     values = scores.values
@@ -330,8 +365,13 @@ def bootstrap_rank_stability(
     confidence: float = 0.95,
     fill_missing: float | None = None,
     chunk: int = 25,
+    counts: np.ndarray | None = None,
 ) -> RankStability:
-    """Bootstrap the ranking by ``method`` over cases (same resample for every algorithm)."""
+    """Bootstrap the ranking by ``method`` over cases (same resample for every algorithm).
+
+    ``counts`` (``mean`` and ``rank-mean`` only): the resamples' case counts when already drawn,
+    i.e. ``resample_counts(np.random.default_rng(seed), N, n_resamples)`` -- the same for every
+    matrix with N cases, so a caller ranking many matrices draws them once."""
     if method not in BOOTSTRAP_METHODS:
         raise ValueError(
             f"bootstrap ranking supports methods {list(BOOTSTRAP_METHODS)}, got {method!r} "
@@ -344,7 +384,10 @@ def bootstrap_rank_stability(
     k = scores.n_algorithms
     full = rank(scores, method, fill_missing=fill_missing)["rank"].to_numpy()
     rng = np.random.default_rng(seed)
-    values, hib = _bootstrap_values(scores, method, rng, n_resamples, fill_missing, chunk)
+    if counts is not None and (method == "median" or counts.shape != (n_resamples, scores.n_cases)):
+        raise ValueError(f"counts must be the ({n_resamples}, {scores.n_cases}) case counts of a mean or rank-mean "
+                         f"bootstrap, got {counts.shape} for {method!r}")
+    values, hib = _bootstrap_values(scores, method, rng, n_resamples, fill_missing, chunk, counts)
     ranks = min_ranks(values, higher_is_better=hib)  # (B, K)
     flat = (np.arange(k)[None, :] * k + ranks - 1).ravel()
     rank_counts = np.bincount(flat, minlength=k * k).reshape(k, k)

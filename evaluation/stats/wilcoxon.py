@@ -353,35 +353,49 @@ PAIRWISE_COLUMNS = (
 )
 
 
-def pairwise_wilcoxon(
-    scores: ScoreMatrix,
-    *,
-    options: WilcoxonOptions = WilcoxonOptions(),
-    correction: str = "holm",
-    alpha: float = 0.05,
-    chunk_pairs: int = 64,
-    family: str = "tested",
-) -> pd.DataFrame:
-    """One-sided paired Wilcoxon tests "algorithm better than opponent" for all K(K-1) pairs.
+@dataclass(frozen=True)
+class PairTests:
+    """Raw results of the paired tests of P unordered pairs ``(i, j)`` of a :class:`ScoreMatrix`
+    (arrays of length P): everything :func:`pairwise_wilcoxon` reports but the correction, which
+    depends on the whole family. Each pair's numbers depend only on the two rows it compares
+    (what makes them cacheable: ``services/leaderboard/pairwise.py``).
 
-    Each unordered pair is tested once on its common scored cases; its V gives both one-sided
-    p-values. ``correction`` adjusts over the ordered pairs with a finite p-value.
-
-    Returns a DataFrame with columns :data:`PAIRWISE_COLUMNS`, one row per ordered pair:
-      n_common: cases both algorithms scored; n_nonzero: non-zero differences used by the test;
-      statistic: V of ``d = s_algorithm - s_opponent`` (oriented scores); z: ``(V - mu)/sigma``
-      uncorrected; p_value: one-sided p of "algorithm better"; p_adjusted: after ``correction``;
-      significant: ``p_adjusted < alpha``; mean/median/sd_difference: of the raw metric values
-      ``x_algorithm - x_opponent`` on the common cases (metric units; sd with ddof=1).
+    n_common: cases both scored; n_nonzero: non-zero differences the test used; statistic /
+    statistic_less: V of ``d = s_i - s_j`` (oriented) and of ``-d`` (NaN when there is no test);
+    z: of ``d``; p_greater / p_less: one-sided p of "i better" / "j better"; mean / median /
+    sd_difference: of the raw ``x_i - x_j`` on the common cases (sd with ddof 1).
     """
-    if not 0 < alpha < 1:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-    if correction not in CORRECTIONS:
-        raise ValueError(f"unknown correction {correction!r}; choose one of {list(CORRECTIONS)}")
-    k = scores.n_algorithms
+
+    n_common: np.ndarray
+    n_nonzero: np.ndarray
+    statistic: np.ndarray
+    statistic_less: np.ndarray
+    z: np.ndarray
+    p_greater: np.ndarray
+    p_less: np.ndarray
+    mean_difference: np.ndarray
+    median_difference: np.ndarray
+    sd_difference: np.ndarray
+
+
+#: the fields of :class:`PairTests`, in order
+PAIR_TEST_FIELDS: tuple[str, ...] = tuple(PairTests.__dataclass_fields__)
+
+
+def pair_tests(
+    scores: ScoreMatrix,
+    ii: np.ndarray,
+    jj: np.ndarray,
+    options: WilcoxonOptions = WilcoxonOptions(),
+    chunk_pairs: int = 64,
+) -> PairTests:
+    """One-sided paired Wilcoxon signed-rank tests of the pairs ``(ii[p], jj[p])`` (row indices of
+    ``scores``), each on its two algorithms' common scored cases; its V gives both one-sided
+    p-values. Computed ``chunk_pairs`` pairs at a time; a pair's result does not depend on which
+    other pairs share its chunk."""
     oriented = scores.oriented()
     raw = scores.values
-    ii, jj = np.triu_indices(k, 1)
+    ii, jj = np.asarray(ii, dtype=np.int64), np.asarray(jj, dtype=np.int64)
     n_pairs = ii.size
     stat = np.full(n_pairs, np.nan)
     stat_rev = np.full(n_pairs, np.nan)
@@ -408,12 +422,41 @@ def pairwise_wilcoxon(
         n_common[sl] = common.sum(axis=1)
         with np.errstate(invalid="ignore", divide="ignore"), _quiet():
             mean_d[sl] = np.nanmean(raw_d, axis=1)
-            # np.nanmedian loops over rows in Python (apply_along_axis): only where NaN exist
-            median_d[sl] = np.nanmedian(raw_d, axis=1) if (~common).any() else np.median(raw_d, axis=1)
+            # np.nanmedian loops over rows in Python (apply_along_axis): only on rows with NaN
+            gaps = (~common).any(axis=1)
+            median = np.empty(raw_d.shape[0])
+            if (~gaps).any():
+                median[~gaps] = np.median(raw_d[~gaps], axis=1)
+            if gaps.any():
+                median[gaps] = np.nanmedian(raw_d[gaps], axis=1)
+            median_d[sl] = median
             sd_d[sl] = np.nanstd(raw_d, axis=1, ddof=1)
     no_test = ~np.isfinite(p_gt) | (n_nonzero == 0)
     stat[no_test] = np.nan  # no test: no statistic either
     stat_rev[no_test] = np.nan
+    return PairTests(n_common=n_common, n_nonzero=n_nonzero, statistic=stat, statistic_less=stat_rev, z=z,
+                     p_greater=p_gt, p_less=p_lt, mean_difference=mean_d, median_difference=median_d,
+                     sd_difference=sd_d)
+
+
+def pairwise_table(
+    scores: ScoreMatrix,
+    tests: PairTests,
+    *,
+    correction: str = "holm",
+    alpha: float = 0.05,
+    family: str = "tested",
+) -> pd.DataFrame:
+    """The :func:`pairwise_wilcoxon` table from the raw results of all K(K-1)/2 unordered pairs
+    (``tests`` in ``numpy.triu_indices(K, 1)`` order): both ordered pairs of each, then
+    ``correction`` over the ordered pairs (the family of :func:`adjust_pvalues`)."""
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    if correction not in CORRECTIONS:
+        raise ValueError(f"unknown correction {correction!r}; choose one of {list(CORRECTIONS)}")
+    ii, jj = np.triu_indices(scores.n_algorithms, 1)
+    if tests.n_common.size != ii.size:
+        raise ValueError(f"{scores.n_algorithms} algorithms have {ii.size} pairs, got results of {tests.n_common.size}")
     # ordered pairs: (i better than j) then (j better than i); j's V is i's sum of negative ranks
     algo = np.array(scores.algorithms, dtype=object)
     frame = pd.DataFrame(
@@ -422,14 +465,14 @@ def pairwise_wilcoxon(
             "metric": scores.metric,
             "algorithm": np.concatenate([algo[ii], algo[jj]]),
             "opponent": np.concatenate([algo[jj], algo[ii]]),
-            "n_common": np.concatenate([n_common, n_common]),
-            "n_nonzero": np.concatenate([n_nonzero, n_nonzero]),
-            "statistic": np.concatenate([stat, stat_rev]),
-            "z": np.concatenate([z, -z]),
-            "p_value": np.concatenate([p_gt, p_lt]),
-            "mean_difference": np.concatenate([mean_d, -mean_d]),
-            "median_difference": np.concatenate([median_d, -median_d]),
-            "sd_difference": np.concatenate([sd_d, sd_d]),
+            "n_common": np.concatenate([tests.n_common, tests.n_common]),
+            "n_nonzero": np.concatenate([tests.n_nonzero, tests.n_nonzero]),
+            "statistic": np.concatenate([tests.statistic, tests.statistic_less]),
+            "z": np.concatenate([tests.z, -tests.z]),
+            "p_value": np.concatenate([tests.p_greater, tests.p_less]),
+            "mean_difference": np.concatenate([tests.mean_difference, -tests.mean_difference]),
+            "median_difference": np.concatenate([tests.median_difference, -tests.median_difference]),
+            "sd_difference": np.concatenate([tests.sd_difference, tests.sd_difference]),
         }
     )
     frame["p_adjusted"] = adjust_pvalues(frame["p_value"].to_numpy(), correction, family)
@@ -439,6 +482,37 @@ def pairwise_wilcoxon(
         ["algorithm", "opponent"], key=lambda s: s.map(order), kind="stable"
     ).reset_index(drop=True)
     return frame[list(PAIRWISE_COLUMNS)]
+
+
+def pairwise_wilcoxon(
+    scores: ScoreMatrix,
+    *,
+    options: WilcoxonOptions = WilcoxonOptions(),
+    correction: str = "holm",
+    alpha: float = 0.05,
+    chunk_pairs: int = 64,
+    family: str = "tested",
+) -> pd.DataFrame:
+    """One-sided paired Wilcoxon tests "algorithm better than opponent" for all K(K-1) pairs.
+
+    Each unordered pair is tested once on its common scored cases (:func:`pair_tests`); its V
+    gives both one-sided p-values. ``correction`` adjusts over the ordered pairs with a finite
+    p-value (:func:`pairwise_table`).
+
+    Returns a DataFrame with columns :data:`PAIRWISE_COLUMNS`, one row per ordered pair:
+      n_common: cases both algorithms scored; n_nonzero: non-zero differences used by the test;
+      statistic: V of ``d = s_algorithm - s_opponent`` (oriented scores); z: ``(V - mu)/sigma``
+      uncorrected; p_value: one-sided p of "algorithm better"; p_adjusted: after ``correction``;
+      significant: ``p_adjusted < alpha``; mean/median/sd_difference: of the raw metric values
+      ``x_algorithm - x_opponent`` on the common cases (metric units; sd with ddof=1).
+    """
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    if correction not in CORRECTIONS:
+        raise ValueError(f"unknown correction {correction!r}; choose one of {list(CORRECTIONS)}")
+    ii, jj = np.triu_indices(scores.n_algorithms, 1)
+    tests = pair_tests(scores, ii, jj, options, chunk_pairs)
+    return pairwise_table(scores, tests, correction=correction, alpha=alpha, family=family)
 
 
 class _quiet:

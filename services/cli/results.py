@@ -19,6 +19,7 @@ from typing import Any, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
 console = Console()
 err = Console(stderr=True)
@@ -143,6 +144,49 @@ def stats_command(
           payload)
 
 
+class _StatsGroup(TyperGroup):
+    """``touchstone stats TESTSET ...`` shows the statistics (``stats show``); ``touchstone stats
+    recompute TESTSET`` recomputes them: a first word that names no subcommand means ``show``."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["show", *args]
+        return super().parse_args(ctx, args)
+
+
+stats_app = typer.Typer(cls=_StatsGroup, no_args_is_help=True,
+                        help="Pairwise tests and rank stability of a test set (`stats TESTSET`), or recompute them.")
+
+
+def stats_recompute_command(
+    testset: str = typer.Argument(..., help="test set name"),
+) -> None:
+    """Recompute every statistic of a test set from its scores: every pair re-tested (the pairwise
+    cache ignored and refilled), every submission's aggregates, both scopes, every protocol version.
+    What the incremental updates after each scoring and publication must equal."""
+    import time
+
+    from services.leaderboard import recompute_all
+
+    started = time.perf_counter()
+
+    def run(session, ts):
+        with console.status(f"recomputing the statistics of {ts.name} (every pair re-tested)..."):
+            return recompute_all(session, ts, full=True)
+
+    report = _with_testset(testset, run)
+    console.print(
+        f"recomputed {report.testset} ({report.protocol_key}) in {time.perf_counter() - started:.1f} s: "
+        f"{report.aggregates} aggregate rows, {report.pairs_tested} pair tests (organ x metric), "
+        f"{report.pairwise} pairwise rows, {report.rankings} ranking rows, {report.stability} stability rows; "
+        f"submissions per scope: {', '.join(f'{k}={v}' for k, v in report.submissions.items())}"
+    )
+
+
+stats_app.command("show")(stats_command)
+stats_app.command("recompute")(stats_recompute_command)
+
+
 def export_command(
     testset: str = typer.Argument(..., help="test set name"),
     level: str = typer.Option("case", help="case | hospital | subgroup"),
@@ -223,6 +267,6 @@ def import_touchstone_command(
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the `touchstone` app."""
     app.command("leaderboard")(leaderboard_command)
-    app.command("stats")(stats_command)
+    app.add_typer(stats_app, name="stats")
     app.command("export")(export_command)
     app.add_typer(results_app, name="results")

@@ -37,6 +37,7 @@ Conventions:
 from __future__ import annotations
 
 import gc
+import io
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -64,16 +65,18 @@ from evaluation.stats import (
     apply_missing_policy,
     average_over_organs,
     bootstrap_rank_stability,
-    pairwise_wilcoxon,
+    higher_is_better,
     rank,
-    score_matrices_from_long,
 )
+from evaluation.stats.ranking import resample_counts
 from evaluation.stats.subgroups import UNKNOWN_GROUP, group_labels
+from evaluation.stats.wilcoxon import pairwise_table
 from evaluation.stats.summary import summarize
 from services.db.base import finite_or_none, utcnow
 from services.db.enums import SubmissionState
 from services.db.leaderboard_models import SCOPES, PairwiseTest, RankingEntry, RankStability, StatsRun
-from services.db.models import Aggregate, Case, Score, Submission, TestSet
+from services.db.models import Aggregate, Case, PackedScores, Score, Submission, TestSet
+from services.leaderboard.pairwise import FreshPairs, PairCache, bulk_insert
 from services.leaderboard import versions
 
 log = logging.getLogger("touchstone.leaderboard")
@@ -301,6 +304,9 @@ class RecomputeReport:
     pairwise: int = 0
     stability: int = 0
     submissions: dict[str, int] = field(default_factory=dict)
+    #: unordered pairs x organ x metric tested in this recomputation, and taken from the cache
+    pairs_tested: int = 0
+    pairs_reused: int = 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -338,23 +344,235 @@ def load_expected(session: Session, testset: TestSet) -> set[tuple[int, str]]:
     return {(int(c), str(o)) for c, o in session.execute(stmt).all()}
 
 
+#: fields of a score-record array (:func:`score_records`): one row per stored score
+RECORD_DTYPE = np.dtype([("submission", "<i8"), ("case", "<i8"), ("organ", "<i2"),
+                         *((m, "<f8") for m in METRICS), ("failed", "?")])
+
+
 def load_scores(session: Session, submission_ids: Sequence[int], protocol_key: str) -> pd.DataFrame:
     """Long score table of the submissions under ``protocol_key`` on hidden cases (as
     :func:`load_cases`): algorithm (submission id as str), case_pk, organ, dsc, nsd, failed."""
     columns = ["algorithm", "case_pk", "organ", *METRICS, "failed"]
     if not submission_ids:
         return pd.DataFrame(columns=columns)
+    records, organs = score_records(session, submission_ids, protocol_key)
+    return pd.DataFrame({
+        "algorithm": records["submission"].astype(str),
+        "case_pk": records["case"],
+        "organ": np.asarray(organs, dtype=object)[records["organ"]] if records.size else np.zeros(0, dtype=object),
+        **{m: records[m] for m in METRICS},
+        "failed": records["failed"],
+    }, columns=columns)
+
+
+def score_records(session: Session, submission_ids: Sequence[int], protocol_key: str
+                  ) -> tuple[np.ndarray, list[str]]:
+    """(records, organs): the stored scores of the submissions under ``protocol_key`` on hidden
+    cases as a :data:`RECORD_DTYPE` array (organ = index into ``organs``; a NULL metric is NaN;
+    ``failed`` = :func:`is_failure` of the status). On PostgreSQL one binary ``COPY`` parsed by a
+    numpy dtype (no Python object per score); elsewhere a plain query."""
+    if not submission_ids:
+        return np.zeros(0, dtype=RECORD_DTYPE), []
+    if session.connection().dialect.name == "postgresql":
+        records = _score_records_copy(session, submission_ids, protocol_key)
+        if records is not None:
+            return records, list(ORGANS)
     stmt = sa.select(
         Score.submission_id, Score.case_id, Score.organ, *(getattr(Score, m) for m in METRICS), Score.status
     ).join(Case, Case.id == Score.case_id).where(
         Score.submission_id.in_(list(submission_ids)), Score.protocol_key == protocol_key, Case.public_sample.is_(False)
     )
-    frame = pd.DataFrame(session.execute(stmt).all(), columns=["algorithm", "case_pk", "organ", *METRICS, "status"])
-    frame["algorithm"] = frame["algorithm"].astype(str)
-    frame["failed"] = frame["status"].map(is_failure).astype(bool)
+    rows = session.execute(stmt).all()
+    records = np.zeros(len(rows), dtype=RECORD_DTYPE)
+    if not rows:
+        return records, []
+    columns = list(zip(*rows))
+    records["submission"] = np.asarray(columns[0], dtype=np.int64)
+    records["case"] = np.asarray(columns[1], dtype=np.int64)
+    organ_codes, organ_names = pd.factorize(pd.Series(columns[2], dtype=object).astype(str))
+    for i, metric in enumerate(METRICS):
+        records[metric] = pd.to_numeric(pd.Series(columns[3 + i], dtype=object), errors="coerce").to_numpy(np.float64)
+    status_codes, statuses = pd.factorize(pd.Series(columns[-1], dtype=object), use_na_sentinel=False)
+    records["failed"] = np.array([is_failure(None if pd.isna(v) else v) for v in statuses], dtype=bool)[status_codes]
+    organs = [o for o in ORGANS if o in set(organ_names)] + sorted(set(organ_names) - set(ORGANS))
+    records["organ"] = np.array([organs.index(o) for o in organ_names], dtype=np.int16)[organ_codes]
+    return records, organs
+
+
+def _score_records_copy(session: Session, submission_ids: Sequence[int], protocol_key: str) -> np.ndarray | None:
+    """:func:`score_records` by ``COPY (SELECT ...) TO STDOUT (FORMAT BINARY)``: fixed-width rows
+    (organ as its 1-based position in :data:`ORGANS`, NULL metrics as NaN, the failure flag of
+    :func:`is_failure` from the statuses that are none) read by one numpy dtype. None when some
+    organ is not in :data:`ORGANS` (the caller then takes the plain query)."""
+    from evaluation.io import ScoreStatus
+
+    def text(value: str) -> str:
+        return "'" + value.replace("'", "''") + "'"
+
+    not_failed = ["", *(s.value for s in ScoreStatus if not s.is_failure)]
+    query = (
+        f"SELECT s.submission_id, s.case_id, "
+        f"COALESCE(array_position(ARRAY[{','.join(text(o) for o in ORGANS)}]::text[], s.organ::text), 0), "
+        + "".join(f"COALESCE(s.{m}, 'NaN'::float8), " for m in METRICS)
+        + f"(s.status IS NOT NULL AND s.status NOT IN ({','.join(text(v) for v in not_failed)})) "
+        f"FROM scores s JOIN cases c ON c.id = s.case_id "
+        f"WHERE s.submission_id IN ({','.join(str(int(i)) for i in submission_ids)}) "
+        f"AND s.protocol_key = {text(protocol_key)} AND NOT c.public_sample"
+    )
+    fields = [("n", ">i2"), ("l_sub", ">i4"), ("sub", ">i4"), ("l_case", ">i4"), ("case", ">i4"),
+              ("l_organ", ">i4"), ("organ", ">i4")]
+    for m in METRICS:
+        fields += [(f"l_{m}", ">i4"), (m, ">f8")]
+    dtype = np.dtype([*fields, ("l_failed", ">i4"), ("failed", "u1")])
+    buffer = io.BytesIO()
+    with session.connection().connection.dbapi_connection.cursor() as cursor:
+        with cursor.copy(f"COPY ({query}) TO STDOUT (FORMAT BINARY)") as copy:
+            for block in copy:
+                buffer.write(block)
+    data = buffer.getbuffer()
+    body = data[19:len(data) - 2]  # 19-byte header, int16 -1 trailer
+    if len(body) % dtype.itemsize:
+        raise RuntimeError("unexpected layout of the binary COPY of the scores")
+    rows = np.frombuffer(body, dtype=dtype)
+    if rows.size and (rows["organ"] == 0).any():
+        return None
+    records = np.zeros(rows.size, dtype=RECORD_DTYPE)
+    records["submission"], records["case"] = rows["sub"], rows["case"]
+    records["organ"] = rows["organ"] - 1
+    for m in METRICS:
+        records[m] = rows[m]
+    records["failed"] = rows["failed"].astype(bool)
+    return records
+
+
+def expected_from_records(records: np.ndarray, organs: Sequence[str]) -> set[tuple[int, str]]:
+    """The (case_pk, organ) cells of :func:`load_expected` from the score records of every scored
+    or published submission (hidden cases): those with a value."""
+    has_value = np.zeros(records.size, dtype=bool)
     for metric in METRICS:
-        frame[metric] = pd.to_numeric(frame[metric], errors="coerce").astype(np.float64)
-    return frame[columns]
+        has_value |= ~np.isnan(records[metric])
+    cells = np.unique(records[["case", "organ"]][has_value]) if has_value.any() else []
+    return {(int(c), str(organs[o])) for c, o in cells}
+
+
+def _records_from_frame(scores: pd.DataFrame) -> tuple[np.ndarray, list[str]]:
+    records = np.zeros(len(scores), dtype=RECORD_DTYPE)
+    organ_codes, organ_names = pd.factorize(scores["organ"].astype(str))
+    organs = [o for o in ORGANS if o in set(organ_names)] + sorted(set(organ_names) - set(ORGANS))
+    if len(scores):
+        records["organ"] = np.array([organs.index(o) for o in organ_names], dtype=np.int16)[organ_codes]
+    records["case"] = scores["case_pk"].to_numpy(dtype=np.int64)
+    for metric in METRICS:
+        records[metric] = pd.to_numeric(scores[metric], errors="coerce").to_numpy(dtype=np.float64)
+    records["failed"] = scores["failed"].fillna(False).to_numpy(dtype=bool) if "failed" in scores else False
+    return records, organs
+
+
+def matrices_from_records(records: np.ndarray, organs: Sequence[str], rows: np.ndarray, cases: pd.DataFrame,
+                          algorithms: Sequence[str]) -> dict[tuple[str, str], ScoreMatrix]:
+    """What :func:`evaluation.stats.score_matrices_from_long` makes of these scores over the test
+    set's case axis (``cases`` order), built by indexing arrays instead of pivoting frames:
+    ``rows[r]`` = the algorithm (row) of record ``r`` (-1: not in ``algorithms``, left out);
+    organs present in :data:`ORGANS` order, then others sorted; no row = NaN, not failed."""
+    case_pks = cases["case_pk"].to_numpy(dtype=np.int64)
+    case_ids = tuple(str(c) for c in cases["case_id"])
+    keep = rows >= 0
+    records, rows = records[keep], rows[keep]
+    order = np.argsort(case_pks, kind="stable")
+    pk_sorted = case_pks[order]
+    at = np.minimum(np.searchsorted(pk_sorted, records["case"]), max(pk_sorted.size - 1, 0))
+    known = (pk_sorted[at] == records["case"]) if pk_sorted.size else np.zeros(records.size, dtype=bool)
+    if not known.all():
+        unknown = sorted(set(records["case"][~known].tolist()))
+        raise ValueError(f"{len(unknown)} scored case(s) are not cases of the test set, e.g. {unknown[:5]}")
+    column = order[at] if records.size else np.zeros(0, dtype=np.int64)
+    cell = (rows * len(case_ids) + column) * max(len(organs), 1) + records["organ"]
+    if np.unique(cell).size != cell.size:
+        raise ValueError("score table has duplicate (algorithm, case, organ) rows")
+    shape = (len(algorithms), len(case_ids))
+    present = set(np.unique(records["organ"]).tolist())
+    names = [organs[o] for o in present]
+    ordered = [o for o in ORGANS if o in names] + sorted(set(names) - set(ORGANS))
+    out: dict[tuple[str, str], ScoreMatrix] = {}
+    for organ in ordered:
+        sel = records["organ"] == organs.index(organ)
+        r, c = rows[sel], column[sel]
+        failed = np.zeros(shape, dtype=bool)
+        failed[r, c] = records["failed"][sel]
+        for metric in METRICS:
+            values = np.full(shape, np.nan)
+            values[r, c] = records[metric][sel]
+            out[(organ, metric)] = ScoreMatrix(organ=organ, metric=metric, algorithms=tuple(algorithms),
+                                               case_ids=case_ids, values=values, failed=failed,
+                                               higher_is_better=higher_is_better(metric))
+    return out
+
+
+def _frame_matrices(scores: pd.DataFrame, cases: pd.DataFrame, algorithms: Sequence[str]
+                    ) -> dict[tuple[str, str], ScoreMatrix]:
+    records, organs = _records_from_frame(scores)
+    row_of = {str(a): i for i, a in enumerate(algorithms)}
+    rows = scores["algorithm"].astype(str).map(row_of).fillna(-1).to_numpy(dtype=np.int64)
+    return matrices_from_records(records, organs, rows, cases, [str(a) for a in algorithms])
+
+
+#: one packed score (:class:`~services.db.models.PackedScores`): case pk, organ index, metrics, failed
+PACKED_DTYPE = np.dtype([("case", "<i4"), ("organ", "<i2"), *((m, "<f8") for m in METRICS), ("failed", "u1")])
+
+
+def packed_records(session: Session, submission_ids: Sequence[int], protocol_key: str,
+                   refresh: Iterable[int] = ()) -> tuple[np.ndarray, list[str]]:
+    """:func:`score_records` of the submissions, read from their packed scores (one blob per
+    submission) where stored; the submissions in ``refresh`` (their scores may have changed) and
+    those without packed scores are read from ``scores`` and (re)packed."""
+    ids = sorted({int(i) for i in submission_ids})
+    refresh = {int(i) for i in refresh} & set(ids)
+    stored = {}
+    if set(ids) - refresh:
+        stored = {row.submission_id: row for row in session.execute(
+            sa.select(PackedScores.submission_id, PackedScores.organs, PackedScores.data)
+            .where(PackedScores.submission_id.in_(sorted(set(ids) - refresh)),
+                   PackedScores.protocol_key == protocol_key))}
+    todo = [i for i in ids if i not in stored]
+    parts: list[tuple[np.ndarray, list[str]]] = []
+    for start in range(0, len(todo), 10):  # bounded memory: ten submissions' rows at a time
+        chunk = todo[start:start + 10]
+        records, organs = score_records(session, chunk, protocol_key)
+        session.execute(sa.delete(PackedScores).where(PackedScores.submission_id.in_(chunk),
+                                                      PackedScores.protocol_key == protocol_key))
+        rows = []
+        for submission_id in chunk:
+            mine = records[records["submission"] == submission_id]
+            packed = np.zeros(mine.size, dtype=PACKED_DTYPE)
+            for name in PACKED_DTYPE.names:
+                packed[name] = mine[name]
+            rows.append({"submission_id": submission_id, "protocol_key": protocol_key, "organs": list(organs),
+                         "n_scores": int(mine.size), "data": packed.tobytes(), "computed_at": utcnow()})
+        session.execute(sa.insert(PackedScores), rows)
+        parts.append((records, organs))
+    for submission_id, row in stored.items():
+        packed = np.frombuffer(row.data, dtype=PACKED_DTYPE)
+        records = np.zeros(packed.size, dtype=RECORD_DTYPE)
+        records["submission"] = submission_id
+        for name in PACKED_DTYPE.names:
+            records[name] = packed[name]
+        parts.append((records, list(row.organs)))
+    return _merge_records(parts)
+
+
+def _merge_records(parts: Sequence[tuple[np.ndarray, list[str]]]) -> tuple[np.ndarray, list[str]]:
+    """One record array over one organ list (:data:`ORGANS` order, then others sorted)."""
+    names = {o for _, organs in parts for o in organs}
+    organs = [o for o in ORGANS if o in names] + sorted(names - set(ORGANS))
+    index = {o: i for i, o in enumerate(organs)}
+    merged = []
+    for records, own in parts:
+        if records.size:
+            remap = np.array([index[o] for o in own], dtype=np.int16)
+            records = records.copy()
+            records["organ"] = remap[records["organ"]]
+            merged.append(records)
+    return (np.concatenate(merged) if merged else np.zeros(0, dtype=RECORD_DTYPE)), organs
 
 
 def build_matrices(
@@ -375,14 +593,17 @@ def build_matrices(
     options = options or DEFAULT_OPTIONS
     if scores.empty or not len(algorithms):
         return {}, {}
+    return _complete_matrices(_frame_matrices(scores, cases, algorithms), cases, options, expected)
+
+
+def _complete_matrices(
+    matrices: dict[tuple[str, str], ScoreMatrix],
+    cases: pd.DataFrame,
+    options: StatsOptions,
+    expected: set[tuple[int, str]] | None,
+) -> tuple[dict[tuple[str, str], ScoreMatrix], dict[tuple[str, str], np.ndarray]]:
+    """:func:`build_matrices` after the score matrices: the missing-case policy and the average."""
     case_of = dict(zip(cases["case_pk"], cases["case_id"].astype(str)))
-    long = scores.assign(case_id=scores["case_pk"].map(case_of)).drop(columns=["case_pk"])
-    matrices = score_matrices_from_long(
-        long,
-        metrics=list(METRICS),
-        algorithms=list(algorithms),
-        case_metadata=cases[["case_id"]].astype(str),
-    )
     expected_by_organ: dict[str, set[str]] | None = None
     if expected is not None:
         expected_by_organ = {}
@@ -556,13 +777,21 @@ def _frozen_gc() -> Iterator[None]:
 
 
 def comparative_rows(
-    matrices: dict[tuple[str, str], ScoreMatrix], options: StatsOptions = DEFAULT_OPTIONS
+    matrices: dict[tuple[str, str], ScoreMatrix], options: StatsOptions = DEFAULT_OPTIONS,
+    pairs: PairCache | FreshPairs | None = None, counts: dict[int, np.ndarray] | None = None,
 ) -> tuple[list[dict], list[dict], list[dict], list[dict]]:
     """(runs, rankings, pairwise, stability) rows -- dicts keyed by the table columns minus
     (testset_id, protocol_key, scope) -- for every (organ, metric) matrix (as
-    :func:`build_matrices` gives them under ``options.missing_policy``)."""
+    :func:`build_matrices` gives them under ``options.missing_policy``).
+
+    ``pairs`` supplies the raw pair tests (:class:`~services.leaderboard.pairwise.PairCache`:
+    cached where the pair's inputs are unchanged; default: every pair computed); the correction,
+    test-then-rank, rankings and the bootstrap are computed here from them. ``counts`` keeps the
+    bootstrap's resample counts per number of cases across calls (the same draw for every matrix
+    with N cases: ``resample_counts(default_rng(seed), N, B)``)."""
     with _frozen_gc():
-        return _comparative_rows(matrices, options)
+        return _comparative_rows(matrices, options, pairs or FreshPairs(options.wilcoxon),
+                                 {} if counts is None else counts)
 
 
 def ranking_matrix(matrix: ScoreMatrix, options: StatsOptions) -> ScoreMatrix:
@@ -574,7 +803,8 @@ def ranking_matrix(matrix: ScoreMatrix, options: StatsOptions) -> ScoreMatrix:
 
 
 def _comparative_rows(
-    matrices: dict[tuple[str, str], ScoreMatrix], options: StatsOptions
+    matrices: dict[tuple[str, str], ScoreMatrix], options: StatsOptions, pairs: PairCache | FreshPairs,
+    counts: dict[int, np.ndarray],
 ) -> tuple[list[dict], list[dict], list[dict], list[dict]]:
     runs, rankings, pairwise_rows, stability_rows = [], [], [], []
     method_name = options.method_name()
@@ -582,8 +812,8 @@ def _comparative_rows(
         key = {"organ": organ, "metric": metric}
         ranked = ranking_matrix(matrix, options)
         # worst: every test on the filled matrix; common: each pair on the cases both have
-        pairwise = pairwise_wilcoxon(matrix, options=options.wilcoxon, correction=options.correction,
-                                     alpha=options.alpha, family=options.family)
+        pairwise = pairwise_table(matrix, pairs.pair_tests(matrix), correction=options.correction,
+                                  alpha=options.alpha, family=options.family)
         for row in pairwise.itertuples(index=False):
             pairwise_rows.append({
                 **key,
@@ -597,9 +827,12 @@ def _comparative_rows(
                 "mean_difference": finite_or_none(row.mean_difference),
                 "method": method_name,
             })
-        same_cases = options.missing_policy == "worst"
+        # test-then-rank: under common, the tests on the cases every algorithm has
+        ranked_pairs = pairwise if options.missing_policy == "worst" else pairwise_table(
+            ranked, pairs.pair_tests(ranked), correction=options.test_correction, alpha=options.alpha,
+            family=options.family)
         for method in RANKING_METHODS:
-            table = rank(ranked, method, pairwise=pairwise if same_cases else None, alpha=options.alpha,
+            table = rank(ranked, method, pairwise=ranked_pairs, alpha=options.alpha,
                          correction=options.test_correction, options=options.wilcoxon, family=options.family)
             for row in table.itertuples(index=False):
                 rankings.append({**key, "method": method, "submission_id": int(row.algorithm),
@@ -607,8 +840,11 @@ def _comparative_rows(
         tau: dict[str, dict] = {}
         if ranked.n_cases and ranked.n_algorithms:
             for method in STABILITY_METHODS:
+                if ranked.n_cases not in counts:
+                    counts[ranked.n_cases] = resample_counts(np.random.default_rng(options.seed), ranked.n_cases,
+                                                             options.n_resamples)
                 stab = bootstrap_rank_stability(ranked, method, n_resamples=options.n_resamples, seed=options.seed,
-                                                confidence=options.confidence)
+                                                confidence=options.confidence, counts=counts[ranked.n_cases])
                 tau[method] = {k: finite_or_none(v) for k, v in stab.tau_summary().items()}
                 for row in stab.to_frame().itertuples(index=False):
                     stability_rows.append({
@@ -646,10 +882,14 @@ def store_comparative(
     options: StatsOptions | None = None,
     cache: dict | None = None,
     expected: set[tuple[int, str]] | None = None,
+    scores: tuple[np.ndarray, list[str]] | None = None,
+    pairs: PairCache | FreshPairs | None = None,
 ) -> tuple[int, int, int, int]:
     """Replace the (test set, protocol, scope) rows of the comparative tables; returns row counts
     (runs, rankings, pairwise, stability). ``cache`` (a dict kept across scopes) reuses the rows
-    when two scopes hold the same submissions (the common case: everything scored is published)."""
+    when two scopes hold the same submissions (the common case: everything scored is published)
+    and the bootstrap's resample counts; ``scores`` are the :func:`score_records` of (at least)
+    the scope's submissions (default: read); ``pairs`` the pair tests (default: all computed)."""
     protocol_key = testset.protocol_key
     options = options or options_for_testset(testset)
     cases = load_cases(session, testset.id) if cases is None else cases
@@ -657,12 +897,19 @@ def store_comparative(
     ids = scope_submission_ids(session, testset.id, scope)
     cache = {} if cache is None else cache
     if tuple(ids) not in cache:
-        scores = load_scores(session, ids, protocol_key)
+        records, organs = score_records(session, ids, protocol_key) if scores is None else scores
         # submissions without a single score under this protocol are not ranked
-        present = set(scores["algorithm"])
-        algorithms = [str(i) for i in ids if str(i) in present]
-        matrices, _ = build_matrices(scores, cases, algorithms, options, expected)
-        cache[tuple(ids)] = comparative_rows(matrices, options)
+        present = set(np.unique(records["submission"]).tolist())
+        ranked_ids = [i for i in ids if i in present]
+        row_of = np.full(max([*present, *ranked_ids, 0]) + 1, -1, dtype=np.int64)
+        row_of[ranked_ids] = np.arange(len(ranked_ids))
+        rows = row_of[records["submission"]] if records.size else np.zeros(0, dtype=np.int64)
+        algorithms = [str(i) for i in ranked_ids]
+        matrices: dict = {}
+        if algorithms and records.size:
+            matrices, _ = _complete_matrices(matrices_from_records(records, organs, rows, cases, algorithms),
+                                             cases, options, expected)
+        cache[tuple(ids)] = comparative_rows(matrices, options, pairs, cache.setdefault("counts", {}))
     runs, rankings, pairwise, stability = cache[tuple(ids)]
     fingerprint = _fingerprint(expected, options)
     runs = [{**r, "details": {**r["details"], "fingerprint": fingerprint}} for r in runs]
@@ -677,7 +924,7 @@ def store_comparative(
             extra = {"testset_id": testset.id, "protocol_key": protocol_key, "scope": scope}
             if model is StatsRun:
                 extra["computed_at"] = now
-            session.execute(sa.insert(model), [{**r, **extra} for r in rows])
+            bulk_insert(session, model, [{**r, **extra} for r in rows])
     return len(runs), len(rankings), len(pairwise), len(stability)
 
 
@@ -726,44 +973,61 @@ def recompute_testset(
     scopes: Sequence[str] = SCOPES,
     options: StatsOptions | None = None,
     protocol_key: str | None = None,
+    full: bool = False,
 ) -> RecomputeReport:
     """Recompute the aggregates of ``submission_ids`` and the comparative statistics of ``scopes``
     under the test set's policy and options (:func:`options_for_testset`; ``options`` only give
     the resampling settings), from the scores of ``protocol_key`` (default: the test set's
-    current protocol; another of its versions, see :mod:`.versions`)."""
+    current protocol; another of its versions, see :mod:`.versions`).
+
+    Incremental by default: the scores of ``submission_ids`` are read from ``scores`` (and
+    re-packed), every other member's from its packed scores; each pair test whose inputs are
+    unchanged comes from the pairwise cache (:mod:`.pairwise`), so a new submission costs the
+    tests of its own pairs. ``full=True`` reads every score and re-tests every pair (refilling
+    both caches): ``touchstone stats recompute``. Both write the same rows."""
     testset = versions.under_protocol(session, _lock_testset(session, testset.id), protocol_key)
     options = options_for_testset(testset, options)
     cases = load_cases(session, testset.id, _extra_columns(breakdown_variables(testset)))
-    expected = load_expected(session, testset)
+    members = scope_submission_ids(session, testset.id, "all")
+    submission_ids = [int(i) for i in submission_ids]
+    records, organs = packed_records(session, members, testset.protocol_key,
+                                     refresh=members if full else submission_ids)
+    expected = expected_from_records(records, organs)
     report = RecomputeReport(testset=testset.name, protocol_key=testset.protocol_key)
     fingerprint = _fingerprint(expected, options)
-    if _stored_fingerprint(session, testset) not in (None, fingerprint):
+    if full or _stored_fingerprint(session, testset) not in (None, fingerprint):
         # the benchmark's cells or the settings changed (a submission scored an organ nobody had
         # scored, new options): every submission's missing cases and aggregates change with them
-        submission_ids = sorted(set(submission_ids) | set(scope_submission_ids(session, testset.id, "all")))
+        submission_ids = sorted(set(submission_ids) | set(members))
     for submission_id in submission_ids:
         submission = session.get(Submission, submission_id)
         if submission is None or submission.testset_id != testset.id:
             raise LookupError(f"submission {submission_id} is not a submission of test set {testset.name!r}")
         report.aggregates += store_submission_aggregates(session, submission, testset, cases, options, expected)
+    pairs = PairCache(session, testset.id, testset.protocol_key, options.wilcoxon, reuse=not full)
     cache: dict = {}
     for scope in scopes:
-        _, n_rank, n_pair, n_stab = store_comparative(session, testset, scope, cases, options, cache, expected)
+        _, n_rank, n_pair, n_stab = store_comparative(session, testset, scope, cases, options, cache, expected,
+                                                      scores=(records, organs), pairs=pairs)
         report.rankings += n_rank
         report.pairwise += n_pair
         report.stability += n_stab
         report.submissions[scope] = len(scope_submission_ids(session, testset.id, scope))
+    pairs.flush()
+    pairs.prune(members, every_scope=set(SCOPES) <= set(scopes))
+    report.pairs_tested, report.pairs_reused = pairs.computed, pairs.reused
     session.flush()
     log.info("leaderboard of %s (%s) recomputed: %s", testset.name, testset.protocol_key, report)
     return report
 
 
 def on_submission_scored(
-    session: Session, submission_id: int, options: StatsOptions | None = None
+    session: Session, submission_id: int, options: StatsOptions | None = None, *, full: bool = False
 ) -> RecomputeReport:
     """Recompute and store everything the leaderboard shows after ``submission_id`` was scored,
     published or unpublished: its aggregates (when it has scores, i.e. it is scored or published)
-    and the rankings, pairwise tests and rank stability of its test set in both scopes.
+    and the rankings, pairwise tests and rank stability of its test set in both scopes --
+    incrementally (only the pairs it is in are tested) unless ``full`` (:func:`recompute_testset`).
 
     Idempotent; the caller commits. Raises :class:`LookupError` for an unknown submission.
     """
@@ -772,32 +1036,36 @@ def on_submission_scored(
         raise LookupError(f"no submission {submission_id}")
     with_scores = submission.state in (SubmissionState.scored, SubmissionState.published)
     report = recompute_testset(
-        session, submission.testset, submission_ids=[submission_id] if with_scores else [], options=options
+        session, submission.testset, submission_ids=[submission_id] if with_scores else [], options=options,
+        full=full,
     )
     for other in versions.other_protocols(session, submission.testset):
         # the scopes of every protocol version change with a publication (re-scored versions too)
         rescored = with_scores and session.scalar(sa.select(Score.id).where(
             Score.submission_id == submission_id, Score.protocol_key == other.protocol_key).limit(1)) is not None
         recompute_testset(session, submission.testset, submission_ids=[submission_id] if rescored else [],
-                          options=options, protocol_key=other.protocol_key)
+                          options=options, protocol_key=other.protocol_key, full=full)
     return report
 
 
-def recompute_all(session: Session, testset: TestSet, options: StatsOptions | None = None) -> RecomputeReport:
+def recompute_all(session: Session, testset: TestSet, options: StatsOptions | None = None, *,
+                  full: bool = False) -> RecomputeReport:
     """Recompute every statistic of the test set (the aggregates of all its scored and published
     submissions and both scopes): what a change of policy, options or subgroups needs. Scores
-    are untouched. The caller commits."""
+    are untouched. ``full``: also every pair test and every packed score from the scores
+    (``touchstone stats recompute``). The caller commits."""
     ids = scope_submission_ids(session, testset.id, "all")
-    report = recompute_testset(session, testset, submission_ids=ids, options=options)
+    report = recompute_testset(session, testset, submission_ids=ids, options=options, full=full)
     for other in versions.other_protocols(session, testset):
-        recompute_protocol_version(session, testset, other.protocol_key, options)
+        recompute_protocol_version(session, testset, other.protocol_key, options, full=full)
     return report
 
 
 def recompute_protocol_version(session: Session, testset: TestSet, protocol_key: str,
-                               options: StatsOptions | None = None) -> RecomputeReport:
+                               options: StatsOptions | None = None, *, full: bool = False) -> RecomputeReport:
     """Recompute every statistic of the test set under one of its protocol versions: the
     aggregates of the submissions with scores under it and both scopes. The caller commits."""
     ids = [i for i in scope_submission_ids(session, testset.id, "all") if session.scalar(
         sa.select(Score.id).where(Score.submission_id == i, Score.protocol_key == protocol_key).limit(1)) is not None]
-    return recompute_testset(session, testset, submission_ids=ids, options=options, protocol_key=protocol_key)
+    return recompute_testset(session, testset, submission_ids=ids, options=options, protocol_key=protocol_key,
+                             full=full)

@@ -1,0 +1,258 @@
+"""The pairwise-test cache of the leaderboard statistics (table ``pairwise_cache``, 0007_pairwise_cache).
+
+A paired Wilcoxon test of two submissions depends only on their two rows of a score matrix and on
+the test options -- not on the other submissions. :class:`PairCache` therefore keeps the raw result
+of every unordered pair (:class:`evaluation.stats.wilcoxon.PairTests`: V, z, both one-sided p-values,
+n_common, the differences) per
+
+  (test set, protocol key, organ, metric, ``options_key``, ``cases_hash``, submission a < b,
+   ``values_hash``)
+
+and reuses it while ``values_hash`` -- both submissions' values on that case axis -- is unchanged.
+So a newly scored, republished or unpublished submission costs the tests of the pairs it is in;
+a rescoring changes the values hash and re-tests that submission's pairs; new test options
+change ``options_key``. What depends on the whole family -- the multiple-comparison correction,
+test-then-rank, rankings, the bootstrap -- is recomputed from these raw results every time
+(:mod:`services.leaderboard.compute`).
+
+Hashes: ``options_key`` = the Wilcoxon options (zero method, continuity, method; alpha and the
+correction are not inputs of a raw test); ``cases_hash`` = the case ids of the matrix's case axis
+in order (under the ``common`` policy: the cases every ranked submission has); a row hash =
+BLAKE2b of the row's float64 values on that axis (NaN = not scored, so it fixes which cases the
+pair shares; ``-0.0`` counted as ``0.0``, NaN payloads ignored); ``values_hash`` = the two row
+hashes. The caller serialises writers (the test-set row lock of ``compute``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from evaluation.stats import ScoreMatrix, WilcoxonOptions
+from evaluation.stats.wilcoxon import PAIR_TEST_FIELDS, PairTests, pair_tests
+from services.db.base import finite_or_none, utcnow
+from services.db.models import PairwiseCache
+
+#: bump when the way a raw test is computed changes (every cached row is then recomputed)
+PAIR_TEST_VERSION = 1
+_INT_FIELDS = ("n_common", "n_nonzero")
+
+
+def options_key(options: WilcoxonOptions) -> str:
+    """Hash of what a raw pair test depends on besides its two rows."""
+    settings = {"zero_method": options.zero_method, "continuity": options.correction, "method": options.method,
+                "version": PAIR_TEST_VERSION}
+    return hashlib.blake2b(json.dumps(settings, sort_keys=True).encode(), digest_size=16).hexdigest()
+
+
+def cases_hash(case_ids: Sequence[str]) -> str:
+    """Hash of a case axis (ids in order)."""
+    return hashlib.blake2b("\x1f".join(map(str, case_ids)).encode(), digest_size=16).hexdigest()
+
+
+def row_hashes(matrix: ScoreMatrix) -> list[str]:
+    """One hash per algorithm of its values on the matrix's case axis (NaN = not scored)."""
+    values = np.where(np.isnan(matrix.values), np.nan, matrix.values) + 0.0  # one NaN, no -0.0
+    return [hashlib.blake2b(np.ascontiguousarray(row).tobytes(), digest_size=16).hexdigest() for row in values]
+
+
+def _tests_from_rows(rows: Sequence[tuple]) -> PairTests:
+    columns = list(zip(*rows)) if rows else [()] * len(PAIR_TEST_FIELDS)
+    arrays = {}
+    for name, column in zip(PAIR_TEST_FIELDS, columns):
+        if name in _INT_FIELDS:
+            arrays[name] = np.asarray(column, dtype=np.int64)
+        else:
+            arrays[name] = np.array([np.nan if v is None else v for v in column], dtype=np.float64)
+    return PairTests(**arrays)
+
+
+def _gather(parts: PairTests, where: np.ndarray, into: dict[str, np.ndarray]) -> None:
+    for name in PAIR_TEST_FIELDS:
+        into[name][where] = getattr(parts, name)
+
+
+class FreshPairs:
+    """The raw tests of every pair, computed (no cache): what :func:`compute.comparative_rows`
+    uses when it is not handed a :class:`PairCache`."""
+
+    def __init__(self, options: WilcoxonOptions, chunk_pairs: int = 64) -> None:
+        self.options, self.chunk_pairs = options, chunk_pairs
+        self.reused = 0
+        self.computed = 0
+
+    def pair_tests(self, matrix: ScoreMatrix) -> PairTests:
+        ii, jj = np.triu_indices(matrix.n_algorithms, 1)
+        self.computed += int(ii.size)
+        return pair_tests(matrix, ii, jj, self.options, self.chunk_pairs)
+
+
+class PairCache:
+    """Raw pair tests of one (test set, protocol, Wilcoxon options), from the cache or computed.
+
+    ``reuse=False`` (a full recomputation) ignores and replaces every stored row of the test set
+    and protocol. :meth:`pair_tests` answers; :meth:`flush` writes what was computed and
+    :meth:`prune` drops what no scope used. ``reused`` and ``computed`` count pairs.
+
+    A pair may have several rows, one per values hash: the organ ``average`` of the
+    ``all-organs`` rule depends on which organs the other submissions scored, so the two scopes
+    can ask for different values of the same pair; each keeps its own row.
+    """
+
+    def __init__(self, session: Session, testset_id: int, protocol_key: str, options: WilcoxonOptions, *,
+                 reuse: bool = True, chunk_pairs: int = 64) -> None:
+        self.session, self.testset_id, self.protocol_key = session, testset_id, protocol_key
+        self.options, self.reuse, self.chunk_pairs = options, reuse, chunk_pairs
+        self.options_key = options_key(options)
+        self.reused = 0
+        self.computed = 0
+        # (organ, metric, cases_hash) -> {(a, b, values_hash): (row id or None, row tuple of PAIR_TEST_FIELDS)}
+        self._known: dict[tuple[str, str, str], dict[tuple[int, int, str], tuple[int | None, tuple]]] = {}
+        self._used: set[int] = set()  # ids of the stored rows some matrix asked for
+        self._loaded: set[int] = set()
+        self._new: list[dict] = []
+        if not reuse:
+            self._delete(sa.true())
+
+    def _delete(self, condition) -> None:
+        self.session.execute(sa.delete(PairwiseCache).where(
+            PairwiseCache.testset_id == self.testset_id, PairwiseCache.protocol_key == self.protocol_key, condition))
+
+    def _load(self, organ: str, metric: str, axis: str) -> dict[tuple[int, int, str], tuple[int | None, tuple]]:
+        key = (organ, metric, axis)
+        if key not in self._known:
+            known: dict[tuple[int, int, str], tuple[int | None, tuple]] = {}
+            if self.reuse:
+                c = PairwiseCache
+                rows = self.session.execute(
+                    sa.select(c.id, c.submission_a_id, c.submission_b_id, c.values_hash,
+                              *(getattr(c, f) for f in PAIR_TEST_FIELDS))
+                    .where(c.testset_id == self.testset_id, c.protocol_key == self.protocol_key, c.organ == organ,
+                           c.metric == metric, c.options_key == self.options_key, c.cases_hash == axis)
+                ).all()
+                for row in rows:
+                    known[(row[1], row[2], row[3])] = (row[0], tuple(row[4:]))
+                    self._loaded.add(row[0])
+            self._known[key] = known
+        return self._known[key]
+
+    def pair_tests(self, matrix: ScoreMatrix) -> PairTests:
+        """The raw tests of all K(K-1)/2 pairs of ``matrix`` (``numpy.triu_indices`` order; its
+        algorithms are submission ids, ascending)."""
+        k = matrix.n_algorithms
+        ii, jj = np.triu_indices(k, 1)
+        ids = [int(a) for a in matrix.algorithms]
+        if any(x >= y for x, y in zip(ids, ids[1:])):
+            raise ValueError("the pairwise cache needs the algorithms in ascending submission id order")
+        axis = cases_hash(matrix.case_ids)
+        known = self._load(matrix.organ, matrix.metric, axis)
+        hashes = row_hashes(matrix)
+        keys = [(ids[i], ids[j], hashes[i] + hashes[j]) for i, j in zip(ii, jj)]
+        out = {name: np.empty(ii.size, dtype=np.int64 if name in _INT_FIELDS else np.float64)
+               for name in PAIR_TEST_FIELDS}
+        hit = np.zeros(ii.size, dtype=bool)
+        cached_rows = []
+        for p, key in enumerate(keys):
+            entry = known.get(key)
+            if entry is not None:
+                hit[p] = True
+                cached_rows.append(entry[1])
+                if entry[0] is not None:
+                    self._used.add(entry[0])
+        if cached_rows:
+            _gather(_tests_from_rows(cached_rows), hit, out)
+        miss = np.flatnonzero(~hit)
+        if miss.size:
+            fresh = pair_tests(matrix, ii[miss], jj[miss], self.options, self.chunk_pairs)
+            _gather(fresh, miss, out)
+            self._record(matrix, axis, [keys[p] for p in miss], fresh, known)
+        self.reused += int(hit.sum())
+        self.computed += int(miss.size)
+        return PairTests(**out)
+
+    def _record(self, matrix: ScoreMatrix, axis: str, keys: list[tuple[int, int, str]], fresh: PairTests,
+                known: dict) -> None:
+        columns = [getattr(fresh, f) for f in PAIR_TEST_FIELDS]
+        now = utcnow()
+        for p, key in enumerate(keys):
+            values = tuple(int(c[p]) if f in _INT_FIELDS else finite_or_none(c[p])
+                           for f, c in zip(PAIR_TEST_FIELDS, columns))
+            known[key] = (None, values)
+            self._new.append({
+                "testset_id": self.testset_id, "protocol_key": self.protocol_key, "organ": matrix.organ,
+                "metric": matrix.metric, "options_key": self.options_key, "cases_hash": axis,
+                "submission_a_id": key[0], "submission_b_id": key[1], "values_hash": key[2],
+                "computed_at": now, **dict(zip(PAIR_TEST_FIELDS, values)),
+            })
+
+    def flush(self) -> int:
+        """Write the computed pairs; returns rows written."""
+        written = bulk_insert(self.session, PairwiseCache, self._new)
+        self._new = []
+        return written
+
+    def prune(self, member_ids: Iterable[int], every_scope: bool) -> None:
+        """Drop the rows of other test options and of submissions no longer scored or published;
+        with ``every_scope`` (each scope was computed, so every pair still wanted was asked for),
+        also the rows no matrix asked for: values or case axes that changed."""
+        members = sorted(set(int(i) for i in member_ids))
+        self._delete(sa.or_(PairwiseCache.options_key != self.options_key,
+                            PairwiseCache.submission_a_id.not_in(members),
+                            PairwiseCache.submission_b_id.not_in(members)))
+        if every_scope:
+            if self.reuse:
+                unused = sorted(self._loaded - self._used)
+                for start in range(0, len(unused), 5000):
+                    self.session.execute(sa.delete(PairwiseCache).where(PairwiseCache.id.in_(unused[start:start + 5000])))
+            axes = sorted({axis for _, _, axis in self._known})
+            self._delete(PairwiseCache.cases_hash.not_in(axes))
+
+
+def bulk_insert(session: Session, model, rows: list[dict]) -> int:
+    """Insert ``rows`` (dicts of the model's columns, all with the same keys) in the session's
+    transaction: PostgreSQL ``COPY ... FROM STDIN`` (hundreds of thousands of rows per scoring),
+    elsewhere one executemany. Floats go as ``repr`` text: exact."""
+    if not rows:
+        return 0
+    connection = session.connection()
+    if connection.dialect.name != "postgresql":
+        session.execute(sa.insert(model), rows)
+        return len(rows)
+    columns = list(rows[0])
+    table = model.__table__
+    dbapi = connection.connection.dbapi_connection
+    with dbapi.cursor() as cursor:
+        with cursor.copy(f'COPY {table.name} ({", ".join(columns)}) FROM STDIN') as copy:
+            buffer = io.StringIO()
+            for row in rows:
+                buffer.write("\t".join(_copy_text(row[c]) for c in columns))
+                buffer.write("\n")
+                if buffer.tell() > 1 << 20:
+                    copy.write(buffer.getvalue())
+                    buffer = io.StringIO()
+            copy.write(buffer.getvalue())
+    return len(rows)
+
+
+def _copy_text(value) -> str:
+    """One field of COPY's text format (NULL ``\\N``; tab, newline and backslash escaped)."""
+    if value is None:
+        return "\\N"
+    if isinstance(value, (bool, np.bool_)):
+        return "t" if value else "f"
+    if isinstance(value, float):
+        return repr(float(value))  # shortest exact text (np.float64's repr names its type)
+    if isinstance(value, (dict, list)):
+        value = json.dumps(value)
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    text = str(value)
+    if any(ch in text for ch in "\\\t\n\r"):
+        text = text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+    return text
