@@ -49,7 +49,7 @@ def upgrade() -> None:
                                 name=op.f("fk_pairwise_cache_submission_b_id_submissions"), ondelete="CASCADE"),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_pairwise_cache")),
         sa.UniqueConstraint("testset_id", "protocol_key", "organ", "metric", "options_key", "cases_hash",
-                            "submission_a_id", "submission_b_id", name="uq_pairwise_cache_key"),
+                            "submission_a_id", "submission_b_id", "values_hash", name="uq_pairwise_cache_key"),
     )
     op.create_index("ix_pairwise_cache_b", "pairwise_cache", ["submission_b_id"], unique=False)
     op.create_table(

@@ -367,13 +367,14 @@ class PairwiseCache(Base):
     Reused only when all of its key matches: the pair, organ, metric, protocol, the test options
     (``options_key``), the case axis it was tested on (``cases_hash``: under the ``common`` policy
     the cases every ranked submission has) and ``values_hash``, the hash of both submissions' values
-    on that axis (which fixes their common cases and catches a rescoring).
+    on that axis (which fixes their common cases and catches a rescoring). Rows nothing asks for
+    any more are pruned by the next recomputation.
     """
 
     __tablename__ = "pairwise_cache"
     __table_args__ = (
         sa.UniqueConstraint("testset_id", "protocol_key", "organ", "metric", "options_key", "cases_hash",
-                            "submission_a_id", "submission_b_id", name="uq_pairwise_cache_key"),
+                            "submission_a_id", "submission_b_id", "values_hash", name="uq_pairwise_cache_key"),
         sa.Index("ix_pairwise_cache_b", "submission_b_id"),
     )
 
