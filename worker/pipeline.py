@@ -33,6 +33,7 @@ from services.db.enums import FailureCode, ShardState
 from services.db.enums import SubmissionState as S
 from services.db.models import Case, Score, Shard, Submission, TestSet
 from services.db.states import SHARD_OPEN, UNFINISHED, close_open_shards, transition
+from evaluation.metric_registry import ORGAN_METRICS
 from evaluation.scoring import ScoreRow
 
 #: submission states in which inference work may go on
@@ -84,7 +85,7 @@ def insert_scores_ignore(session: Session, submission_id: int, case_pk: int, pro
     ``INSERT ... ON CONFLICT DO NOTHING`` on both SQLite and PostgreSQL."""
     values = [
         {"submission_id": submission_id, "case_id": case_pk, "organ": r.organ, "protocol_key": protocol_key,
-         **{metric: finite_or_none(getattr(r, metric)) for metric in ("dsc", "nsd", "hd95", "assd")},
+         **{metric: finite_or_none(getattr(r, metric)) for metric in ORGAN_METRICS},
          "status": (r.status or "ok")[:32], "detail": r.detail or None}
         for r in rows
     ]

@@ -89,7 +89,8 @@ class Protocol(BaseModel):
         name: short identifier, e.g. ``"touchstone"``.
         version: positive integer; bump it whenever anything below changes.
         organs: organ → voxel value in a combined label map (default: the Touchstone label set).
-        metrics: subset of ``("dsc", "nsd", "hd95", "assd")``, kept in that order.
+        metrics: subset of :data:`evaluation.metric_registry.METRICS` (organ metrics ``dsc``,
+            ``nsd``, ``hd95``, ``assd``; lesion metrics only in a lesion protocol), kept in that order.
         surface: ``"voxel"`` (MONAI default voxel-boundary surfaces) or ``"surfel"`` (DeepMind
             surface elements with areas); used by NSD, HD95 and ASSD.
         nsd_tolerance_mm: organ → NSD tolerance τ in mm (every organ needs one when NSD is on).
