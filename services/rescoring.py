@@ -15,9 +15,11 @@ protocol file; through the API only inside ``TOUCHSTONE_IMPORT_ROOTS``) as a
 :class:`~services.db.models.TestSetProtocol` of the test set, checks which submissions still hold
 every prediction (the others are *reported* in ``RescoreJob.unavailable`` with the reason), and
 queues ``touchstone.rescore`` on the cpu queue. The worker (``worker/rescoring.py``) scores the
-kept files through :mod:`evaluation.scoring`, as the scoring step does, writes ``Score`` rows under
-the new key (the old version's rows stay) and computes the statistics of that version; no
-container runs. The job's counters are its progress.
+kept files of the hidden cases (the benchmark's; the public sample's validation scores, the
+inventors' own feedback, stay under the version they were made with) through
+:mod:`evaluation.scoring`, as the scoring step does, writes ``Score`` rows under the new key (the old
+version's rows stay) and computes the statistics of that version; no container runs. The job's
+counters are its progress.
 """
 
 from __future__ import annotations
