@@ -28,7 +28,8 @@ outside ``scope=all`` no box shows outliers (single hidden cases' scores).
 Cache: a figure is a pure function of the stored statistics of (test set, protocol, scope) -- the
 version :func:`services.leaderboard.queries._stats_version` changes with every recomputation -- of
 the submissions in scope and of the small-cell threshold; :data:`FIGURE_CACHE` (in process, LRU)
-keys on all of them, so a page of 100 algorithms renders its figures once per statistics run.
+keys on all of them, so a page of 100 algorithms renders its figures once per statistics run;
+:data:`MATRIX_CACHE` keeps the score matrices of the last few runs.
 No table is needed (migration 0009 stays a no-op): a new process renders again on first use.
 """
 
@@ -132,7 +133,9 @@ class _FigureCache:
             self._entries.clear()
 
 
-FIGURE_CACHE = _FigureCache()
+FIGURE_CACHE = _FigureCache(max_entries=256)
+#: the score matrices behind the box plots (Touchstone scale: ~200 MB per scope), few kept
+MATRIX_CACHE = _FigureCache(max_entries=4)
 
 
 def subgroup_variables(testset: TestSet) -> tuple[str, ...]:
@@ -227,7 +230,7 @@ def _matrices(session: Session, testset: TestSet, scope: str) -> _Matrices:
     statistics were computed (``compute.store_comparative``: hidden cases, the test set's options,
     its missing-case policy and organ average), cached per statistics run."""
     key = _key(session, testset, scope, "matrices")
-    hit = FIGURE_CACHE.get(key)
+    hit = MATRIX_CACHE.get(key)
     if hit is None:
         options = compute.options_for_testset(testset)
         variables = compute.breakdown_variables(testset)
@@ -239,7 +242,7 @@ def _matrices(session: Session, testset: TestSet, scope: str) -> _Matrices:
         algorithms = [str(i) for i in ids if str(i) in present]
         matrices, _ = compute.build_matrices(scores, cases, algorithms, options, expected)
         hit = _Matrices(matrices, cases.assign(case_id=cases["case_id"].astype(str)), options)
-        FIGURE_CACHE.put(key, hit)
+        MATRIX_CACHE.put(key, hit)
     return hit
 
 

@@ -307,7 +307,7 @@ def group_boxes_figure(labels: Sequence[str], groups: Sequence[str],
                            medianprops={"color": "black", "linewidth": 0.8}, whiskerprops={"linewidth": 0.5},
                            capprops={"linewidth": 0.5},
                            flierprops={"marker": ".", "markersize": 2, "markeredgecolor": color})
-            ax.plot([], [], color=color, linewidth=6, label=group)
+            ax.plot([], [], color=color, linewidth=6, label=group if data else f"{group} (withheld)")
         ax.set_yticks(range(1, k + 1), labels, fontsize=_row_font(k), **PLAIN)
         ax.set_ylim(k + 0.6, 0.4)
         ax.set_xlim(-0.02, 1.02)
