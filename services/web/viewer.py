@@ -264,27 +264,40 @@ def load_case(case: Case, organs: dict[str, int], prediction: PredictionPlace, k
 
 class _Caches:
     """The decoded cases (LRU, :data:`VOLUME_CACHE_ENTRIES`) and the rendered PNGs (LRU bounded
-    by :data:`PNG_CACHE_BYTES`). One lock: the three slice requests of a page decode a case once."""
+    by :data:`PNG_CACHE_BYTES`). A case is decoded once however many of its slices are asked for at
+    the same time (a lock per case being decoded); other cases and cached PNGs do not wait for it."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.cases: OrderedDict[tuple, LoadedCase | CaseProblem] = OrderedDict()
+        self.loading: dict[tuple, threading.Lock] = {}
         self.pngs: OrderedDict[tuple, bytes] = OrderedDict()
         self.png_bytes = 0
 
-    def case(self, key: tuple, load) -> LoadedCase:
+    def _cached_case(self, key: tuple) -> LoadedCase | CaseProblem | None:
         with self.lock:
             if key in self.cases:
                 self.cases.move_to_end(key)
-                found = self.cases[key]
-            else:
-                try:
-                    found = load()
-                except CaseProblem as exc:
-                    found = exc
-                self.cases[key] = found
-                while len(self.cases) > VOLUME_CACHE_ENTRIES:
-                    self.cases.popitem(last=False)
+                return self.cases[key]
+            return None
+
+    def case(self, key: tuple, load) -> LoadedCase:
+        found = self._cached_case(key)
+        if found is None:
+            with self.lock:
+                key_lock = self.loading.setdefault(key, threading.Lock())
+            with key_lock:
+                found = self._cached_case(key)  # decoded by the request we waited for
+                if found is None:
+                    try:
+                        found = load()
+                    except CaseProblem as exc:
+                        found = exc
+                    with self.lock:
+                        self.cases[key] = found
+                        while len(self.cases) > VOLUME_CACHE_ENTRIES:
+                            self.cases.popitem(last=False)
+                        self.loading.pop(key, None)
         if isinstance(found, CaseProblem):
             raise found
         return found
