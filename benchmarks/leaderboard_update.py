@@ -5,15 +5,18 @@
    published submissions and one more, the (K+1)-th, still being evaluated; their
    (K+1) x cases x 9 organs (``evaluation.labels.ORGANS``) synthetic DSC/NSD scores go in by binary
    ``COPY`` built with numpy (the helpers of ``benchmarks/api.py``).
-2. **Baseline**: the statistics of the K published submissions, recomputed in full
-   (``recompute_testset(..., full=True)``: every pair re-tested; this also fills the pairwise cache).
-3. **Incremental update** (timed, ``update_seconds``): the (K+1)-th becomes ``scored`` and
-   ``on_submission_scored`` runs as ``finalize`` runs it -- its aggregates, then both scopes; only
-   the K new pairs per organ x metric are tested, every other pair's p-values come from the cache,
-   Holm, rankings, P(best) and the bootstrap are recomputed from them.
-4. **Full recomputation** of the same state (timed, ``full_seconds``): ``on_submission_scored(...,
-   full=True)``, the cache ignored (every K(K+1)/2 pair re-tested), as every scoring cost before.
-   The rows it writes are compared with the incremental update's: they must be identical.
+2. **Full recomputation** (timed, ``full_seconds``): the (K+1)-th becomes ``scored`` and
+   ``on_submission_scored(..., full=True)`` runs -- its aggregates, then both scopes with every
+   score re-read and every one of the K(K+1)/2 pairs per organ x metric re-tested, as every scoring
+   cost before (this also fills the pairwise cache and the packed scores).
+3. **Back to the state before the (K+1)-th was scored**: its rows of the pairwise cache and its
+   packed scores are deleted (the K published submissions' statistics, pairs and packed scores
+   stay, as the updates before it would have left them).
+4. **Incremental update** (timed, ``update_seconds``): ``on_submission_scored`` as ``finalize``
+   runs it -- its aggregates, its packed scores, the K new pairs per organ x metric tested, every
+   other pair from the cache, Holm, rankings, P(best) and the bootstrap recomputed; the published
+   scope, whose members and inputs did not change, is left as it is. The rows it leaves are
+   compared with the full recomputation's: they must be identical.
 
 Statistics with the production options (``DEFAULT_OPTIONS``: 1,000 bootstrap resamples).
 
@@ -50,8 +53,8 @@ from evaluation.labels import ORGANS  # noqa: E402
 from services.db import migrate  # noqa: E402
 from services.db.enums import SubmissionState  # noqa: E402
 from services.db.leaderboard_models import PairwiseTest, RankingEntry, RankStability, StatsRun  # noqa: E402
-from services.db.models import Algorithm, Case, Submission, Team, TestSet  # noqa: E402
-from services.leaderboard import DEFAULT_OPTIONS, on_submission_scored, recompute_testset  # noqa: E402
+from services.db.models import Algorithm, Case, PackedScores, PairwiseCache, Submission, Team, TestSet  # noqa: E402
+from services.leaderboard import DEFAULT_OPTIONS, on_submission_scored  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("benchmark_api", REPO / "benchmarks" / "api.py")
 _api = importlib.util.module_from_spec(_spec)
@@ -185,14 +188,6 @@ def main() -> None:
         new = submission_ids[-1]
         engine = sa.create_engine(url)
 
-        def baseline():
-            with Session(engine) as s:
-                testset = s.scalar(sa.select(TestSet).where(TestSet.name == TESTSET))
-                report = recompute_testset(s, testset, full=True, options=DEFAULT_OPTIONS)
-                s.commit()
-                return report
-
-        timed(f"baseline: statistics of the {k} published submissions, full", baseline)
         with Session(engine) as s:
             s.get(Submission, new).state = SubmissionState.scored
             s.commit()
@@ -205,12 +200,20 @@ def main() -> None:
                     return report
             return run
 
-        update_s = timed(f"incremental update: submission {k + 1} scored", update(False))
-        with Session(engine) as s:
-            incremental = stored(s, s.scalar(sa.select(TestSet.id).where(TestSet.name == TESTSET)))
         full_s = timed(f"full recomputation: submission {k + 1} scored, every pair re-tested", update(True))
         with Session(engine) as s:
-            full = stored(s, s.scalar(sa.select(TestSet.id).where(TestSet.name == TESTSET)))
+            testset_id = s.scalar(sa.select(TestSet.id).where(TestSet.name == TESTSET))
+            full = stored(s, testset_id)
+            # back to the state before the (K+1)-th was scored: the statistics of the K published
+            # submissions (the published scope, as the full recomputation wrote it) and their
+            # pairs in the cache, none of the new submission's pairs and no packed scores of it
+            s.execute(sa.delete(PairwiseCache).where(sa.or_(PairwiseCache.submission_a_id == new,
+                                                            PairwiseCache.submission_b_id == new)))
+            s.execute(sa.delete(PackedScores).where(PackedScores.submission_id == new))
+            s.commit()
+        update_s = timed(f"incremental update: submission {k + 1} scored", update(False))
+        with Session(engine) as s:
+            incremental = stored(s, testset_id)
         for table in full:
             same = incremental[table] == full[table]
             print(f"  {table}: {len(full[table])} rows, incremental == full: {same}")

@@ -39,6 +39,7 @@ from __future__ import annotations
 import gc
 import io
 import logging
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -78,6 +79,7 @@ from services.db.leaderboard_models import SCOPES, PairwiseTest, RankingEntry, R
 from services.db.models import Aggregate, Case, PackedScores, Score, Submission, TestSet
 from services.leaderboard.pairwise import FreshPairs, PairCache, bulk_insert
 from services.leaderboard import versions
+from services.leaderboard.suppression import withheld_groups
 
 log = logging.getLogger("touchstone.leaderboard")
 
@@ -307,6 +309,11 @@ class RecomputeReport:
     #: unordered pairs x organ x metric tested in this recomputation, and taken from the cache
     pairs_tested: int = 0
     pairs_reused: int = 0
+    #: wall seconds per stage: scores (read), aggregates, comparative (tests, rankings, bootstrap,
+    #: writes), cache (pairwise cache written and pruned)
+    seconds: dict[str, float] = field(default_factory=dict)
+    #: scopes whose inputs did not change (their rows were left as they are)
+    unchanged: list[str] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------------
@@ -451,8 +458,9 @@ def expected_from_records(records: np.ndarray, organs: Sequence[str]) -> set[tup
     has_value = np.zeros(records.size, dtype=bool)
     for metric in METRICS:
         has_value |= ~np.isnan(records[metric])
-    cells = np.unique(records[["case", "organ"]][has_value]) if has_value.any() else []
-    return {(int(c), str(organs[o])) for c, o in cells}
+    width = max(len(organs), 1)
+    cells = np.unique(records["case"][has_value] * width + records["organ"][has_value])
+    return {(int(c // width), str(organs[c % width])) for c in cells.tolist()}
 
 
 def _records_from_frame(scores: pd.DataFrame) -> tuple[np.ndarray, list[str]]:
@@ -714,13 +722,16 @@ def submission_aggregate_rows(
                           confidence=options.confidence, ci_method=options.ci_method, missing=miss)
         rows.append({"organ": organ, "metric": metric, "scope": "overall", "group_value": "",
                      **row, "too_small": row["n"] < k})
+        # the small-cell rule across every breakdown (services/leaderboard/suppression.py): the
+        # counted cases are those summary_row's n counts (a value after the missing-case policy)
+        withheld = withheld_groups(~np.isnan(values), {(v, g): m for v, masks in groups.items() for g, m in masks}, k)
         for variable, masks in groups.items():
             for group, mask in masks:
                 row = summary_row(values[mask], failed[mask], n_resamples=options.group_resamples,
                                   seed=options.seed, confidence=options.confidence, ci_method=options.ci_method,
                                   missing=miss[mask] if miss is not None else None)
                 rows.append({"organ": organ, "metric": metric, "scope": variable, "group_value": group,
-                             **row, "too_small": row["n"] < k})
+                             **row, "too_small": row["n"] < k, "withheld": (variable, group) in withheld})
     return rows
 
 
@@ -912,7 +923,8 @@ def store_comparative(
         cache[tuple(ids)] = comparative_rows(matrices, options, pairs, cache.setdefault("counts", {}))
     runs, rankings, pairwise, stability = cache[tuple(ids)]
     fingerprint = _fingerprint(expected, options)
-    runs = [{**r, "details": {**r["details"], "fingerprint": fingerprint}} for r in runs]
+    inputs = _scope_inputs(ids, fingerprint, options)
+    runs = [{**r, "details": {**r["details"], "fingerprint": fingerprint, "inputs": inputs}} for r in runs]
     now = utcnow()
     for model, rows in ((StatsRun, runs), (RankingEntry, rankings), (PairwiseTest, pairwise), (RankStability, stability)):
         session.execute(
@@ -945,6 +957,29 @@ def _fingerprint(expected: set[tuple[int, str]], options: StatsOptions) -> str:
                 "k": options.min_group_size, "worst": options.worst}
     digest.update(json.dumps(settings, sort_keys=True).encode())
     return digest.hexdigest()[:32]
+
+
+def _scope_inputs(ids: Sequence[int], fingerprint: str, options: StatsOptions) -> str:
+    """Hash of everything a scope's comparative rows depend on besides its members' scores: the
+    members, the benchmark's cells and settings (``fingerprint``), every statistical option."""
+    import hashlib
+    import json
+
+    settings = {"members": [int(i) for i in ids], "fingerprint": fingerprint,
+                "options": json.loads(json.dumps(asdict(options), default=str))}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _scope_unchanged(session: Session, testset: TestSet, scope: str, ids: Sequence[int], fingerprint: str,
+                     options: StatsOptions, changed: Iterable[int]) -> bool:
+    """Whether the scope's stored rows are what a recomputation would write: the same inputs
+    (:func:`_scope_inputs`) and no member whose scores are being re-read (``changed``)."""
+    if set(ids) & set(changed):
+        return False
+    details = session.scalar(sa.select(StatsRun.details).where(
+        StatsRun.testset_id == testset.id, StatsRun.protocol_key == testset.protocol_key,
+        StatsRun.scope == scope).limit(1))
+    return bool(details) and details.get("inputs") == _scope_inputs(ids, fingerprint, options)
 
 
 def _stored_fingerprint(session: Session, testset: TestSet) -> str | None:
@@ -984,7 +1019,18 @@ def recompute_testset(
     re-packed), every other member's from its packed scores; each pair test whose inputs are
     unchanged comes from the pairwise cache (:mod:`.pairwise`), so a new submission costs the
     tests of its own pairs. ``full=True`` reads every score and re-tests every pair (refilling
-    both caches): ``touchstone stats recompute``. Both write the same rows."""
+    both caches; the aggregates are still those of ``submission_ids``: ``recompute_all`` passes
+    every submission -- ``touchstone stats recompute``). Both write the same rows.
+    ``RecomputeReport.seconds`` times the stages."""
+    clock = time.perf_counter()
+    seconds: dict[str, float] = {}
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[stage] = seconds.get(stage, 0.0) + now - clock
+        clock = now
+
     testset = versions.under_protocol(session, _lock_testset(session, testset.id), protocol_key)
     options = options_for_testset(testset, options)
     cases = load_cases(session, testset.id, _extra_columns(breakdown_variables(testset)))
@@ -993,9 +1039,10 @@ def recompute_testset(
     records, organs = packed_records(session, members, testset.protocol_key,
                                      refresh=members if full else submission_ids)
     expected = expected_from_records(records, organs)
-    report = RecomputeReport(testset=testset.name, protocol_key=testset.protocol_key)
+    report = RecomputeReport(testset=testset.name, protocol_key=testset.protocol_key, seconds=seconds)
+    lap("scores")
     fingerprint = _fingerprint(expected, options)
-    if full or _stored_fingerprint(session, testset) not in (None, fingerprint):
+    if _stored_fingerprint(session, testset) not in (None, fingerprint):
         # the benchmark's cells or the settings changed (a submission scored an organ nobody had
         # scored, new options): every submission's missing cases and aggregates change with them
         submission_ids = sorted(set(submission_ids) | set(members))
@@ -1004,19 +1051,30 @@ def recompute_testset(
         if submission is None or submission.testset_id != testset.id:
             raise LookupError(f"submission {submission_id} is not a submission of test set {testset.name!r}")
         report.aggregates += store_submission_aggregates(session, submission, testset, cases, options, expected)
+    lap("aggregates")
     pairs = PairCache(session, testset.id, testset.protocol_key, options.wilcoxon, reuse=not full)
     cache: dict = {}
+    computed_scopes = []
     for scope in scopes:
+        scope_ids = scope_submission_ids(session, testset.id, scope)
+        if not full and _scope_unchanged(session, testset, scope, scope_ids, fingerprint, options, submission_ids):
+            # e.g. the published scope when a submission is scored: its rows stand as they are
+            report.submissions[scope] = len(scope_ids)
+            report.unchanged.append(scope)
+            continue
+        computed_scopes.append(scope)
         _, n_rank, n_pair, n_stab = store_comparative(session, testset, scope, cases, options, cache, expected,
                                                       scores=(records, organs), pairs=pairs)
         report.rankings += n_rank
         report.pairwise += n_pair
         report.stability += n_stab
         report.submissions[scope] = len(scope_submission_ids(session, testset.id, scope))
+    lap("comparative")
     pairs.flush()
-    pairs.prune(members, every_scope=set(SCOPES) <= set(scopes))
+    pairs.prune(members, every_scope=set(SCOPES) <= set(computed_scopes))
     report.pairs_tested, report.pairs_reused = pairs.computed, pairs.reused
     session.flush()
+    lap("cache")
     log.info("leaderboard of %s (%s) recomputed: %s", testset.name, testset.protocol_key, report)
     return report
 

@@ -125,7 +125,7 @@ def test_packed_scores_return_what_the_scores_hold(sqlite_session):
     for got, got_organs in ((first, first_organs), (packed, packed_organs)):
         key = np.argsort(got[["submission", "case", "organ"]], order=["submission", "case", "organ"])
         want = np.argsort(read[["submission", "case", "organ"]], order=["submission", "case", "organ"])
-        assert got_organs == organs == ["liver", "aorta"]
+        assert got_organs == organs == ["aorta", "liver"]  # evaluation.labels.ORGANS order
         for name in compute.RECORD_DTYPE.names:
             assert np.array_equal(got[name][key], read[name][want], equal_nan=True), name
     assert read["failed"].sum() == 2 * 2 * sum(1 for c in case_pks[1:] if c % 3 == 0)
