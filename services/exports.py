@@ -58,7 +58,7 @@ _GROUP = [
     ("median_ci_low", pa.float64()), ("median_ci_high", pa.float64()),
     # what produced the numbers (issue 9): small group flag, interval method, missing-case policy and
     # the statistical options / tie rule (services.leaderboard.StatsOptions.footer)
-    ("too_small", pa.bool_()), ("ci_method", pa.string()), ("missing_policy", pa.string()),
+    ("too_small", pa.bool_()), ("withheld", pa.bool_()), ("ci_method", pa.string()), ("missing_policy", pa.string()),
     ("statistics", pa.string()),
     ("suppressed", pa.bool_()),
 ]
@@ -113,7 +113,7 @@ def _statement(testset: TestSet, level: str, scope: str) -> sa.Select:
         sa.select(*submission_cols, Aggregate.scope, Aggregate.group_value, Aggregate.organ, Aggregate.metric,
                   Aggregate.n, Aggregate.n_failed, Aggregate.n_missing, Aggregate.mean, Aggregate.median,
                   Aggregate.std, Aggregate.ci_low, Aggregate.ci_high, Aggregate.median_ci_low,
-                  Aggregate.median_ci_high, Aggregate.too_small, Aggregate.ci_method,
+                  Aggregate.median_ci_high, Aggregate.too_small, Aggregate.withheld, Aggregate.ci_method,
                   sa.literal(testset.missing_policy).label("missing_policy"),
                   sa.literal(options_for_testset(testset).footer()).label("statistics"))
         .select_from(Aggregate)

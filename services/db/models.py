@@ -356,6 +356,9 @@ class Aggregate(Base):
     # added by 0005_stats_policy: fewer cases than the test set's min_group_size; the interval method
     too_small: Mapped[bool] = mapped_column(default=False, server_default=sa.false())
     ci_method: Mapped[str | None] = mapped_column(sa.String(20))
+    # added by 0009_withheld: blanked for non-organizers by the small-cell rule decided across every
+    # breakdown (services/leaderboard/suppression.py withheld_groups); NULL: computed before it
+    withheld: Mapped[bool | None]
 
 
 class PairwiseCache(Base):

@@ -186,7 +186,7 @@ def _agg_dict(a: Aggregate) -> dict[str, Any]:
     return {"n": a.n, "n_failed": a.n_failed, "n_missing": a.n_missing, "mean": a.mean, "median": a.median,
             "std": a.std, "mean_ci_low": a.ci_low, "mean_ci_high": a.ci_high,
             "median_ci_low": a.median_ci_low, "median_ci_high": a.median_ci_high,
-            "too_small": a.too_small, "ci_method": a.ci_method}
+            "too_small": a.too_small, "withheld": a.withheld, "ci_method": a.ci_method}
 
 
 class _BoardCache:

@@ -13,6 +13,13 @@ everyone but organizers:
   way (overall statistics, ranks and rank values, pairwise tests, rank stability): an overall
   mean over one hidden case *is* that case's score.
 
+* **across breakdowns** (decided when the statistics are computed, :func:`withheld_groups`, and
+  stored as ``Aggregate.withheld``): the groups of two variables nest (hospital A inside
+  manufacturer GE), so ``n_GE·mean_GE − n_A·mean_A`` is the sum of the cases of GE outside A even
+  when every group in sight is large. Every published ``n·mean`` is a linear form of the hidden
+  per-case scores; the rule is that no such combination of the visible groups (every breakdown
+  variable of the submission, organ and metric, plus the overall row) equals the sum over a set of
+  fewer than ``k`` cases that is a *cell* (cases alike in every variable) or a suppressed group.
 * **complementary suppression**: blanking the small groups alone is not enough, since the overall
   statistic minus the visible groups gives them back (``N·mean − Σ n_g·mean_g``). Within one
   breakdown (one submission, variable, organ, metric) the suppressed groups together must hold at
@@ -27,7 +34,10 @@ behind a stored row is its ``n``: the values its statistics are computed over.
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Mapping
 from typing import Any
+
+import numpy as np
 
 #: the statistics of an aggregate row (breakdown group or overall summary) that suppression blanks
 GROUP_STATISTICS: tuple[str, ...] = (
@@ -82,6 +92,98 @@ def groups_to_suppress(hidden: dict[str, int], k: int) -> set[str]:
     return chosen
 
 
+def _span_basis(sets: np.ndarray) -> np.ndarray:
+    """An orthonormal basis (columns) of the space spanned by the rows of ``sets`` (a 0/1 matrix
+    groups x cells): the left singular vectors of ``sets^T`` above numpy's rank tolerance."""
+    u, singular, _ = np.linalg.svd(sets.T.astype(float), full_matrices=False)
+    tol = singular.max(initial=0.0) * max(sets.shape) * np.finfo(float).eps
+    return u[:, : int((singular > tol).sum())]
+
+
+def _in_span(basis: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Which rows ``t`` of ``targets`` are linear combinations of the rows the basis spans: the
+    residual of the orthogonal projection, ``|t|^2 - |B^T t|^2``, is zero (0/1 vectors: to 1e-9)."""
+    if not len(targets):
+        return np.zeros(0, dtype=bool)
+    t = targets.astype(float)
+    return (t * t).sum(axis=1) - ((t @ basis) ** 2).sum(axis=1) < 1e-9
+
+
+#: results of :func:`withheld_groups` by a digest of its inputs: under the ``worst`` policy every
+#: submission of a test set has the same counted cases, so one organ's answer serves them all
+_WITHHELD_CACHE: dict[bytes, frozenset] = {}
+
+
+def withheld_groups(counted: np.ndarray, groups: Mapping[Hashable, np.ndarray], k: int) -> set[Hashable]:
+    """The groups (keys of ``groups``: boolean masks over the cases, e.g. ``(variable, group)``)
+    that non-organizers must not see for one submission, organ and metric, so that no hidden
+    score sum over fewer than ``k`` cases can be computed from the visible ``n·mean`` values.
+
+    ``counted`` marks the cases the overall statistic is taken over (its ``n``); a group's cases
+    are ``mask & counted``. Decided in this order:
+
+    1. every group with ``0 < n < k`` and, per variable (the first element of a tuple key), the
+       complement rule of :func:`groups_to_suppress`;
+    2. while a *target* -- a cell (the counted cases alike in every group), or a suppressed group,
+       holding ``0 < n < k`` cases -- is a linear combination of the visible groups and the
+       overall row (:func:`_in_span`), the smallest visible group that combination uses
+       (least-squares coefficients) is suppressed too (ties by key), and the check is repeated
+       (it ends: with the overall row alone visible nothing of fewer than ``k`` cases is spanned).
+
+    The overall row itself is never suppressed here (a test set with fewer than ``k`` hidden
+    cases is suppressed whole elsewhere). Exact for sums over one cell or one suppressed group;
+    a union of several cells that is no group is not checked on its own. Cost per pass: one thin
+    SVD of a cells x (groups + 1) matrix."""
+    import hashlib
+
+    counted = np.asarray(counted, dtype=bool)
+    masks = {key: np.asarray(mask, dtype=bool) & counted for key, mask in groups.items()}
+    digest = hashlib.sha256(repr((int(k), sorted(map(repr, masks)))).encode())
+    digest.update(np.packbits(counted).tobytes())
+    for key in sorted(masks, key=repr):
+        digest.update(np.packbits(masks[key]).tobytes())
+    cached = _WITHHELD_CACHE.get(digest.digest())
+    if cached is not None:
+        return set(cached)
+    sizes = {key: int(mask.sum()) for key, mask in masks.items()}
+    hidden: set[Hashable] = set()
+    by_variable: dict[Hashable, dict[Hashable, int]] = {}
+    for key, n in sizes.items():
+        by_variable.setdefault(key[0] if isinstance(key, tuple) else None, {})[key] = n
+    for block in by_variable.values():
+        hidden |= groups_to_suppress(block, k)
+    keys = [key for key in masks if sizes[key] > 0]
+    if keys and counted.any():
+        patterns = np.stack([masks[key][counted] for key in keys], axis=1)
+        cells, cell_of = np.unique(patterns, axis=0, return_inverse=True)
+        cell_sizes = np.bincount(cell_of.ravel(), minlength=len(cells))
+        member = cells.T.astype(np.int8)  # group x cell
+        small_cells = np.flatnonzero(cell_sizes < k)
+        while True:
+            visible = [i for i, key in enumerate(keys) if key not in hidden]
+            basis = _span_basis(np.vstack([np.ones((1, len(cells)), dtype=np.int8), member[visible]]))
+            # a cell's unit vector is in the span iff its row of the basis has norm 1
+            exposed = [np.eye(1, len(cells), int(c), dtype=np.int8)[0] for c in small_cells
+                       if 1.0 - float((basis[c] ** 2).sum()) < 1e-9]
+            if not exposed:
+                small_hidden = [i for i, key in enumerate(keys) if key in hidden and sizes[key] < k]
+                flags = _in_span(basis, member[small_hidden]) if small_hidden else np.zeros(0, dtype=bool)
+                exposed = [member[i] for i, hit in zip(small_hidden, flags) if hit]
+            if not exposed:
+                break
+            # the visible groups that combination uses (least-squares coefficients; row 0 = overall)
+            rows = np.vstack([np.ones((1, len(cells))), member[visible]]).astype(float)
+            coefficients = np.linalg.lstsq(rows.T, exposed[0].astype(float), rcond=None)[0][1:]
+            used = [i for i, c in zip(visible, coefficients) if abs(c) > 1e-9]
+            if not used:  # spanned by the overall row alone: the whole counted set, never < k
+                break
+            hidden.add(keys[min(used, key=lambda i: (sizes[keys[i]], repr(keys[i])))])
+    if len(_WITHHELD_CACHE) > 4096:
+        _WITHHELD_CACHE.clear()
+    _WITHHELD_CACHE[digest.digest()] = frozenset(hidden)
+    return hidden
+
+
 def suppress_breakdown(rows: list[dict[str, Any]], k: int, viewer_is_organizer: bool,
                        key=lambda row: (row.get("submission_id"), row.get("variable"), row.get("organ"),
                                         row.get("metric"))) -> list[dict[str, Any]]:
@@ -91,7 +193,11 @@ def suppress_breakdown(rows: list[dict[str, Any]], k: int, viewer_is_organizer: 
     for row in rows:
         blocks.setdefault(key(row), {})[row["group"]] = hidden_cases(row)
     hide = {block: groups_to_suppress(hidden, k) for block, hidden in blocks.items()}
-    return [suppress_group(row, k, viewer_is_organizer, complement=row["group"] in hide[key(row)]) for row in rows]
+    # ``withheld``: decided across every breakdown when the statistics were computed (None: rows
+    # computed before 0009_withheld, which get the per-breakdown rule only)
+    return [suppress_group(row, k, viewer_is_organizer,
+                           complement=row["group"] in hide[key(row)] or bool(row.get("withheld")))
+            for row in rows]
 
 
 def suppress_group(row: dict[str, Any], k: int, viewer_is_organizer: bool, *, n_hidden: int | None = None,

@@ -77,3 +77,75 @@ def test_small_groups_take_their_smallest_neighbours_along():
         ("a", "< 10", None), ("b", "suppressed", None), ("c", 15, 0.5), ("b", 12, 0.5)]
     seen = suppression.suppress_breakdown(rows, 10, True, key=lambda r: r["submission_id"])
     assert [r["suppressed"] for r in seen] == [True, True, False, False] and seen[1]["n"] == 12
+
+
+# --- across breakdowns (withheld_groups) -------------------------------------------------------
+
+import numpy as np  # noqa: E402
+
+from services.leaderboard.suppression import groups_to_suppress, withheld_groups  # noqa: E402
+
+
+def _exposed(counted, groups, hidden, k):
+    """Brute force, independent of the implementation: every cell (cases alike in every group)
+    and every suppressed group of fewer than k counted cases whose indicator lies in the span of
+    the visible groups' and the overall row's indicators (rank does not grow when it is added)."""
+    visible = [np.ones(counted.sum())] + [m[counted].astype(float) for key, m in groups.items()
+                                           if key not in hidden and m[counted].any()]
+    span = np.array(visible)
+    rank = np.linalg.matrix_rank(span)
+    patterns = np.stack([m[counted] for m in groups.values()], axis=1)
+    targets = [(patterns == p).all(axis=1) for p in np.unique(patterns, axis=0)]
+    targets += [groups[key][counted] for key in hidden]
+    return [t for t in targets if 0 < t.sum() < k
+            and np.linalg.matrix_rank(np.vstack([span, t.astype(float)])) == rank]
+
+
+def test_nested_breakdowns_do_not_give_a_case_back():
+    # the review's attack: hospital A (11 cases) inside manufacturer GE (12): GE - A = the one
+    # case of hospital B, though B is blanked and every visible group has >= k cases
+    hospital = np.array(["A"] * 11 + ["B"] + ["C"] * 9 + ["D"] * 3)
+    maker = np.array(["GE"] * 12 + ["SI"] * 12)
+    groups = {("hospital", h): hospital == h for h in "ABCD"} | {("maker", m): maker == m for m in ("GE", "SI")}
+    counted = np.ones(24, dtype=bool)
+    per_breakdown = set()
+    for variable in ("hospital", "maker"):
+        per_breakdown |= groups_to_suppress({g: int(m.sum()) for g, m in groups.items() if g[0] == variable}, 10)
+    assert _exposed(counted, groups, per_breakdown, 10), "the per-breakdown rule alone leaks (the review's case)"
+    hidden = withheld_groups(counted, groups, 10)
+    assert per_breakdown <= hidden
+    assert not _exposed(counted, groups, hidden, 10)
+    assert len(hidden) < len(groups), "something stays visible"
+
+
+def test_crossed_large_groups_withhold_nothing():
+    # two crossed variables whose every cell holds >= k cases: no combination isolates fewer than k
+    a = np.repeat(["x", "y"], 40)
+    b = np.tile(np.repeat(["p", "q"], 20), 2)
+    groups = {("a", v): a == v for v in "xy"} | {("b", v): b == v for v in "pq"}
+    assert withheld_groups(np.ones(80, dtype=bool), groups, 10) == set()
+
+
+def test_counted_cases_decide():
+    # the same metadata, but the overall statistic counts only some cases (missing under the
+    # ``common`` policy): a group that is large on paper can hold fewer than k counted cases
+    a = np.repeat(["x", "y"], 40)
+    groups = {("a", "x"): a == "x", ("a", "y"): a == "y"}
+    counted = np.ones(80, dtype=bool)
+    counted[:35] = False  # x keeps 5 counted cases
+    hidden = withheld_groups(counted, groups, 10)
+    assert ("a", "x") in hidden and ("a", "y") in hidden  # y = overall - x would give x back
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_random_metadata_never_exposes_a_small_set(seed):
+    rng = np.random.default_rng(seed)
+    n, k = int(rng.integers(15, 120)), int(rng.integers(2, 12))
+    columns = {name: rng.choice(levels, size=n, p=rng.dirichlet(np.ones(len(levels))))
+               for name, levels in (("hospital", list("ABCDEF")), ("sex", ["F", "M"]),
+                                    ("maker", ["GE", "SI", "PH"]))}
+    groups = {(name, v): column == v for name, column in columns.items() for v in np.unique(column)}
+    counted = rng.random(n) > rng.uniform(0, 0.3)
+    hidden = withheld_groups(counted, groups, k)
+    assert not _exposed(counted, groups, hidden, k)
+    assert {key for key, m in groups.items() if 0 < (m & counted).sum() < k} <= hidden
