@@ -35,6 +35,7 @@ from services.config import Settings, get_settings
 from services.db.base import utcnow
 from services.db.enums import RescoreState, SubmissionState
 from services.db.models import AuditLog, Case, CaseRun, RescoreJob, Submission, TestSet, TestSetProtocol, User
+from services.db.states import rescore_transition
 from services.storage import Storage, StorageError
 
 #: the Celery task names (services never import the worker: work is sent by name)
@@ -336,8 +337,8 @@ def start_rescore(session: Session, testset: TestSet, protocol: str, *, submissi
     job = RescoreJob(testset_id=testset.id, protocol_key=version.protocol_key, submission_ids=ready,
                      unavailable=unavailable, n_cases_total=n_cases, created_by_id=actor.id if actor else None,
                      created_at=now)
-    if not ready:
-        job.state, job.finished_at = RescoreState.done, now
+    if not ready:  # nothing to score: the job is done as it is made
+        rescore_transition(job, RescoreState.done, now=now)
     session.add(job)
     session.flush()
     session.add(AuditLog(actor_id=actor.id if actor else None, action="testset.rescore", target=f"testset:{testset.id}",

@@ -31,15 +31,13 @@ from services.db.base import utcnow
 from services.db.enums import RescoreState
 from services.db.models import Case, RescoreJob, Score, Submission, TestSet, TestSetProtocol
 from services.db.session import session_scope
+from services.db.states import rescore_transition
 from services.submissions import audit
 from worker import pipeline
 from worker.app import app
 from worker.outputs import delete_tree, score_output
 
-try:  # the run-folder layout (worker/runs.py once worker/tasks.py is split)
-    from worker.runs import RUNS_DIR
-except ImportError:  # pragma: no cover - before the split
-    from worker.tasks import RUNS_DIR
+from worker.runs import RUNS_DIR
 
 log = logging.getLogger("touchstone.worker")
 
@@ -76,6 +74,13 @@ def _update_job(job_id: int, **values: Any) -> None:
                         .execution_options(synchronize_session=False))
 
 
+def _fail_job(job_id: int, error: str) -> None:
+    with session_scope() as session:
+        job = session.get(RescoreJob, job_id)
+        if job is not None and job.state not in (RescoreState.done, RescoreState.failed):
+            rescore_transition(job, RescoreState.failed, error)
+
+
 def _add_unavailable(job_id: int, submission_id: int, reason: str) -> None:
     with session_scope() as session:
         job = session.get(RescoreJob, job_id)
@@ -91,8 +96,7 @@ def rescore(job_id: int) -> str:
     except Exception as exc:
         # a job left "running" would keep its submissions' predictions from the reclaim forever
         log.exception("re-scoring job %s failed", job_id)
-        _update_job(job_id, state=RescoreState.failed, finished_at=utcnow(),
-                    error=f"{type(exc).__name__}: {exc}; see the worker log, then start the job again")
+        _fail_job(job_id, f"{type(exc).__name__}: {exc}; see the worker log, then start the job again")
         raise
 
 
@@ -107,9 +111,9 @@ def _rescore(job_id: int) -> str:
         version = session.scalar(sa.select(TestSetProtocol).where(TestSetProtocol.testset_id == job.testset_id,
                                                                   TestSetProtocol.protocol_key == job.protocol_key))
         if testset is None or version is None:
-            job.state, job.error, job.finished_at = RescoreState.failed, "its protocol version is gone", utcnow()
+            rescore_transition(job, RescoreState.failed, "its protocol version is gone")
             return "failed"
-        job.state, job.started_at = RescoreState.running, job.started_at or utcnow()
+        rescore_transition(job, RescoreState.running)
         protocol, key, current_key = _protocol(version), job.protocol_key, testset.protocol_key
         submission_ids = [int(i) for i in job.submission_ids or []]
         testset_id = testset.id
@@ -140,9 +144,8 @@ def _rescore(job_id: int) -> str:
                         rows = worst_rows(case_id, protocol, status, detail or "")
                 except GroundTruthError as exc:
                     log.error("re-scoring job %s: ground truth of case %s cannot be used: %s", job_id, case_id, exc)
-                    _update_job(job_id, state=RescoreState.failed, finished_at=utcnow(),
-                                error=f"the ground truth of hidden case {case_id!r} cannot be used ({exc}); fix the "
-                                      "test set and start the job again")
+                    _fail_job(job_id, f"the ground truth of hidden case {case_id!r} cannot be used ({exc}); fix "
+                                      "the test set and start the job again")
                     return f"failed: ground truth of {case_id}"
                 with session_scope() as session:
                     written += pipeline.insert_scores_ignore(session, submission_id, case_pk, key, rows)
@@ -155,7 +158,7 @@ def _rescore(job_id: int) -> str:
         testset = session.get(TestSet, testset_id)
         recompute_protocol_version(session, testset, key)
         job = session.get(RescoreJob, job_id)
-        job.state, job.finished_at = RescoreState.done, utcnow()
+        rescore_transition(job, RescoreState.done)
         job.submission_ids = rescored
     log.info("re-scoring job %s: %d case(s) of %d submission(s) under %s, %d score row(s)",
              job_id, done, len(rescored), key, written)

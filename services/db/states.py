@@ -31,9 +31,9 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from services.db.base import utcnow
-from services.db.enums import FailureCode, ShardState
+from services.db.enums import FailureCode, RescoreState, ShardState
 from services.db.enums import SubmissionState as S
-from services.db.models import Shard, Submission
+from services.db.models import RescoreJob, Shard, Submission
 
 UNFINISHED: frozenset[S] = frozenset({S.received, S.validating, S.queued, S.running, S.evaluating})
 FINISHED: frozenset[S] = frozenset({S.scored, S.published, S.failed, S.cancelled})
@@ -189,3 +189,40 @@ def close_open_shards(session: Session, submission_id: int, new_state: ShardStat
         .values(state=new, finished_at=utcnow())
         .execution_options(synchronize_session="fetch")
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# re-scoring jobs (services/rescoring.py, worker/rescoring.py)
+# ------------------------------------------------------------------------------------------------
+R = RescoreState
+#: rescore job state -> states it may move to (done and failed are final; a failed job is
+#: started again as a new job)
+RESCORE_ALLOWED: dict[RescoreState, frozenset[RescoreState]] = {
+    R.queued: frozenset({R.running, R.done, R.failed}),
+    R.running: frozenset({R.running, R.done, R.failed}),
+    R.done: frozenset(),
+    R.failed: frozenset(),
+}
+
+
+def rescore_transition(job: RescoreJob, new_state: RescoreState | str, error: str | None = None,
+                       now: dt.datetime | None = None) -> RescoreJob:
+    """Move a re-scoring job to ``new_state`` (the caller commits): ``running`` stamps
+    ``started_at`` once; ``done`` / ``failed`` stamp ``finished_at``; ``failed`` needs the
+    ``error`` a person can act on. Raises :class:`IllegalTransition` for a move not in
+    :data:`RESCORE_ALLOWED` (e.g. a finished job redelivered)."""
+    current = RescoreState(job.state or R.queued)
+    new = RescoreState(new_state)
+    if new not in RESCORE_ALLOWED[current]:
+        raise IllegalTransition(job.id, current, new, kind="rescore job", allowed=RESCORE_ALLOWED)
+    if new is R.failed and not error:
+        raise ValueError("a re-scoring job may only fail with a reason a person can act on")
+    now = now or utcnow()
+    if new is R.running:
+        job.started_at = job.started_at or now
+    else:
+        job.finished_at = now
+        if new is R.failed:
+            job.error = error
+    job.state = new
+    return job
