@@ -11,7 +11,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # paths and messages unbroken, whatever the terminal width
 
 
 def report_command(
