@@ -66,7 +66,8 @@ router = APIRouter(include_in_schema=False)
 
 #: the sign-in cookie (the API token itself; HttpOnly, SameSite=Strict, Secure behind https)
 TOKEN_COOKIE = "touchstone_token"
-#: the worker's run folders (worker: RUNS_DIR and the validation run's part name; docs/execution.md)
+#: the worker's run folders (worker.runs.RUNS_DIR, worker.validation.VALIDATION_SHARD_LABEL -- services
+#: never import the worker; a unit test keeps them equal; docs/execution.md)
 RUNS_DIR = "runs"
 VALIDATION_RUN = "validation"
 #: decoded cases kept in memory (CT + truth + prediction: one page asks for three slices of one case)

@@ -129,6 +129,10 @@ def test_a_run_folder_outside_storage_is_refused(scene):
     assert place.folder is None and "storage" in place.note
 
 
-def test_the_run_folder_layout_is_the_documented_one():
+def test_the_run_folder_layout_is_the_workers_and_the_documented_one():
+    from worker.runs import RUNS_DIR
+    from worker.validation import VALIDATION_SHARD_LABEL
+
+    assert (viewer.RUNS_DIR, viewer.VALIDATION_RUN) == (RUNS_DIR, VALIDATION_SHARD_LABEL)
     text = (Path(__file__).resolve().parents[4] / "docs" / "execution.md").read_text()
     assert f"storage/{viewer.RUNS_DIR}/submission-<id>/<shard-N|{viewer.VALIDATION_RUN}>/<time>-<random>/output/" in text
