@@ -36,10 +36,11 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from evaluation.labels import ORGANS
+from services.db.audit import audit
 from services.config import Settings, get_settings
 from services.db.base import utcnow
 from services.db.enums import SubmissionState
-from services.db.models import Algorithm, AuditLog, Case, Score, Submission, Team, TestSet, User
+from services.db.models import Algorithm, Case, Score, Submission, Team, TestSet, User
 
 METRIC_FILES = {"dsc": "dsc.csv", "nsd": "nsd.csv"}
 CASE_COLUMN = "name"
@@ -308,11 +309,9 @@ def import_touchstone(
         submission_ids.append(submission.id)
         if progress:
             progress(model.name, index + 1, len(models))
-    session.add(AuditLog(
-        actor_id=actor.id if actor else None, action="results.import_touchstone", target=f"testset:{testset.id}",
-        details={"directory": str(directory), "models": [m.name for m in models], "cases_created": created_cases,
-                 "scores": n_scores},
-    ))
+    audit(session, actor, "results.import_touchstone", f"testset:{testset.id}",
+          {"directory": str(directory), "models": [m.name for m in models], "cases_created": created_cases,
+           "scores": n_scores})
     session.flush()
     if recompute:
         from services.leaderboard import recompute_testset

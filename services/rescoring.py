@@ -31,10 +31,11 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from services.db.audit import audit
 from services.config import Settings, get_settings
 from services.db.base import utcnow
 from services.db.enums import RescoreState, SubmissionState
-from services.db.models import AuditLog, Case, CaseRun, RescoreJob, Submission, TestSet, TestSetProtocol, User
+from services.db.models import Case, CaseRun, RescoreJob, Submission, TestSet, TestSetProtocol, User
 from services.db.states import rescore_transition
 from services.storage import Storage, StorageError
 
@@ -104,9 +105,8 @@ def set_prediction_retention(session: Session, testset: TestSet, value: str | in
     caller commits. Predictions already deleted stay deleted; longer retention keeps the rest."""
     days = parse_retention(value)
     testset.prediction_retention_days = days
-    session.add(AuditLog(actor_id=actor.id if actor else None, action="testset.retention",
-                         target=f"testset:{testset.id}",
-                         details={"prediction_retention_days": days, "means": describe_retention(days)}))
+    audit(session, actor, "testset.retention", f"testset:{testset.id}",
+          {"prediction_retention_days": days, "means": describe_retention(days)})
     session.flush()
     return days
 
@@ -341,9 +341,8 @@ def start_rescore(session: Session, testset: TestSet, protocol: str, *, submissi
         rescore_transition(job, RescoreState.done, now=now)
     session.add(job)
     session.flush()
-    session.add(AuditLog(actor_id=actor.id if actor else None, action="testset.rescore", target=f"testset:{testset.id}",
-                         details={"job": job.id, "protocol": version.protocol_key, "submissions": ready,
-                                  "unavailable": unavailable}))
+    audit(session, actor, "testset.rescore", f"testset:{testset.id}",
+          {"job": job.id, "protocol": version.protocol_key, "submissions": ready, "unavailable": unavailable})
     session.flush()
     return job
 

@@ -31,10 +31,11 @@ import logging
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from services.db.audit import audit as audit_row
 from services.db import images
 from services.db.base import utcnow
 from services.db.enums import FailureCode, SubmissionState
-from services.db.models import Algorithm, AuditLog, Submission, Team, TestSet, User
+from services.db.models import Algorithm, Submission, Team, TestSet, User
 from services.db.states import IllegalTransition, close_open_shards, transition
 
 log = logging.getLogger("touchstone.submissions")
@@ -219,8 +220,7 @@ def check_team_storage(db: Session, team_id: int, new_bytes: int, cap: int) -> N
 def audit(db: Session, actor: User | None, action: str, submission_id: int, details: dict) -> None:
     """The audit row of an action on a submission (``actor`` None: the system, e.g. a worker);
     the one place that builds them, here and in the worker."""
-    db.add(AuditLog(actor_id=actor.id if actor else None, action=action, target=f"submission:{submission_id}",
-                    details=details))
+    audit_row(db, actor, action, f"submission:{submission_id}", details)
 
 
 def record(

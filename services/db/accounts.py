@@ -9,9 +9,10 @@ import secrets
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from services.db.audit import audit
 from services.db.base import utcnow
 from services.db.enums import Role
-from services.db.models import ApiToken, AuditLog, Submission, Team, User
+from services.db.models import ApiToken, Submission, Team, User
 
 TOKEN_PREFIX = "ts_"
 
@@ -51,14 +52,7 @@ def create_user(
     session.add(user)
     session.flush()
     _, plain = create_token(session, user, label="initial")
-    session.add(
-        AuditLog(
-            actor_id=actor.id if actor else None,
-            action="user.create",
-            target=f"user:{user.id}",
-            details={"name": name, "role": role.value, "team": team_name},
-        )
-    )
+    audit(session, actor, "user.create", f"user:{user.id}", {"name": name, "role": role.value, "team": team_name})
     return user, plain
 
 

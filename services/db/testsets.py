@@ -23,8 +23,9 @@ from sqlalchemy.orm import Session
 from evaluation import manifest as ev_manifest
 from evaluation.io import sha256_path
 from evaluation.protocols import load_protocol
+from services.db.audit import audit
 from services.config import Settings, get_settings
-from services.db.models import AuditLog, Case, TestSet, User  # noqa: F401 (Case: statistics settings)
+from services.db.models import Case, TestSet, User  # noqa: F401 (Case: statistics settings)
 
 DEFAULT_PROTOCOL = "touchstone"
 
@@ -316,14 +317,8 @@ def import_testset(
         )
         if progress:
             progress(index + 1, len(rows))
-    session.add(
-        AuditLog(
-            actor_id=actor.id if actor else None,
-            action="testset.import",
-            target=f"testset:{testset.id}",
-            details={"name": name, "manifest": str(manifest), "cases": len(rows), "protocol": testset.protocol_key},
-        )
-    )
+    audit(session, actor, "testset.import", f"testset:{testset.id}",
+          {"name": name, "manifest": str(manifest), "cases": len(rows), "protocol": testset.protocol_key})
     session.flush()
     return testset
 
@@ -402,8 +397,7 @@ def update_statistics_settings(
         return changes
     for key, value in changes.items():
         setattr(testset, key, value)
-    session.add(AuditLog(actor_id=actor.id if actor else None, action="testset.statistics",
-                         target=f"testset:{testset.id}", details=changes))
+    audit(session, actor, "testset.statistics", f"testset:{testset.id}", changes)
     session.flush()
     if recompute:
         recompute_all(session, testset)

@@ -6,6 +6,7 @@ import sqlalchemy as sa
 from fastapi import APIRouter, Depends, status
 from sqlalchemy.orm import Session
 
+from services.db.audit import audit
 from services.api.deps import current_user, get_db, require_role
 from services.api.errors import ApiError
 from services.api.params import IdPath
@@ -13,7 +14,7 @@ from services.api.schemas import AlgorithmCreate, AlgorithmOut
 from services.api.visibility import visible_algorithms
 from services.db.accounts import get_or_create_team
 from services.db.enums import Role
-from services.db.models import Algorithm, AuditLog, Team, User
+from services.db.models import Algorithm, Team, User
 
 router = APIRouter(prefix="/algorithms", tags=["algorithms"])
 
@@ -71,7 +72,7 @@ def create_algorithm(
     )
     db.add(algorithm)
     db.flush()
-    db.add(AuditLog(actor_id=user.id, action="algorithm.create", target=f"algorithm:{algorithm.id}", details={"name": body.name}))
+    audit(db, user, "algorithm.create", f"algorithm:{algorithm.id}", {"name": body.name})
     db.commit()
     db.refresh(algorithm)
     return algorithm_out(algorithm)

@@ -7,12 +7,13 @@ import sqlalchemy as sa
 from fastapi import APIRouter, Depends, Request, status
 from sqlalchemy.orm import Session
 
+from services.db.audit import audit
 from services.api.deps import current_user, get_db, require_organizer
 from services.api.errors import ApiError
 from services.api.params import Offset, PageLimit10000
 from services.api.schemas import CaseOut, TestSetImport, TestSetOut, TestSetUpdate
 from services.db.enums import Role
-from services.db.models import AuditLog, Case, TestSet, User
+from services.db.models import Case, TestSet, User
 from services.db.testsets import ManifestError, import_testset
 
 router = APIRouter(prefix="/testsets", tags=["testsets"])
@@ -98,7 +99,7 @@ def update_testset(
     for key, value in changes.items():
         setattr(testset, key, value)
     if changes:
-        db.add(AuditLog(actor_id=organizer.id, action="testset.update", target=f"testset:{testset.id}", details=changes))
+        audit(db, organizer, "testset.update", f"testset:{testset.id}", changes)
     if statistics:  # one domain function (also the CLI's): validates, stores, recomputes the statistics
         try:
             update_statistics_settings(db, testset, actor=organizer, **statistics)

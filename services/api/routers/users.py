@@ -6,12 +6,13 @@ import sqlalchemy as sa
 from fastapi import APIRouter, Depends, Response, status
 from sqlalchemy.orm import Session
 
+from services.db.audit import audit
 from services.api.deps import current_user, get_db, require_organizer
 from services.api.errors import ApiError
 from services.api.params import IdPath
 from services.api.schemas import TeamCreate, TeamOut, TokenCreate, TokenCreated, TokenOut, UserCreate, UserOut
 from services.db.accounts import AccountError, create_token, create_user, revoke_token
-from services.db.models import ApiToken, AuditLog, Team, User
+from services.db.models import ApiToken, Team, User
 
 router = APIRouter(tags=["users"])
 
@@ -80,7 +81,7 @@ def create_team(body: TeamCreate, db: Session = Depends(get_db), organizer: User
     team = Team(name=body.name)
     db.add(team)
     db.flush()
-    db.add(AuditLog(actor_id=organizer.id, action="team.create", target=f"team:{team.id}", details={"name": team.name}))
+    audit(db, organizer, "team.create", f"team:{team.id}", {"name": team.name})
     db.commit()
     return team
 
@@ -97,7 +98,7 @@ def new_token(
     """A new token for the user; the plain value is in this response only."""
     user = _user(db, user_id)
     token, plain = create_token(db, user, body.label)
-    db.add(AuditLog(actor_id=organizer.id, action="token.create", target=f"user:{user.id}", details={"prefix": token.prefix}))
+    audit(db, organizer, "token.create", f"user:{user.id}", {"prefix": token.prefix})
     db.commit()
     response.headers.update(NO_STORE)
     return TokenCreated(token=plain, token_info=TokenOut.model_validate(token), user=user_out(user))
@@ -109,6 +110,6 @@ def revoke(token_id: IdPath, db: Session = Depends(get_db), organizer: User = De
     if token is None:
         raise ApiError(f"no token with id {token_id}", 404)
     revoke_token(db, token)
-    db.add(AuditLog(actor_id=organizer.id, action="token.revoke", target=f"token:{token.id}", details={}))
+    audit(db, organizer, "token.revoke", f"token:{token.id}")
     db.commit()
     return token
