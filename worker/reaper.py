@@ -23,6 +23,7 @@ from services.storage import Storage
 from services.submissions import audit
 from worker import pipeline
 from worker.app import CPU_QUEUE, GPU_QUEUE, WorkerSettings, app, worker_settings
+from worker.finalize import finalize
 from worker.inference import fail_if_attempts_exhausted, infer_shard
 from worker.monitoring import measure_tree
 from worker.outputs import delete_tree
@@ -41,6 +42,20 @@ def stale_shards(session: Session, now: dt.datetime, stale_after_s: float) -> li
     return list(session.scalars(
         sa.select(Shard.id).where(Shard.state == ShardState.running, sa.or_(heartbeat.is_(None), heartbeat < cutoff))
         .order_by(Shard.id)
+    ))
+
+
+def unfinalized_submissions(session: Session, now: dt.datetime, stale_after_s: float) -> list[int]:
+    """Submissions still ``running``/``evaluating`` with no open shard, whose last shard ended more
+    than ``stale_after_s`` ago: their finalize message may be lost (a worker killed while holding
+    it). Candidates only: :func:`reap` re-checks each under its lock with ``pipeline.advance``."""
+    cutoff = now - dt.timedelta(seconds=stale_after_s)
+    open_shard = sa.select(Shard.id).where(Shard.submission_id == Submission.id,
+                                           Shard.state.in_([ShardState.pending, ShardState.running]))
+    last_end = sa.select(sa.func.max(Shard.finished_at)).where(Shard.submission_id == Submission.id).scalar_subquery()
+    return list(session.scalars(
+        sa.select(Submission.id).where(Submission.state.in_([S.running, S.evaluating]), ~sa.exists(open_shard),
+                                       last_end < cutoff).order_by(Submission.id)
     ))
 
 
@@ -115,10 +130,30 @@ def reap() -> str:
             retried.append(shard_id)
     for shard_id in retried:
         infer_shard.apply_async(args=[shard_id], queue=GPU_QUEUE)
+    finalized = _reap_unfinalized(wsettings, now)
     v_retried, v_failed = _reap_validations(wsettings)
     reclaimed = _reap_ended_submissions()
-    return (f"retried {len(retried)}, failed {failed}; validations retried {v_retried}, failed {v_failed}; "
+    return (f"retried {len(retried)}, failed {failed}; finalize resent {finalized}; "
+            f"validations retried {v_retried}, failed {v_failed}; "
             f"storage of {reclaimed} ended submission(s) reclaimed")
+
+
+def _reap_unfinalized(wsettings: WorkerSettings, now: dt.datetime) -> int:
+    """Send finalize again for the submissions whose every case is scored but which are still
+    not ``scored`` (:func:`unfinalized_submissions`); finalize is idempotent (it re-checks under the
+    submission's lock), so a message that was only slow costs one no-op."""
+    resend: list[int] = []
+    with session_scope() as session:
+        candidates = unfinalized_submissions(session, now, wsettings.stale_after_s)
+    for submission_id in candidates:
+        with session_scope() as session:
+            sub = pipeline.lock_submission(session, submission_id)
+            if sub is not None and pipeline.advance(session, sub):
+                resend.append(submission_id)
+    for submission_id in resend:
+        log.warning("submission %s: every case scored but not finalized; finalize sent again", submission_id)
+        finalize.apply_async(args=[submission_id], queue=CPU_QUEUE)
+    return len(resend)
 
 
 def _reap_validations(wsettings: WorkerSettings) -> tuple[int, int]:

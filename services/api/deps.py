@@ -11,6 +11,7 @@ import datetime as dt
 from collections.abc import Callable, Iterator
 
 from fastapi import Depends, Request
+import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from services.api.errors import ApiError
@@ -57,7 +58,12 @@ def optional_user(request: Request, db: Session = Depends(get_db)) -> User | Non
     now = utcnow()
     if token.last_used_at is None or now - token.last_used_at > LAST_USED_RESOLUTION:
         token.last_used_at = now
-        db.commit()  # a short write of its own, never mixed into the request's transaction
+        try:
+            db.commit()  # a short write of its own, never mixed into the request's transaction
+        except sa.exc.OperationalError:
+            # bookkeeping only: a database busy with a long write (SQLite's one write lock held by
+            # a statistics step) must not fail the request itself; the next request stamps it
+            db.rollback()
     return token.user
 
 

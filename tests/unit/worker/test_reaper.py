@@ -155,3 +155,38 @@ def test_reaper_reclaims_cancelled_and_late_failed_submissions(env, tmp_path, mo
     assert scored.storage_bytes == 2500 and (storage / "runs" / f"submission-{ids['scored']}").exists()
     # a second pass has nothing to do, and writes nothing more to the audit log
     assert "reclaimed" in reaper.reap() and "storage of 0 ended" in reaper.reap()
+
+
+def test_reaper_resends_a_lost_finalize_only_when_every_case_is_scored(env, tmp_path):
+    """A worker killed while holding the finalize message leaves an evaluating submission whose
+    every case is scored (seen at 5,903 cases on the embedded stack): the reaper sends finalize
+    again, once the last shard ended ``stale_after_s`` ago; not for a submission still missing a score."""
+    import sqlalchemy as sa
+
+    from evaluation.protocols import load_protocol
+    from evaluation.scoring import worst_rows
+    from services.db.models import Case
+    from worker import pipeline
+
+    protocol = load_protocol("touchstone")
+
+    def finished(root, team, scored):
+        submission_id = make_world(root, public=(), hidden=("h0", "h1"), state=S.running, team=team)
+        with session_scope() as session:
+            sub = pipeline.lock_submission(session, submission_id)
+            (shard,) = validation.create_shards(session, sub, sub.testset)
+            shard_transition(shard, ShardState.running, owner="me:1")
+            shard_transition(shard, ShardState.succeeded, now=dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc))
+            for case_id, pk in session.execute(sa.select(Case.case_id, Case.id).where(Case.testset_id == sub.testset_id)):
+                if case_id in scored:
+                    pipeline.insert_scores_ignore(session, submission_id, pk, "touchstone@1",
+                                                  worst_rows(case_id, protocol, "missing_prediction", "none"))
+            pipeline.advance(session, sub)
+        return submission_id
+
+    lost = finished(tmp_path / "a", "A", ("h0", "h1"))
+    waiting = finished(tmp_path / "b", "B", ("h0",))
+    assert "finalize resent 1" in reaper.reap()
+    assert ("touchstone.finalize", [lost]) in env["sent"]
+    assert ("touchstone.finalize", [waiting]) not in env["sent"]
+    assert get_submission(lost).state is S.evaluating  # the task itself marks it scored
