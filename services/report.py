@@ -137,8 +137,10 @@ def build_report(session: Session, testset: TestSet, *, scope: str = "published"
     """The report of ``testset`` in ``scope`` as one HTML document (str). ``organs`` (default:
     the average and every organ) and ``metrics`` (default: every metric) choose the sections;
     ``progress(done, total, what)`` is called before each section (figures render on first use)."""
-    organs = list(organs or compute.ORGANS_AND_AVERAGE)
-    metrics = list(metrics or compute.METRICS)
+    # each section once, in the canonical order: a query string repeating organ=liver a thousand
+    # times must not make the server render a thousand sections (check_params refuses unknown names)
+    organs = list(dict.fromkeys(organs or compute.ORGANS_AND_AVERAGE))
+    metrics = list(dict.fromkeys(metrics or compute.METRICS))
     for organ in organs:
         queries.check_params(organ=organ)
     for metric in metrics:

@@ -323,8 +323,15 @@ def load_protocol(name_or_path: str | Path) -> Protocol:
         data = _read_file(path)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as exc:
         raise ValueError(f"protocol file {text!r} cannot be read as {path.suffix or 'YAML'}: {exc}") from None
+    except (RecursionError, MemoryError):
+        # a hostile file ([[[[... twenty thousand levels deep) must get an answer, not a 500
+        raise ValueError(f"protocol file {text!r} is nested too deeply or too large to be a protocol; "
+                         "write it as a flat mapping like evaluation/protocols/touchstone.yaml") from None
     try:
         return Protocol.model_validate(data)
+    except (RecursionError, MemoryError):
+        raise ValueError(f"protocol file {text!r} is nested too deeply to be a protocol; write it as a flat "
+                         "mapping like evaluation/protocols/touchstone.yaml") from None
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or '(file)'}: {err['msg']}" for err in exc.errors()

@@ -55,11 +55,16 @@ def page_figures(session: Session, testset: TestSet, *, organ: str, metric: str,
     return out
 
 
-def figure_response(rendered: figures.RenderedFigure, fmt: str, filename: str, download: bool) -> Response:
+def figure_response(rendered: figures.RenderedFigure, fmt: str, filename: str, download: bool,
+                    organizers_only: bool = False) -> Response:
+    """The figure as a file. ``organizers_only`` (``scope=all``: hidden numbers, unpublished
+    submissions) is never stored by a shared cache (``private, no-store``); any figure varies with
+    the ``Authorization`` header, so a proxy never hands an organizer's answer to someone else."""
     body = rendered.svg().encode() if fmt == "svg" else rendered.png()
     if fmt == "svg":  # a file of its own: with the XML prolog (matplotlib's svg carries its namespaces)
         body = b'<?xml version="1.0" encoding="utf-8"?>\n' + body
-    headers = {"Cache-Control": "public, max-age=60"}
+    headers = {"Cache-Control": "private, no-store" if organizers_only else "public, max-age=60",
+               "Vary": "Authorization, Cookie"}
     if download:
         headers["Content-Disposition"] = f'attachment; filename="{filename}"'
     return Response(body, media_type=MEDIA_TYPES[fmt], headers=headers)

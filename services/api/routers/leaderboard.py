@@ -32,7 +32,7 @@ from services.api.deps import get_db, optional_user
 from services.api.errors import ApiError
 from services.db.enums import Role, SubmissionState
 from services.db.models import Case, Score, Submission, TestSet, User
-from services.leaderboard import queries
+from services.leaderboard import queries, suppression
 
 router = APIRouter(prefix="/leaderboards", tags=["leaderboards"])
 
@@ -167,7 +167,8 @@ def read_figure(
         raise ApiError(str(exc), 422) from exc
     if rendered.figure is None:
         raise ApiError(f"no {kind} figure for {organ}/{metric}: {rendered.empty}", 404)
-    return figure_pages.figure_response(rendered, fmt, f"{ts.name}-{kind}-{organ}-{metric}.{fmt}", download)
+    return figure_pages.figure_response(rendered, fmt, f"{ts.name}-{kind}-{organ}-{metric}.{fmt}", download,
+                                        organizers_only=suppression.reveals(scope))
 
 
 @router.get("/{testset}/report", response_class=Response,

@@ -244,3 +244,30 @@ def test_report_pdf_through_headless_chromium(world, client, chromium_path):
     assert response.headers["content-type"] == "application/pdf"
     assert response.content[:5] == b"%PDF-" and len(response.content) > 20_000
     assert client.get(f"{BASE}/report", params={"format": "docx"}).status_code == 422
+
+
+def test_organizer_figures_are_never_kept_by_a_shared_cache(world, client):
+    """scope=all holds hidden numbers and unpublished submissions: ``private, no-store``; every
+    figure varies with the credentials (a proxy must not hand an organizer's answer to anyone)."""
+    organizer = {"Authorization": f"Bearer {world.tokens['org']}"}
+    hidden = client.get(f"{BASE}/figures/boxes.svg", params={"organ": "liver", "metric": "dsc", "scope": "all"},
+                        headers=organizer)
+    assert hidden.status_code == 200 and b"AlphaSeg" in hidden.content
+    assert hidden.headers["cache-control"] == "private, no-store"
+    assert "Authorization" in hidden.headers["vary"]
+    public = client.get(f"{BASE}/figures/boxes.svg", params={"organ": "liver", "metric": "dsc"})
+    assert public.headers["cache-control"].startswith("public") and "Authorization" in public.headers["vary"]
+
+
+def test_report_renders_each_section_once_however_often_it_is_asked(world, session, monkeypatch):
+    """organ=liver repeated 40 times in the query string is one section, not forty."""
+    from services import report
+    from services.leaderboard import queries
+
+    calls = []
+    monkeypatch.setattr(report, "_section", lambda session, testset, organ, metric, scope: calls.append((organ, metric)))
+    monkeypatch.setattr(report, "_breakdowns", lambda *args: [])
+    with pytest.raises(Exception):  # the stubbed sections cannot be rendered; only the calls count
+        report.build_report(session, queries.get_testset(session, "abdomen-ct"), organs=["liver"] * 40,
+                            metrics=["dsc", "dsc"])
+    assert calls == [("liver", "dsc")]

@@ -208,3 +208,14 @@ def test_lesion_metrics_need_a_lesion_protocol():
     data = load_protocol("touchstone").to_dict()
     with pytest.raises(pydantic.ValidationError, match="need kind: lesion"):
         Protocol.model_validate({**data, "metrics": ["dsc", "lesion_f1"], "worst": {**data["worst"], "lesion_f1": 0.0}})
+
+
+def test_a_deeply_nested_protocol_file_is_refused_with_a_clear_error(tmp_path):
+    """A hostile organizer file (20,000 nested lists, 40 KB) gives a ValueError naming the problem,
+    not a RecursionError (the API would answer 500)."""
+    for suffix, text in ((".yaml", "worst: " + "[" * 20000 + "]" * 20000 + "\n"),
+                         (".json", '{"worst": ' + "[" * 20000 + "]" * 20000 + "}")):
+        path = tmp_path / f"deep{suffix}"
+        path.write_text(text)
+        with pytest.raises(ValueError, match="nested too deeply"):
+            load_protocol(path)
