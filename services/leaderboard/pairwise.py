@@ -57,9 +57,12 @@ def cases_hash(case_ids: Sequence[str]) -> str:
 
 
 def row_hashes(matrix: ScoreMatrix) -> list[str]:
-    """One hash per algorithm of its values on the matrix's case axis (NaN = not scored)."""
+    """One hash per algorithm of its values on the matrix's case axis (NaN = not scored) and the
+    metric's direction (the tests are one-sided in it: a flipped direction must never reuse them)."""
     values = np.where(np.isnan(matrix.values), np.nan, matrix.values) + 0.0  # one NaN, no -0.0
-    return [hashlib.blake2b(np.ascontiguousarray(row).tobytes(), digest_size=16).hexdigest() for row in values]
+    direction = b"higher" if matrix.higher_is_better else b"lower"
+    return [hashlib.blake2b(direction + np.ascontiguousarray(row).tobytes(), digest_size=16).hexdigest()
+            for row in values]
 
 
 def _tests_from_rows(rows: Sequence[tuple]) -> PairTests:

@@ -77,6 +77,27 @@ def test_pair_cache_reuses_unchanged_pairs_and_retests_changed_ones(sqlite_sessi
         PairCache(sqlite_session, testset.id, testset.protocol_key, options).pair_tests(matrix(ids[::-1], values))
 
 
+def test_a_flipped_direction_never_reuses_the_cached_tests(sqlite_session):
+    """The cached one-sided tests are oriented by the metric's direction (review finding: the same
+    values with higher_is_better=False reused p_greater of the other orientation)."""
+    testset, ids = make_testset(sqlite_session, 2)
+    values = np.random.default_rng(4).uniform(0.5, 1, (2, 30)).round(3)
+    values[1] += 0.05
+    options = WilcoxonOptions()
+    higher = matrix(ids, values)
+    lower = ScoreMatrix("liver", "dsc", higher.algorithms, higher.case_ids, values, higher_is_better=False)
+    first = PairCache(sqlite_session, testset.id, testset.protocol_key, options)
+    first.pair_tests(higher)
+    first.flush()
+    second = PairCache(sqlite_session, testset.id, testset.protocol_key, options)
+    flipped = second.pair_tests(lower)
+    assert (second.computed, second.reused) == (1, 0)
+    ii, jj = np.triu_indices(2, 1)
+    direct = pair_tests(lower, ii, jj, options)
+    for name in PAIR_TEST_FIELDS:
+        assert np.array_equal(getattr(flipped, name), getattr(direct, name), equal_nan=True), name
+
+
 def test_copy_text_is_exact_and_escaped():
     assert _copy_text(np.float64(0.1) + np.float64(0.2)) == "0.30000000000000004"
     assert _copy_text(None) == "\\N" and _copy_text(True) == "t" and _copy_text(np.bool_(False)) == "f"
