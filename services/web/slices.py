@@ -120,6 +120,12 @@ def ras_spacing(geometry: Geometry) -> tuple[float, float, float]:
     return tuple(spacing)  # type: ignore[return-value]
 
 
+def plane_of(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
+    """Slice ``index`` along ``axis`` as a view (basic indexing; ``np.take`` would first copy a
+    non-contiguous volume whole -- seconds for a full-size CT)."""
+    return volume[(slice(None),) * axis + (index,)]
+
+
 class OrganMasks:
     """A case's labels (:class:`evaluation.io.CaseLabels`, either a label map or per-organ masks)
     viewed in RAS+, answering 2-D masks per organ and bounding-box centres."""
@@ -135,14 +141,14 @@ class OrganMasks:
         """organ -> 2-D bool mask of slice ``index`` along RAS axis ``axis`` (organs present only)."""
         found: dict[str, np.ndarray] = {}
         if self.label_map is not None:
-            plane = np.take(self.label_map, index, axis=axis)
+            plane = plane_of(self.label_map, axis, index)
             for organ, label_id in self.organs.items():
                 mask = plane == label_id
                 if mask.any():
                     found[organ] = mask
         elif self.masks is not None:
             for organ, volume in self.masks.items():
-                mask = np.asarray(np.take(volume, index, axis=axis), dtype=bool)
+                mask = np.asarray(plane_of(volume, axis, index), dtype=bool)
                 if mask.any():
                     found[organ] = mask
         return found
@@ -295,7 +301,7 @@ class CaseVolumes:
         """PNG of slice ``index`` of ``plane`` (0 <= index < :meth:`n_slices`, checked by the caller)."""
         axis = PLANE_AXIS[plane]
         a, b = (x for x in range(3) if x != axis)
-        hu = display_orient(np.take(self.ct, index, axis=axis))
+        hu = display_orient(plane_of(self.ct, axis, index))
         truth = {o: display_orient(m) for o, m in self.truth.slice(axis, index).items()}
         prediction = None if self.prediction is None else {
             o: display_orient(m) for o, m in self.prediction.slice(axis, index).items()}
