@@ -381,7 +381,9 @@ def worst_cases(db: Session, user: User | None, submission: Submission, organ: s
     value and so come first."""
     if not sees_any_case(user, submission):
         return None
-    column = getattr(Score, metric)
+    column = getattr(Score, metric, None) if metric in Score.__table__.columns else None
+    if column is None:  # a metric kept outside the scores table (e.g. lesion-level): no per-case list here
+        return []
     value = column if organ != AVERAGE_ORGAN else sa.func.avg(column)
     query = (sa.select(Case.case_id, Case.hospital, Case.public_sample, value.label("value"))
              .join(Case, Case.id == Score.case_id)
