@@ -8,11 +8,15 @@ submission's image digest (``image_digest``: the Docker image id recorded at val
 ``image_sha256``: the uploaded tarball's sha256, or for imported baselines the sha256 of their
 result files); case rows also carry the CT's sha256 (``case_image_sha256``).
 
-Levels and columns: see :data:`COLUMNS` (and docs/leaderboard.md).
+Levels and columns: see :data:`COLUMNS` (and docs/leaderboard.md). ``case``: one row per case and
+class (organ or lesion class) with every stored metric (the lesion metrics are empty but for a
+lesion class of a ``kind: lesion`` protocol); ``lesion``: one row per connected component of truth
+and prediction of a lesion class (size, matched or not, IoU and DSC with its match), with the
+visibility of case rows.
 
 Who gets what (:mod:`services.leaderboard.suppression`): ``scope=all`` is the organizers' export,
 every number, each group row flagged ``suppressed``. Any other export (analysts) holds, at case
-level, the public-sample cases only (hidden per-case scores never leave for non-organizers), and
+and lesion level, the public-sample cases only (hidden per-case scores never leave for non-organizers), and
 at hospital / subgroup level, for a group with fewer than the test set's ``min_group_size`` hidden
 cases, ``n`` = ``"< k"`` (CSV; null in Parquet, whose ``n`` is an integer column) and no statistic.
 """
@@ -30,11 +34,14 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from evaluation.manifest import METADATA_FIELDS
-from services.db.models import Aggregate, Algorithm, Case, Score, Submission, Team, TestSet
+from evaluation.metric_registry import LESION_METRICS, ORGAN_METRICS
+from services.db.models import Aggregate, Algorithm, Case, Lesion, Score, Submission, Team, TestSet
 from services.leaderboard import suppression
 from services.leaderboard.compute import SCOPE_STATES
 
-LEVELS = ("case", "hospital", "subgroup")
+LEVELS = ("case", "hospital", "subgroup", "lesion")
+#: levels that hold per-case values (public-sample cases only for non-organizers)
+CASE_LEVELS = ("case", "lesion")
 FORMATS = ("csv", "parquet")
 ROW_GROUP = 50_000
 MEDIA_TYPES = {"csv": "text/csv; charset=utf-8", "parquet": "application/vnd.apache.parquet"}
@@ -48,8 +55,15 @@ _CASE = [
     ("case_id", pa.string()), ("case_image_sha256", pa.string()),
     *((column, pa.int64() if column == "age" else pa.string()) for column in METADATA_FIELDS),
     ("organ", pa.string()),
-    ("dsc", pa.float64()), ("nsd", pa.float64()), ("hd95", pa.float64()), ("assd", pa.float64()),
+    *((metric, pa.float64()) for metric in ORGAN_METRICS + LESION_METRICS),
     ("status", pa.string()),
+]
+#: one connected component (evaluation.lesions.Lesion) of a lesion class of one case
+_LESION = [
+    ("case_id", pa.string()), ("case_image_sha256", pa.string()), ("organ", pa.string()),
+    ("side", pa.string()), ("component", pa.int64()), ("voxels", pa.int64()), ("volume_mm3", pa.float64()),
+    ("diameter_mm", pa.float64()), ("matched", pa.bool_()), ("matched_to", pa.int64()),
+    ("iou", pa.float64()), ("dsc", pa.float64()),
 ]
 _GROUP = [
     ("variable", pa.string()), ("group", pa.string()), ("organ", pa.string()), ("metric", pa.string()),
@@ -66,6 +80,7 @@ SCHEMAS: dict[str, pa.Schema] = {
     "case": pa.schema(_SUBMISSION + _CASE),
     "hospital": pa.schema(_SUBMISSION + _GROUP),
     "subgroup": pa.schema(_SUBMISSION + _GROUP),
+    "lesion": pa.schema(_SUBMISSION + _LESION),
 }
 #: level -> column names, in order
 COLUMNS: dict[str, list[str]] = {level: schema.names for level, schema in SCHEMAS.items()}
@@ -91,12 +106,26 @@ def _statement(testset: TestSet, level: str, scope: str) -> sa.Select:
         Submission.image_digest, Submission.image_sha256,
     ]
     in_scope = (Submission.testset_id == testset.id, Submission.state.in_(SCOPE_STATES[scope]))
+    # hidden cases' per-case scores: organizers only (scope=all); anyone else the public sample
+    visible_cases = () if suppression.reveals(scope) else (Case.public_sample.is_(True),)
+    if level == "lesion":
+        return (
+            sa.select(*submission_cols, Case.case_id, Case.image_sha256, Score.organ, Lesion.side,
+                      Lesion.component, Lesion.voxels, Lesion.volume_mm3, Lesion.diameter_mm,
+                      Lesion.matched_to.is_not(None).label("matched"), Lesion.matched_to, Lesion.iou, Lesion.dsc)
+            .select_from(Lesion)
+            .join(Score, Score.id == Lesion.score_id)
+            .join(Submission, Submission.id == Score.submission_id)
+            .join(Algorithm, Algorithm.id == Submission.algorithm_id)
+            .join(Team, Team.id == Submission.team_id)
+            .join(Case, Case.id == Score.case_id)
+            .where(*in_scope, Score.protocol_key == testset.protocol_key, *visible_cases)
+            .order_by(Submission.id, Case.case_id, Score.organ, Lesion.side.desc(), Lesion.component)
+        )
     if level == "case":
-        # hidden cases' per-case scores: organizers only (scope=all); anyone else the public sample
-        visible_cases = () if suppression.reveals(scope) else (Case.public_sample.is_(True),)
         return (
             sa.select(*submission_cols, Case.case_id, Case.image_sha256, *(getattr(Case, c) for c in METADATA_FIELDS),
-                      Score.organ, Score.dsc, Score.nsd, Score.hd95, Score.assd, Score.status)
+                      Score.organ, *(getattr(Score, m) for m in ORGAN_METRICS + LESION_METRICS), Score.status)
             .select_from(Score)
             .join(Submission, Submission.id == Score.submission_id)
             .join(Algorithm, Algorithm.id == Submission.algorithm_id)
@@ -148,7 +177,7 @@ def iter_row_chunks(session: Session, testset: TestSet, level: str, scope: str =
     because suppressing a breakdown needs all of its groups; a block is a few hundred rows."""
     names = COLUMNS[level]
     state_index = names.index("state")
-    suppress = _suppressor(testset, level, scope) if level != "case" else None
+    suppress = _suppressor(testset, level, scope) if level not in CASE_LEVELS else None
     block_of = (lambda row: (row[names.index("submission_id")], row[names.index("variable")])) if suppress else None
     result = session.execute(_statement(testset, level, scope).execution_options(yield_per=min(chunk, 5000)))
     batch: list[tuple] = []

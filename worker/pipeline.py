@@ -31,9 +31,9 @@ from sqlalchemy.orm import Session
 from services.db.base import finite_or_none, utcnow
 from services.db.enums import FailureCode, ShardState
 from services.db.enums import SubmissionState as S
-from services.db.models import Case, Score, Shard, Submission, TestSet
+from services.db.models import Case, Lesion, Score, Shard, Submission, TestSet
 from services.db.states import SHARD_OPEN, UNFINISHED, close_open_shards, transition
-from evaluation.metric_registry import ORGAN_METRICS
+from evaluation.metric_registry import METRICS
 from evaluation.scoring import ScoreRow
 
 #: submission states in which inference work may go on
@@ -82,10 +82,15 @@ def insert_scores_ignore(session: Session, submission_id: int, case_pk: int, pro
                          rows: Iterable[ScoreRow]) -> int:
     """Insert one case's score rows (:class:`evaluation.scoring.ScoreRow`; units mm for hd95/assd),
     ignoring any that already exist under the UNIQUE key; returns how many rows were new.
-    ``INSERT ... ON CONFLICT DO NOTHING`` on both SQLite and PostgreSQL."""
+    ``INSERT ... ON CONFLICT DO NOTHING RETURNING`` on both SQLite and PostgreSQL.
+
+    Every metric of :data:`evaluation.metric_registry.METRICS` is a column (``ScoreRow.value``;
+    NULL when not computed); the per-lesion records of a lesion class's row go to ``lesions``,
+    only for rows that were new (a second delivery adds nothing)."""
+    rows = list(rows)
     values = [
         {"submission_id": submission_id, "case_id": case_pk, "organ": r.organ, "protocol_key": protocol_key,
-         **{metric: finite_or_none(getattr(r, metric)) for metric in ORGAN_METRICS},
+         **{metric: finite_or_none(r.value(metric)) for metric in METRICS},
          "status": (r.status or "ok")[:32], "detail": r.detail or None}
         for r in rows
     ]
@@ -100,8 +105,17 @@ def insert_scores_ignore(session: Session, submission_id: int, case_pk: int, pro
         raise RuntimeError(f"unsupported database {dialect!r}")
     statement = insert(Score).values(values).on_conflict_do_nothing(
         index_elements=["submission_id", "case_id", "organ", "protocol_key"]
-    )
-    return session.execute(statement).rowcount or 0
+    ).returning(Score.id, Score.organ)
+    new = dict((organ, score_id) for score_id, organ in session.execute(statement).all())
+    lesions = [
+        {"score_id": new[r.organ], "side": lesion.side, "component": lesion.index, "voxels": lesion.voxels,
+         "volume_mm3": lesion.volume_mm3, "diameter_mm": lesion.diameter_mm, "matched_to": lesion.matched_to,
+         "iou": lesion.iou, "dsc": lesion.dsc}
+        for r in rows if r.organ in new for lesion in r.lesions
+    ]
+    if lesions:
+        session.execute(sa.insert(Lesion), lesions)
+    return len(new)
 
 
 # --------------------------------------------------------------------------------------------

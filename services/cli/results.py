@@ -189,7 +189,7 @@ stats_app.command("recompute")(stats_recompute_command)
 
 def export_command(
     testset: str = typer.Argument(..., help="test set name"),
-    level: str = typer.Option("case", help="case | hospital | subgroup"),
+    level: str = typer.Option("case", help="case | hospital | subgroup | lesion (per-lesion rows)"),
     format: str = typer.Option("csv", "--format", help="csv | parquet"),
     out: Path = typer.Option(..., "--out", help="output file"),
     scope: str = typer.Option("published", help="published | all"),

@@ -315,9 +315,42 @@ class Score(Base):
     hd95: Mapped[float | None]
     #: mm
     assd: Mapped[float | None]
+    # lesion metrics (evaluation.metric_registry.LESION_METRICS): only on a lesion class's row of a
+    # ``kind: lesion`` protocol, NULL elsewhere
+    lesion_tp: Mapped[float | None]
+    lesion_fp: Mapped[float | None]
+    lesion_fn: Mapped[float | None]
+    lesion_sensitivity: Mapped[float | None]
+    lesion_precision: Mapped[float | None]
+    lesion_f1: Mapped[float | None]
+    lesion_dsc: Mapped[float | None]
+    lesion_pq: Mapped[float | None]
     #: an :class:`evaluation.io.ScoreStatus` value (every one but ``ok`` is a failure)
     status: Mapped[str] = mapped_column(sa.String(32), default="ok")
     detail: Mapped[str | None] = mapped_column(sa.Text)
+
+
+class Lesion(Base):
+    """One connected component of truth or prediction of a lesion class's score row
+    (:class:`evaluation.lesions.Lesion`; deleted with its score)."""
+
+    __tablename__ = "lesions"
+    __table_args__ = (sa.UniqueConstraint("score_id", "side", "component"),)
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    score_id: Mapped[int] = mapped_column(BigIntPK, sa.ForeignKey("scores.id", ondelete="CASCADE"))
+    #: ``truth`` or ``prediction``
+    side: Mapped[str] = mapped_column(sa.String(16))
+    #: the component's number on its side (1-based)
+    component: Mapped[int]
+    voxels: Mapped[int] = mapped_column(sa.BigInteger)
+    volume_mm3: Mapped[float]
+    #: diameter of the ball of that volume
+    diameter_mm: Mapped[float]
+    #: the matched component on the other side (None: unmatched)
+    matched_to: Mapped[int | None]
+    iou: Mapped[float]
+    dsc: Mapped[float]
 
 
 class Aggregate(Base):

@@ -53,6 +53,7 @@ from sqlalchemy.orm import Session
 from evaluation.io import ScoreStatus
 from evaluation.labels import ORGANS
 from evaluation.manifest import METADATA_FIELDS
+from evaluation.metric_registry import LESION_METRICS
 from evaluation.stats import (
     AVERAGE_ORGAN,
     CORRECTIONS,
@@ -83,8 +84,10 @@ from services.leaderboard.suppression import withheld_groups
 
 log = logging.getLogger("touchstone.leaderboard")
 
-#: the metrics the leaderboard ranks by (both higher-is-better, in [0, 1])
+#: the metrics the leaderboard ranks by under an organ protocol (both higher-is-better, in [0, 1])
 METRICS: tuple[str, ...] = ("dsc", "nsd")
+#: ... and under a ``kind: lesion`` protocol: also the lesion metrics (directions from the registry)
+LESION_BOARD_METRICS: tuple[str, ...] = METRICS + LESION_METRICS
 #: ranking methods stored (names as the CLI's --method): aggregate-then-rank by mean or median,
 #: rank-then-aggregate, test-then-rank
 RANKING_METHODS: tuple[str, ...] = ("mean", "median", "rank-mean", "test")
@@ -186,6 +189,10 @@ class StatsOptions:
     worst: dict[str, float] = field(default_factory=lambda: dict(WORST_DEFAULT))
     min_group_size: int = 10
     preset: str | None = None
+    #: the metrics ranked (:func:`board_metrics`) and the protocol's lesion classes (left out of
+    #: the DSC/NSD organ average; the lesion metrics' average is over them)
+    metrics: tuple[str, ...] = METRICS
+    lesion_classes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.missing_policy not in MISSING_POLICIES:
@@ -237,6 +244,32 @@ class StatsOptions:
         )
 
 
+def _protocol_data(testset: TestSet) -> dict[str, Any]:
+    """The test set's protocol as data: its stored JSON, else the preset of the same name and
+    version (as dict), else {}."""
+    data = dict(testset.protocol_json or {})
+    if data:
+        return data
+    from evaluation.protocols import PRESETS
+
+    preset = PRESETS.get(testset.protocol_name)
+    if preset is not None and str(preset.version) == str(testset.protocol_version):
+        return {"kind": preset.kind, "lesions": dict(preset.lesions)}
+    return {}
+
+
+def lesion_classes(testset: TestSet) -> tuple[str, ...]:
+    """The lesion classes of the test set's protocol (``()`` for an organ protocol)."""
+    data = _protocol_data(testset)
+    return tuple(data.get("lesions") or ()) if data.get("kind") == "lesion" else ()
+
+
+def board_metrics(testset: TestSet | None) -> tuple[str, ...]:
+    """The metrics the leaderboard offers for ``testset``: :data:`METRICS` (DSC, NSD), and under a
+    ``kind: lesion`` protocol also the lesion metrics (:data:`LESION_BOARD_METRICS`)."""
+    return LESION_BOARD_METRICS if testset is not None and lesion_classes(testset) else METRICS
+
+
 def protocol_settings(testset: TestSet) -> tuple[str, dict[str, float]]:
     """(organ-average rule, worst value per metric) of the test set's protocol (its stored JSON,
     else the preset of the same name and version)."""
@@ -249,7 +282,8 @@ def protocol_settings(testset: TestSet) -> tuple[str, dict[str, float]]:
         if preset is not None and str(preset.version) == str(testset.protocol_version):
             rule = rule or preset.organ_average
             worst = worst or dict(preset.worst)
-    worst = {m: float(v) for m, v in (worst or WORST_DEFAULT).items() if m in METRICS}
+    metrics = board_metrics(testset)
+    worst = {m: float(v) for m, v in (worst or WORST_DEFAULT).items() if m in metrics}
     return rule or "scored-organs", {**WORST_DEFAULT, **worst}
 
 
@@ -275,6 +309,7 @@ def options_for_testset(testset: TestSet, base: StatsOptions | None = None) -> S
         organ_average=rule, worst=worst,
         min_group_size=int(testset.min_group_size or 1),
         preset=chosen.get("preset"),
+        metrics=board_metrics(testset), lesion_classes=lesion_classes(testset),
     )
 
 
@@ -346,58 +381,70 @@ def load_expected(session: Session, testset: TestSet) -> set[tuple[int, str]]:
         .join(Submission, Submission.id == Score.submission_id)
         .where(Submission.testset_id == testset.id, Submission.state.in_(SCOPE_STATES["all"]),
                Score.protocol_key == testset.protocol_key,
-               sa.or_(*(getattr(Score, m).is_not(None) for m in METRICS)))
+               sa.or_(*(getattr(Score, m).is_not(None) for m in board_metrics(testset))))
     )
     return {(int(c), str(o)) for c, o in session.execute(stmt).all()}
 
 
 #: fields of a score-record array (:func:`score_records`): one row per stored score
-RECORD_DTYPE = np.dtype([("submission", "<i8"), ("case", "<i8"), ("organ", "<i2"),
-                         *((m, "<f8") for m in METRICS), ("failed", "?")])
+def record_dtype(metrics: Sequence[str] = METRICS) -> np.dtype:
+    """The score-record dtype of these metrics."""
+    return np.dtype([("submission", "<i8"), ("case", "<i8"), ("organ", "<i2"),
+                     *((m, "<f8") for m in metrics), ("failed", "?")])
 
 
-def load_scores(session: Session, submission_ids: Sequence[int], protocol_key: str) -> pd.DataFrame:
+RECORD_DTYPE = record_dtype(METRICS)
+
+
+def _record_metrics(records: np.ndarray) -> tuple[str, ...]:
+    """The metric fields of a score-record (or packed) array."""
+    return tuple(n for n in records.dtype.names if n not in ("submission", "case", "organ", "failed"))
+
+
+def load_scores(session: Session, submission_ids: Sequence[int], protocol_key: str,
+                metrics: Sequence[str] = METRICS) -> pd.DataFrame:
     """Long score table of the submissions under ``protocol_key`` on hidden cases (as
     :func:`load_cases`): algorithm (submission id as str), case_pk, organ, dsc, nsd, failed."""
-    columns = ["algorithm", "case_pk", "organ", *METRICS, "failed"]
+    columns = ["algorithm", "case_pk", "organ", *metrics, "failed"]
     if not submission_ids:
         return pd.DataFrame(columns=columns)
-    records, organs = score_records(session, submission_ids, protocol_key)
+    records, organs = score_records(session, submission_ids, protocol_key, metrics)
     return pd.DataFrame({
         "algorithm": records["submission"].astype(str),
         "case_pk": records["case"],
         "organ": np.asarray(organs, dtype=object)[records["organ"]] if records.size else np.zeros(0, dtype=object),
-        **{m: records[m] for m in METRICS},
+        **{m: records[m] for m in metrics},
         "failed": records["failed"],
     }, columns=columns)
 
 
-def score_records(session: Session, submission_ids: Sequence[int], protocol_key: str
-                  ) -> tuple[np.ndarray, list[str]]:
+def score_records(session: Session, submission_ids: Sequence[int], protocol_key: str,
+                  metrics: Sequence[str] = METRICS) -> tuple[np.ndarray, list[str]]:
     """(records, organs): the stored scores of the submissions under ``protocol_key`` on hidden
     cases as a :data:`RECORD_DTYPE` array (organ = index into ``organs``; a NULL metric is NaN;
     ``failed`` = :func:`is_failure` of the status). On PostgreSQL one binary ``COPY`` parsed by a
     numpy dtype (no Python object per score); elsewhere a plain query."""
+    metrics = tuple(metrics)
     if not submission_ids:
-        return np.zeros(0, dtype=RECORD_DTYPE), []
+        return np.zeros(0, dtype=record_dtype(metrics)), []
     if session.connection().dialect.name == "postgresql":
-        records = _score_records_copy(session, submission_ids, protocol_key)
+        records = _score_records_copy(session, submission_ids, protocol_key, metrics)
         if records is not None:
             return records, list(ORGANS)
     stmt = sa.select(
-        Score.submission_id, Score.case_id, Score.organ, *(getattr(Score, m) for m in METRICS), Score.status
+        Score.submission_id, Score.case_id, Score.organ, *(getattr(Score, m) for m in metrics), Score.status
     ).join(Case, Case.id == Score.case_id).where(
         Score.submission_id.in_(list(submission_ids)), Score.protocol_key == protocol_key, Case.public_sample.is_(False)
     )
     rows = session.execute(stmt).all()
-    records = np.zeros(len(rows), dtype=RECORD_DTYPE)
+    records = np.zeros(len(rows), dtype=record_dtype(metrics))
     if not rows:
         return records, []
     columns = list(zip(*rows))
     records["submission"] = np.asarray(columns[0], dtype=np.int64)
     records["case"] = np.asarray(columns[1], dtype=np.int64)
     organ_codes, organ_names = pd.factorize(pd.Series(columns[2], dtype=object).astype(str))
-    for i, metric in enumerate(METRICS):
+    for i, metric in enumerate(metrics):
         records[metric] = pd.to_numeric(pd.Series(columns[3 + i], dtype=object), errors="coerce").to_numpy(np.float64)
     status_codes, statuses = pd.factorize(pd.Series(columns[-1], dtype=object), use_na_sentinel=False)
     records["failed"] = np.array([is_failure(None if pd.isna(v) else v) for v in statuses], dtype=bool)[status_codes]
@@ -406,7 +453,8 @@ def score_records(session: Session, submission_ids: Sequence[int], protocol_key:
     return records, organs
 
 
-def _score_records_copy(session: Session, submission_ids: Sequence[int], protocol_key: str) -> np.ndarray | None:
+def _score_records_copy(session: Session, submission_ids: Sequence[int], protocol_key: str,
+                        metrics: Sequence[str] = METRICS) -> np.ndarray | None:
     """:func:`score_records` by ``COPY (SELECT ...) TO STDOUT (FORMAT BINARY)``: fixed-width rows
     (organ as its 1-based position in :data:`ORGANS`, NULL metrics as NaN, the failure flag of
     :func:`is_failure` from the statuses that are none) read by one numpy dtype. None when some
@@ -420,7 +468,7 @@ def _score_records_copy(session: Session, submission_ids: Sequence[int], protoco
     query = (
         f"SELECT s.submission_id, s.case_id, "
         f"COALESCE(array_position(ARRAY[{','.join(text(o) for o in ORGANS)}]::text[], s.organ::text), 0), "
-        + "".join(f"COALESCE(s.{m}, 'NaN'::float8), " for m in METRICS)
+        + "".join(f"COALESCE(s.{m}, 'NaN'::float8), " for m in metrics)
         + f"(s.status IS NOT NULL AND s.status NOT IN ({','.join(text(v) for v in not_failed)})) "
         f"FROM scores s JOIN cases c ON c.id = s.case_id "
         f"WHERE s.submission_id IN ({','.join(str(int(i)) for i in submission_ids)}) "
@@ -428,7 +476,7 @@ def _score_records_copy(session: Session, submission_ids: Sequence[int], protoco
     )
     fields = [("n", ">i2"), ("l_sub", ">i4"), ("sub", ">i4"), ("l_case", ">i4"), ("case", ">i4"),
               ("l_organ", ">i4"), ("organ", ">i4")]
-    for m in METRICS:
+    for m in metrics:
         fields += [(f"l_{m}", ">i4"), (m, ">f8")]
     dtype = np.dtype([*fields, ("l_failed", ">i4"), ("failed", "u1")])
     buffer = io.BytesIO()
@@ -443,10 +491,10 @@ def _score_records_copy(session: Session, submission_ids: Sequence[int], protoco
     rows = np.frombuffer(body, dtype=dtype)
     if rows.size and (rows["organ"] == 0).any():
         return None
-    records = np.zeros(rows.size, dtype=RECORD_DTYPE)
+    records = np.zeros(rows.size, dtype=record_dtype(metrics))
     records["submission"], records["case"] = rows["sub"], rows["case"]
     records["organ"] = rows["organ"] - 1
-    for m in METRICS:
+    for m in metrics:
         records[m] = rows[m]
     records["failed"] = rows["failed"].astype(bool)
     return records
@@ -456,21 +504,21 @@ def expected_from_records(records: np.ndarray, organs: Sequence[str]) -> set[tup
     """The (case_pk, organ) cells of :func:`load_expected` from the score records of every scored
     or published submission (hidden cases): those with a value."""
     has_value = np.zeros(records.size, dtype=bool)
-    for metric in METRICS:
+    for metric in _record_metrics(records):
         has_value |= ~np.isnan(records[metric])
     width = max(len(organs), 1)
     cells = np.unique(records["case"][has_value] * width + records["organ"][has_value])
     return {(int(c // width), str(organs[c % width])) for c in cells.tolist()}
 
 
-def _records_from_frame(scores: pd.DataFrame) -> tuple[np.ndarray, list[str]]:
-    records = np.zeros(len(scores), dtype=RECORD_DTYPE)
+def _records_from_frame(scores: pd.DataFrame, metrics: Sequence[str] = METRICS) -> tuple[np.ndarray, list[str]]:
+    records = np.zeros(len(scores), dtype=record_dtype(metrics))
     organ_codes, organ_names = pd.factorize(scores["organ"].astype(str))
     organs = [o for o in ORGANS if o in set(organ_names)] + sorted(set(organ_names) - set(ORGANS))
     if len(scores):
         records["organ"] = np.array([organs.index(o) for o in organ_names], dtype=np.int16)[organ_codes]
     records["case"] = scores["case_pk"].to_numpy(dtype=np.int64)
-    for metric in METRICS:
+    for metric in metrics:
         records[metric] = pd.to_numeric(scores[metric], errors="coerce").to_numpy(dtype=np.float64)
     records["failed"] = scores["failed"].fillna(False).to_numpy(dtype=bool) if "failed" in scores else False
     return records, organs
@@ -507,32 +555,41 @@ def matrices_from_records(records: np.ndarray, organs: Sequence[str], rows: np.n
         r, c = rows[sel], column[sel]
         failed = np.zeros(shape, dtype=bool)
         failed[r, c] = records["failed"][sel]
-        for metric in METRICS:
+        for metric in _record_metrics(records):
             values = np.full(shape, np.nan)
             values[r, c] = records[metric][sel]
+            if metric in LESION_METRICS and np.isnan(values).all():
+                continue  # an organ of a lesion protocol: no lesion metric (never computed)
             out[(organ, metric)] = ScoreMatrix(organ=organ, metric=metric, algorithms=tuple(algorithms),
                                                case_ids=case_ids, values=values, failed=failed,
                                                higher_is_better=higher_is_better(metric))
     return out
 
 
-def _frame_matrices(scores: pd.DataFrame, cases: pd.DataFrame, algorithms: Sequence[str]
-                    ) -> dict[tuple[str, str], ScoreMatrix]:
-    records, organs = _records_from_frame(scores)
+def _frame_matrices(scores: pd.DataFrame, cases: pd.DataFrame, algorithms: Sequence[str],
+                    metrics: Sequence[str] = METRICS) -> dict[tuple[str, str], ScoreMatrix]:
+    records, organs = _records_from_frame(scores, metrics)
     row_of = {str(a): i for i, a in enumerate(algorithms)}
     rows = scores["algorithm"].astype(str).map(row_of).fillna(-1).to_numpy(dtype=np.int64)
     return matrices_from_records(records, organs, rows, cases, [str(a) for a in algorithms])
 
 
 #: one packed score (:class:`~services.db.models.PackedScores`): case pk, organ index, metrics, failed
-PACKED_DTYPE = np.dtype([("case", "<i4"), ("organ", "<i2"), *((m, "<f8") for m in METRICS), ("failed", "u1")])
+def packed_dtype(metrics: Sequence[str] = METRICS) -> np.dtype:
+    """The packed-score dtype of these metrics (a protocol key always has the same metrics)."""
+    return np.dtype([("case", "<i4"), ("organ", "<i2"), *((m, "<f8") for m in metrics), ("failed", "u1")])
+
+
+PACKED_DTYPE = packed_dtype(METRICS)
 
 
 def packed_records(session: Session, submission_ids: Sequence[int], protocol_key: str,
-                   refresh: Iterable[int] = ()) -> tuple[np.ndarray, list[str]]:
+                   refresh: Iterable[int] = (), metrics: Sequence[str] = METRICS) -> tuple[np.ndarray, list[str]]:
     """:func:`score_records` of the submissions, read from their packed scores (one blob per
     submission) where stored; the submissions in ``refresh`` (their scores may have changed) and
     those without packed scores are read from ``scores`` and (re)packed."""
+    metrics = tuple(metrics)
+    packed_type, record_type = packed_dtype(metrics), record_dtype(metrics)
     ids = sorted({int(i) for i in submission_ids})
     refresh = {int(i) for i in refresh} & set(ids)
     stored = {}
@@ -545,30 +602,31 @@ def packed_records(session: Session, submission_ids: Sequence[int], protocol_key
     parts: list[tuple[np.ndarray, list[str]]] = []
     for start in range(0, len(todo), 10):  # bounded memory: ten submissions' rows at a time
         chunk = todo[start:start + 10]
-        records, organs = score_records(session, chunk, protocol_key)
+        records, organs = score_records(session, chunk, protocol_key, metrics)
         session.execute(sa.delete(PackedScores).where(PackedScores.submission_id.in_(chunk),
                                                       PackedScores.protocol_key == protocol_key))
         rows = []
         for submission_id in chunk:
             mine = records[records["submission"] == submission_id]
-            packed = np.zeros(mine.size, dtype=PACKED_DTYPE)
-            for name in PACKED_DTYPE.names:
+            packed = np.zeros(mine.size, dtype=packed_type)
+            for name in packed_type.names:
                 packed[name] = mine[name]
             rows.append({"submission_id": submission_id, "protocol_key": protocol_key, "organs": list(organs),
                          "n_scores": int(mine.size), "data": packed.tobytes(), "computed_at": utcnow()})
         session.execute(sa.insert(PackedScores), rows)
         parts.append((records, organs))
     for submission_id, row in stored.items():
-        packed = np.frombuffer(row.data, dtype=PACKED_DTYPE)
-        records = np.zeros(packed.size, dtype=RECORD_DTYPE)
+        packed = np.frombuffer(row.data, dtype=packed_type)
+        records = np.zeros(packed.size, dtype=record_type)
         records["submission"] = submission_id
-        for name in PACKED_DTYPE.names:
+        for name in packed_type.names:
             records[name] = packed[name]
         parts.append((records, list(row.organs)))
-    return _merge_records(parts)
+    return _merge_records(parts, record_type)
 
 
-def _merge_records(parts: Sequence[tuple[np.ndarray, list[str]]]) -> tuple[np.ndarray, list[str]]:
+def _merge_records(parts: Sequence[tuple[np.ndarray, list[str]]], dtype: np.dtype = RECORD_DTYPE
+                   ) -> tuple[np.ndarray, list[str]]:
     """One record array over one organ list (:data:`ORGANS` order, then others sorted)."""
     names = {o for _, organs in parts for o in organs}
     organs = [o for o in ORGANS if o in names] + sorted(names - set(ORGANS))
@@ -580,7 +638,7 @@ def _merge_records(parts: Sequence[tuple[np.ndarray, list[str]]]) -> tuple[np.nd
             records = records.copy()
             records["organ"] = remap[records["organ"]]
             merged.append(records)
-    return (np.concatenate(merged) if merged else np.zeros(0, dtype=RECORD_DTYPE)), organs
+    return (np.concatenate(merged) if merged else np.zeros(0, dtype=dtype)), organs
 
 
 def build_matrices(
@@ -601,7 +659,7 @@ def build_matrices(
     options = options or DEFAULT_OPTIONS
     if scores.empty or not len(algorithms):
         return {}, {}
-    return _complete_matrices(_frame_matrices(scores, cases, algorithms), cases, options, expected)
+    return _complete_matrices(_frame_matrices(scores, cases, algorithms, options.metrics), cases, options, expected)
 
 
 def _complete_matrices(
@@ -630,8 +688,11 @@ def _complete_matrices(
             matrices[key] = ScoreMatrix(organ=m.organ, metric=m.metric, algorithms=m.algorithms,
                                         case_ids=m.case_ids, values=np.where(fill, options.worst[m.metric], m.values),
                                         failed=m.failed | fill, higher_is_better=m.higher_is_better)
-    for metric in METRICS:
-        keys = [k for k in matrices if k[1] == metric and k[0] != AVERAGE_ORGAN]
+    for metric in options.metrics:
+        # DSC/NSD: the average over organs only (not a protocol's lesion classes); a lesion metric
+        # exists only for lesion classes and is averaged over them
+        keys = [k for k in matrices if k[1] == metric and k[0] != AVERAGE_ORGAN
+                and (metric in LESION_METRICS or k[0] not in options.lesion_classes)]
         if keys:
             matrices[(AVERAGE_ORGAN, metric)] = average_over_organs([matrices[k] for k in keys],
                                                                      rule=options.organ_average)
@@ -751,7 +812,7 @@ def store_submission_aggregates(
     cases = load_cases(session, testset.id, _extra_columns(variables)) if cases is None else cases
     expected = load_expected(session, testset) if expected is None else expected
     algorithm = str(submission.id)
-    scores = load_scores(session, [submission.id], protocol_key)
+    scores = load_scores(session, [submission.id], protocol_key, options.metrics)
     matrices, missing = build_matrices(scores, cases, [algorithm], options, expected)
     rows = submission_aggregate_rows(matrices, cases, options, missing, variables)
     session.execute(
@@ -908,7 +969,7 @@ def store_comparative(
     ids = scope_submission_ids(session, testset.id, scope)
     cache = {} if cache is None else cache
     if tuple(ids) not in cache:
-        records, organs = score_records(session, ids, protocol_key) if scores is None else scores
+        records, organs = score_records(session, ids, protocol_key, options.metrics) if scores is None else scores
         # submissions without a single score under this protocol are not ranked
         present = set(np.unique(records["submission"]).tolist())
         ranked_ids = [i for i in ids if i in present]
@@ -1037,7 +1098,7 @@ def recompute_testset(
     members = scope_submission_ids(session, testset.id, "all")
     submission_ids = [int(i) for i in submission_ids]
     records, organs = packed_records(session, members, testset.protocol_key,
-                                     refresh=members if full else submission_ids)
+                                     refresh=members if full else submission_ids, metrics=options.metrics)
     expected = expected_from_records(records, organs)
     report = RecomputeReport(testset=testset.name, protocol_key=testset.protocol_key, seconds=seconds)
     lap("scores")

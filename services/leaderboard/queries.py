@@ -24,10 +24,9 @@ from sqlalchemy.orm import Session
 from evaluation.labels import ORGANS
 from services.db.leaderboard_models import SCOPES, PairwiseTest, RankingEntry, RankStability, StatsRun
 from services.db.models import Aggregate, Algorithm, Case, CaseRun, Shard, Submission, Team, TestSet
-from services.leaderboard import suppression, versions
+from services.leaderboard import compute, suppression, versions
 from services.leaderboard.compute import (
     BREAKDOWNS,
-    METRICS,
     ORGANS_AND_AVERAGE,
     RANKING_METHODS,
     SCOPE_STATES,
@@ -52,10 +51,14 @@ class LeaderboardQueryError(ValueError):
 
 
 def check_params(organ: str | None = None, metric: str | None = None, method: str | None = None,
-                 scope: str | None = None, variable: str | None = None, stability_method: str | None = None) -> None:
+                 scope: str | None = None, variable: str | None = None, stability_method: str | None = None,
+                 testset: TestSet | None = None) -> None:
+    """Raise :class:`LeaderboardQueryError` naming the valid values for a bad parameter. With a
+    ``testset``, its protocol decides the metrics (:func:`compute.board_metrics`: the lesion
+    metrics only for a lesion protocol) and adds its lesion classes to the organs."""
     checks = (
-        ("organ", organ, ORGANS_AND_AVERAGE),
-        ("metric", metric, METRICS),
+        ("organ", organ, (*ORGANS_AND_AVERAGE, *compute.lesion_classes(testset)) if testset else ORGANS_AND_AVERAGE),
+        ("metric", metric, compute.board_metrics(testset)),
         ("method", method, RANKING_METHODS),
         ("scope", scope, SCOPES),
         ("variable", variable, BREAKDOWNS),
@@ -63,7 +66,8 @@ def check_params(organ: str | None = None, metric: str | None = None, method: st
     )
     for name, value, allowed in checks:
         if value is not None and value not in allowed:
-            raise LeaderboardQueryError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
+            where = f" for test set {testset.name!r} (protocol {testset.protocol_key})" if testset is not None else ""
+            raise LeaderboardQueryError(f"unknown {name} {value!r}{where}; choose one of {', '.join(allowed)}")
 
 
 def get_testset(session: Session, name: str, protocol: str | None = None) -> TestSet:
@@ -282,7 +286,7 @@ def _cached_board(
     session: Session, testset: TestSet, *, organ: str, metric: str, method: str, scope: str,
 ) -> dict[str, Any]:
     """The unsuppressed table of :func:`leaderboard`, from the cache (shared: never mutate)."""
-    check_params(organ=organ, metric=metric, method=method, scope=scope)
+    check_params(organ=organ, metric=metric, method=method, scope=scope, testset=testset)
     visible = _in_scope(session, testset, scope)
     key = (str(session.get_bind().url), testset.id, testset.name, testset.protocol_key, scope, organ, metric, method,
            _stats_version(session, testset, scope), tuple(sorted(visible)))
@@ -376,7 +380,7 @@ def significance(session: Session, testset: TestSet, *, organ: str = "average", 
                  scope: str = "published") -> dict[str, Any]:
     """Pairwise one-sided Wilcoxon tests: the K x K matrix of Holm-adjusted p-values of "row better
     than column" (algorithms ordered by mean rank) and the list of tests."""
-    check_params(organ=organ, metric=metric, scope=scope)
+    check_params(organ=organ, metric=metric, scope=scope, testset=testset)
     board = _cached_board(session, testset, organ=organ, metric=metric, method="mean", scope=scope)
     k = min_group_size(testset)
     small = suppression.is_small(n_hidden_cases(session, testset, board["run"]), k)
@@ -424,7 +428,7 @@ def stability(session: Session, testset: TestSet, *, organ: str = "average", met
               method: str = "mean", scope: str = "published") -> dict[str, Any]:
     """Bootstrap rank stability per submission (rank distribution, median rank and its interval)
     and the Kendall's tau of the bootstrap rankings against the full one."""
-    check_params(organ=organ, metric=metric, scope=scope, stability_method=method)
+    check_params(organ=organ, metric=metric, scope=scope, stability_method=method, testset=testset)
     visible = _in_scope(session, testset, scope)
     rows = [
         s for s in session.scalars(
@@ -469,7 +473,7 @@ def breakdown(session: Session, testset: TestSet, *, variable: str = "hospital",
     """Per-group aggregates (hospital or a subgroup variable) of every submission in scope, each
     row with ``suppressed`` (fewer than ``min_group_size`` hidden cases; outside ``scope=all`` such
     a row's ``n`` reads ``"< k"`` and its statistics are ``None``, see :mod:`.suppression`)."""
-    check_params(organ=organ, metric=metric, scope=scope)
+    check_params(organ=organ, metric=metric, scope=scope, testset=testset)
     from services.leaderboard.compute import breakdown_variables
 
     if variable not in breakdown_variables(testset):  # the test set's own subgroup variables

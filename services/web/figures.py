@@ -164,7 +164,7 @@ def figure(session: Session, testset: TestSet, kind: str, *, organ: str = "avera
     :class:`FigureError` / :class:`~services.leaderboard.queries.LeaderboardQueryError` for bad
     parameters."""
     check(kind)
-    queries.check_params(organ=organ, metric=metric, method=method, scope=scope)
+    queries.check_params(organ=organ, metric=metric, method=method, scope=scope, testset=testset)
     if kind == "subgroups":
         variable = variable or default_variable(testset)
         check(kind, testset=testset, variable=variable)
@@ -237,7 +237,7 @@ def _matrices(session: Session, testset: TestSet, scope: str) -> _Matrices:
         cases = compute.load_cases(session, testset.id, compute._extra_columns(variables))
         expected = compute.load_expected(session, testset)
         ids = compute.scope_submission_ids(session, testset.id, scope)
-        scores = compute.load_scores(session, ids, testset.protocol_key)
+        scores = compute.load_scores(session, ids, testset.protocol_key, options.metrics)
         present = set(scores["algorithm"])
         algorithms = [str(i) for i in ids if str(i) in present]
         matrices, _ = compute.build_matrices(scores, cases, algorithms, options, expected)

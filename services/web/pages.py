@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
@@ -31,11 +32,12 @@ from fastapi.templating import Jinja2Templates
 from sqlalchemy.orm import Session
 
 from evaluation.labels import ORGANS
+from evaluation.metric_registry import METRIC_INFO
 from services.db.session import request_session
 from services.db.enums import SubmissionState
-from services.db.models import Case, Score, Submission
+from services.db.models import Case, Score, Submission, TestSet
 from services.leaderboard import queries
-from services.leaderboard.compute import METRICS, ORGANS_AND_AVERAGE, RANKING_METHODS
+from services.leaderboard.compute import ORGANS_AND_AVERAGE, RANKING_METHODS, board_metrics, lesion_classes
 from services.web import figure_pages, figures, plots, viewer
 
 HERE = Path(__file__).resolve().parent
@@ -73,12 +75,19 @@ def _error(request: Request, status: int, message: str) -> HTMLResponse:
     return templates.TemplateResponse(request, "error.html", {"message": message}, status_code=status)
 
 
-def _check(organ: str, metric: str, method: str = "mean") -> str | None:
+def _check(organ: str, metric: str, method: str = "mean", testset: TestSet | None = None) -> str | None:
     try:
-        queries.check_params(organ=organ, metric=metric, method=method)
+        queries.check_params(organ=organ, metric=metric, method=method, testset=testset)
     except queries.LeaderboardQueryError as exc:
         return str(exc)
     return None
+
+
+def _metric_context(ts: TestSet) -> dict[str, Any]:
+    """The organ and metric selectors of a test set: its protocol's lesion classes and metrics."""
+    metrics = board_metrics(ts)
+    return {"organs": (*ORGANS_AND_AVERAGE, *lesion_classes(ts)), "metrics": metrics,
+            "metric_labels": {m: METRIC_INFO[m].label for m in metrics}}
 
 
 @router.get("/")
@@ -102,13 +111,13 @@ def leaderboard_page(
     protocol: str | None = Query(None, max_length=200, description="a protocol version NAME@VERSION"),
     db: Session = Depends(get_db),
 ) -> HTMLResponse:
-    problem = _check(organ, metric, method)
-    if problem:
-        return _error(request, 422, problem)
     try:
         ts = queries.get_testset(db, testset, protocol)
     except queries.LeaderboardNotFound as exc:
         return _error(request, 404, str(exc))
+    problem = _check(organ, metric, method, ts)
+    if problem:
+        return _error(request, 422, problem)
     variable = variable or figures.default_variable(ts)
     try:
         figures.check("subgroups", testset=ts, variable=variable)
@@ -123,7 +132,7 @@ def leaderboard_page(
     return templates.TemplateResponse(
         request,
         "leaderboard.html",
-        {"ts": ts, "board": board, "organs": ORGANS_AND_AVERAGE, "metrics": METRICS, "methods": RANKING_METHODS,
+        {"ts": ts, "board": board, **_metric_context(ts), "methods": RANKING_METHODS,
          "method_names": METHOD_NAMES, "organ": organ, "metric": metric, "method": method, "organ_columns": ORGANS,
          "hospital_groups": groups, "hospital_rows": by_submission, "min_group_size": queries.min_group_size(ts),
          **_protocol_context(db, ts, protocol),
@@ -142,13 +151,13 @@ def submission_page(
     protocol: str | None = Query(None, max_length=200, description="a protocol version NAME@VERSION"),
     db: Session = Depends(get_db),
 ) -> HTMLResponse:
-    problem = _check(organ, metric)
-    if problem:
-        return _error(request, 422, problem)
     try:
         ts = queries.get_testset(db, testset, protocol)
     except queries.LeaderboardNotFound as exc:
         return _error(request, 404, str(exc))
+    problem = _check(organ, metric, testset=ts)
+    if problem:
+        return _error(request, 422, problem)
     submission = db.get(Submission, submission_id)
     if submission is None or submission.testset_id != ts.id or submission.state is not SubmissionState.published:
         return _error(request, 404, f"no published submission {submission_id} on {ts.name}")
@@ -194,7 +203,7 @@ def submission_page(
     return templates.TemplateResponse(
         request,
         "submission.html",
-        {"ts": ts, "s": summary, "organ": organ, "metric": metric, "organs": ORGANS_AND_AVERAGE, "metrics": METRICS,
+        {"ts": ts, "s": summary, "organ": organ, "metric": metric, **_metric_context(ts),
          "overall": overall, "heatmap": heatmap, "blobs": blobs, "boxes": boxes, "bars": bars,
          "hospitals": hospitals, "significance": significance, "stability": stab, "n_cases": n_cases,
          "label": label, "suppressed_hospitals": suppressed_hospitals, "tiny": tiny,

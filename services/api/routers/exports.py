@@ -30,7 +30,7 @@ def export_formats(_: User = Depends(readers)) -> dict:
 def export(
     request: Request,
     testset: str,
-    level: str = Query("case", description="case | hospital | subgroup"),
+    level: str = Query("case", description="case | hospital | subgroup | lesion"),
     format: str = Query("csv", description="csv | parquet"),
     scope: str = Query("published", description="published | all (organizers)"),
     protocol: str | None = Query(None, max_length=200, description="a protocol version of the test set, "

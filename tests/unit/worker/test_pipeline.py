@@ -67,6 +67,43 @@ def test_scores_insert_ignore_on_the_unique_key(session):
     assert pipeline.scored_case_pks(session, sub.id, "other@1") == set()
 
 
+def test_lesion_metrics_and_lesions_are_stored_once(session):
+    """A lesion class's row: every lesion metric in its column, NaN as NULL, its per-lesion records
+    in ``lesions`` (only when the row was new; deleted with the score)."""
+    import numpy as np
+
+    from evaluation.lesions import evaluate_lesions
+    from evaluation.metric_registry import LESION_METRICS
+    from services.db.models import Lesion
+
+    sub, _ = _setup(session)
+    case = session.scalar(sa.select(Case).where(Case.case_id == "c0"))
+    truth = np.zeros((12, 12, 12), bool)
+    truth[1:4, 1:4, 1:4] = truth[7:10, 7:10, 7:10] = True  # two lesions
+    pred = np.zeros_like(truth)
+    pred[1:4, 1:4, 2:5] = pred[1:3, 8:11, 1:3] = True  # one found, one missed, one false positive
+    result = evaluate_lesions(pred, truth, (1.0, 1.0, 2.0))
+    row = ScoreRow("c0", "liver_lesion", 0.5, 0.6, None, None, "ok",
+                   lesion_metrics=dict(result.metrics), lesions=tuple(result.lesions))
+    organ = ScoreRow("c0", "liver", 0.9, 0.8, None, None, "ok")
+    assert pipeline.insert_scores_ignore(session, sub.id, case.id, "touchstone-lesions@1", [organ, row]) == 2
+    assert pipeline.insert_scores_ignore(session, sub.id, case.id, "touchstone-lesions@1", [row]) == 0
+    session.commit()
+    stored = {s.organ: s for s in session.scalars(sa.select(Score))}
+    for metric in LESION_METRICS:
+        assert getattr(stored["liver"], metric) is None
+        expected = result.metrics[metric]
+        assert getattr(stored["liver_lesion"], metric) == (None if np.isnan(expected) else pytest.approx(expected))
+    assert (stored["liver_lesion"].lesion_tp, stored["liver_lesion"].lesion_fp, stored["liver_lesion"].lesion_fn) == (1, 1, 1)
+    lesions = session.scalars(sa.select(Lesion).order_by(Lesion.side.desc(), Lesion.component)).all()
+    assert [(x.side, x.component, x.voxels, x.matched_to, x.iou, x.dsc) for x in lesions] == [
+        (x.side, x.index, x.voxels, x.matched_to, pytest.approx(x.iou), pytest.approx(x.dsc)) for x in result.lesions]
+    assert {x.score_id for x in lesions} == {stored["liver_lesion"].id}
+    session.execute(sa.delete(Score).where(Score.id == stored["liver_lesion"].id))
+    session.commit()
+    assert session.scalars(sa.select(Lesion)).all() == []
+
+
 def test_advance_walks_the_state_machine_and_waits_for_scores(session):
     sub, testset = _setup(session, n_hidden=2, shard_size=2)
     (shard,) = validation.create_shards(session, sub, testset)
