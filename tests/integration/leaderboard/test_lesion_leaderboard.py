@@ -1,10 +1,10 @@
 """Lesion metrics from scoring to the leaderboard (issue 12, item 4), on a SQLite file migrated by
-Alembic: a tumour phantom test set (touchstone-lesions), two published submissions scored by the
-one scoring path (evaluation.scoring.score_case) and stored by the worker's insert
-(worker.pipeline.insert_scores_ignore); their lesion metrics and per-lesion records are stored,
-the statistics rank by them with the registry's directions, the API and pages offer them only for
-the lesion test set, and the exports carry them (per-lesion rows: public-sample cases only for
-non-organizers)."""
+Alembic and on a fresh PostgreSQL database: a tumour phantom test set (touchstone-lesions), two
+published submissions scored by the one scoring path (evaluation.scoring.score_case) and stored
+by the worker's insert (worker.pipeline.insert_scores_ignore); their lesion metrics and
+per-lesion records are stored, the statistics rank by them with the registry's directions, the
+API and pages offer them only for the lesion test set, and the exports carry them (per-lesion
+rows: public-sample cases only for non-organizers)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import sqlalchemy as sa
 
 from evaluation.metric_registry import HIGHER_IS_BETTER, LESION_METRICS
 
-pytestmark = pytest.mark.slow  # ~1 min: scores 2 x 5 tumour phantoms, then the statistics
+pytestmark = pytest.mark.slow  # ~40 s: scores 2 x 5 tumour phantoms, statistics on SQLite and PostgreSQL
 
 N_CASES = 5
 DETECTORS = {"finds-all": "realistic", "misses-small": "miss_small_lesions"}
@@ -29,15 +29,36 @@ CLASS = "pancreatic_lesion"
 
 
 @pytest.fixture(scope="module")
-def lesion_world(tmp_path_factory) -> Iterator[dict]:
-    from fastapi.testclient import TestClient
-    from sqlalchemy.orm import Session
-
+def scored_tumours(tmp_path_factory) -> dict:
+    """The tumour phantom set and both detectors' score rows (scored once for every database)."""
     from evaluation import io
     from evaluation.phantoms import generate_cases, make_prediction, write_phantom_set
     from evaluation.protocols import load_protocol
     from evaluation.scoring import score_case
-    from services.config import get_settings
+
+    root = tmp_path_factory.mktemp("lesion-board")
+    proto = load_protocol("touchstone-lesions")
+    manifest = write_phantom_set(root / "tumours", N_CASES, public_sample=1, size="small", seed=5, lesions=True)
+    stored = {}
+    for case in generate_cases(N_CASES, n_hospitals=3, size="small", seed=5, lesions=True):
+        for seed, (name, kind) in enumerate(DETECTORS.items()):
+            pred, _ = make_prediction(case.labels, case.affine, kind, seed=seed, min_lesion_voxels=40)
+            folder = root / "pred" / name / case.case_id
+            io.write_combined_labels(folder, pred, case.affine)
+            rows = score_case(case.case_id, root / "tumours" / case.case_id, folder, proto)
+            stored[(name, case.case_id)] = {r.organ: r for r in rows}
+    return {"root": root, "manifest": manifest, "proto": proto, "rows": stored}
+
+
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def lesion_world(request, scored_tumours, tmp_path_factory) -> Iterator[dict]:
+    import contextlib
+
+    from fastapi.testclient import TestClient
+    from sqlalchemy.orm import Session
+
+    from services.api.app import create_app
+    from services.config import Settings, get_settings
     from services.db import migrate
     from services.db.accounts import create_user
     from services.db.enums import Role, SubmissionState
@@ -49,56 +70,51 @@ def lesion_world(tmp_path_factory) -> Iterator[dict]:
     from tests.integration.leaderboard.conftest import MODELS, use_database, write_touchstone_dir
     from worker import pipeline
 
-    root = tmp_path_factory.mktemp("lesion-board")
-    url = f"sqlite:///{root / 'touchstone.db'}"
-    mp = pytest.MonkeyPatch()
-    use_database(mp, url, root / "data")
-    migrate.upgrade("head", url)
-    engine = create_db_engine(url)
-    proto = load_protocol("touchstone-lesions")
-    manifest = write_phantom_set(root / "tumours", N_CASES, public_sample=1, size="small", seed=5, lesions=True)
-    phantoms = {c.case_id: c for c in generate_cases(N_CASES, n_hospitals=3, size="small", seed=5, lesions=True)}
-    tokens, ids, stored = {}, {}, {}
-    with Session(engine, expire_on_commit=False) as session:
-        for name, role, team in (("org", Role.organizer, None), ("ana", Role.analyst, None),
-                                 ("alice", Role.inventor, "Alpha")):
-            _, tokens[name] = create_user(session, name, role, team)
-        testset = import_testset(session, "tumours", manifest, protocol="touchstone-lesions", settings=get_settings())
-        testset.min_group_size = 1
-        import_touchstone(session, write_touchstone_dir(root / "organ", MODELS), "abdomen-ct")  # an organ test set
-        team = session.scalar(sa.select(Team).where(Team.name == "Alpha"))
-        cases = session.scalars(sa.select(Case).where(Case.testset_id == testset.id).order_by(Case.case_id)).all()
-        for seed, (name, kind) in enumerate(DETECTORS.items()):
-            algorithm = Algorithm(team_id=team.id, name=name)
-            session.add(algorithm)
+    root = tmp_path_factory.mktemp(f"lesion-{request.param}")
+    proto, stored = scored_tumours["proto"], scored_tumours["rows"]
+    with contextlib.ExitStack() as stack:
+        if request.param == "sqlite":
+            url = f"sqlite:///{root / 'touchstone.db'}"
+        else:
+            url = stack.enter_context(request.getfixturevalue("new_postgres_database")("touchstone_lesions"))
+        mp = pytest.MonkeyPatch()
+        stack.callback(get_settings.cache_clear)
+        stack.callback(mp.undo)
+        use_database(mp, url, root / "data")
+        migrate.upgrade("head", url)
+        engine = create_db_engine(url)
+        stack.callback(engine.dispose)
+        tokens, ids = {}, {}
+        with Session(engine, expire_on_commit=False) as session:
+            for name, role, team in (("org", Role.organizer, None), ("ana", Role.analyst, None),
+                                     ("alice", Role.inventor, "Alpha")):
+                _, tokens[name] = create_user(session, name, role, team)
+            testset = import_testset(session, "tumours", scored_tumours["manifest"], protocol="touchstone-lesions",
+                                     settings=get_settings())
+            testset.min_group_size = 1
+            import_touchstone(session, write_touchstone_dir(root / "organ", MODELS), "abdomen-ct")  # an organ test set
+            team = session.scalar(sa.select(Team).where(Team.name == "Alpha"))
+            cases = session.scalars(sa.select(Case).where(Case.testset_id == testset.id).order_by(Case.case_id)).all()
+            for name in DETECTORS:
+                algorithm = Algorithm(team_id=team.id, name=name)
+                session.add(algorithm)
+                session.flush()
+                submission = Submission(algorithm_id=algorithm.id, testset_id=testset.id, team_id=team.id,
+                                        state=SubmissionState.published)
+                session.add(submission)
+                session.flush()
+                ids[name] = submission.id
+                for case in cases:
+                    pipeline.insert_scores_ignore(session, submission.id, case.id, proto.key,
+                                                  list(stored[(name, case.case_id)].values()))
             session.flush()
-            submission = Submission(algorithm_id=algorithm.id, testset_id=testset.id, team_id=team.id,
-                                    state=SubmissionState.published)
-            session.add(submission)
-            session.flush()
-            ids[name] = submission.id
-            for case in cases:
-                phantom = phantoms[case.case_id]
-                pred, _ = make_prediction(phantom.labels, phantom.affine, kind, seed=seed, min_lesion_voxels=40)
-                folder = root / "pred" / name / case.case_id
-                io.write_combined_labels(folder, pred, phantom.affine)
-                rows = score_case(case.case_id, root / "tumours" / case.case_id, folder, proto)
-                stored[(name, case.case_id)] = {r.organ: r for r in rows}
-                pipeline.insert_scores_ignore(session, submission.id, case.id, proto.key, rows)
-        session.flush()
-        for submission_id in ids.values():
-            on_submission_scored(session, submission_id)
-        session.commit()
-        public = {c.case_id for c in cases if c.public_sample}
-    from services.api.app import create_app
-    from services.config import Settings
-
-    with TestClient(create_app(Settings(database_url=url, data_dir=root / "data"))) as client:
-        yield {"client": client, "url": url, "tokens": tokens, "ids": ids, "rows": stored, "public": public,
-               "proto": proto}
-    engine.dispose()
-    mp.undo()
-    get_settings.cache_clear()
+            for submission_id in ids.values():
+                on_submission_scored(session, submission_id)
+            session.commit()
+            public = {c.case_id for c in cases if c.public_sample}
+        with TestClient(create_app(Settings(database_url=url, data_dir=root / "data"))) as client:
+            yield {"client": client, "url": url, "tokens": tokens, "ids": ids, "rows": stored, "public": public,
+                   "proto": proto}
 
 
 def _headers(world, who):
