@@ -30,7 +30,7 @@ version :func:`services.leaderboard.queries._stats_version` changes with every r
 the submissions in scope and of the small-cell threshold; :data:`FIGURE_CACHE` (in process, LRU)
 keys on all of them, so a page of 100 algorithms renders its figures once per statistics run;
 :data:`MATRIX_CACHE` keeps the score matrices of the last few runs.
-No table is needed (migration 0009 stays a no-op): a new process renders again on first use.
+No table is needed: the cache lives in the process, and a new process renders again on first use.
 """
 
 from __future__ import annotations
