@@ -56,6 +56,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from evaluation.metrics import _as_bool_mask  # the one mask check of every metric
+
 __all__ = [
     "CONNECTIVITIES",
     "Lesion",
@@ -165,23 +167,11 @@ class LesionResult:
 # --------------------------------------------------------------------------------------------
 # components and matching
 # --------------------------------------------------------------------------------------------
-def _as_mask(mask: np.ndarray, name: str) -> np.ndarray:
-    if not isinstance(mask, np.ndarray):
-        raise TypeError(f"{name} must be a numpy array, got {type(mask).__name__}")
-    if mask.ndim != 3:
-        raise ValueError(f"{name} must be a 3-D mask, got shape {mask.shape}")
-    if mask.dtype == np.bool_:
-        return mask
-    if mask.dtype.kind in "iu":
-        return mask != 0
-    raise TypeError(f"{name} must be a boolean (or integer, non-zero = foreground) mask, got dtype {mask.dtype}")
-
-
 def connected_components(mask: np.ndarray, connectivity: int = 26) -> tuple[np.ndarray, int]:
     """``(labels, n)``: component number (1..n, raster order of first voxel; 0 background) of
     every voxel of a 3-D boolean mask, with 6-, 18- or 26-connectivity (``scipy.ndimage.label``,
     run on the box around the mask: the same components, raster order kept)."""
-    mask = _as_mask(mask, "mask")
+    mask = _as_bool_mask(mask, "mask")
     if connectivity not in CONNECTIVITIES:
         raise ValueError(f"connectivity must be one of {sorted(CONNECTIVITIES)}, got {connectivity!r}")
     structure = ndimage.generate_binary_structure(3, CONNECTIVITIES[connectivity])
@@ -311,7 +301,7 @@ def evaluate_lesions(
     grid. Both are cropped to the box around their union first (components do not change: every
     lesion voxel is inside), so the cost follows the lesions' extent, not the volume's.
     """
-    p, g = _as_mask(pred, "pred"), _as_mask(gt, "gt")
+    p, g = _as_bool_mask(pred, "pred"), _as_bool_mask(gt, "gt")
     if p.shape != g.shape:
         raise ValueError(f"pred and gt must have the same shape, got {p.shape} and {g.shape}")
     spacing = [float(s) for s in spacing_mm]
