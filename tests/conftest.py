@@ -136,3 +136,49 @@ def sqlite_session(tmp_path):
     with Session(engine, expire_on_commit=False) as session:
         yield session
     engine.dispose()
+
+
+@contextlib.contextmanager
+def served_app(database_url: str, data_dir, log_path=None, start_s: float = 180) -> Iterator[str]:
+    """``with served_app(url, data_dir) as base:`` the API and pages in a real uvicorn process on
+    that database and data folder (a free local port; up to ``start_s`` to answer /api/v1/health:
+    the machine may be busy); its output to ``log_path`` when given. Stopped afterwards."""
+    import socket
+    import sys
+    import time
+    from pathlib import Path
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "TOUCHSTONE_DATABASE_URL": str(database_url), "TOUCHSTONE_DATA_DIR": str(data_dir)}
+    log = open(log_path, "wb") if log_path else None
+    process = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "services.api.app:create_app", "--factory", "--host", "127.0.0.1",
+         "--port", str(port), "--log-level", "warning"],
+        cwd=Path(__file__).resolve().parents[1], env=env, stdout=log, stderr=subprocess.STDOUT if log else None,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + start_s
+    try:
+        while True:
+            try:
+                if httpx.get(f"{base}/api/v1/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                output = Path(log_path).read_text()[-2000:] if log_path else ""
+                pytest.fail(f"uvicorn did not start within {start_s:.0f} s: {output}")
+            time.sleep(0.5)
+        yield base
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        if log:
+            log.close()

@@ -6,15 +6,14 @@ figure loaded (not blank), the expected number of figures, screenshots."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
-import sys
-import time
 from html.parser import HTMLParser
 from pathlib import Path
 
 import httpx
 import pytest
+
+from tests.conftest import served_app
 
 pytestmark = [pytest.mark.chromium, pytest.mark.slow]
 
@@ -63,35 +62,8 @@ def touchstone19(tmp_path_factory, writers):
 @pytest.fixture(scope="module")
 def server(touchstone19):
     url, root = touchstone19
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "TOUCHSTONE_DATABASE_URL": url, "TOUCHSTONE_DATA_DIR": str(root / "data")}
-    log = open(root / "uvicorn.log", "wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "services.api.app:create_app", "--factory", "--host", "127.0.0.1",
-         "--port", str(port), "--log-level", "warning"],
-        cwd=Path(__file__).resolve().parents[3], env=env, stdout=log, stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            if httpx.get(f"{base}/api/v1/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"uvicorn did not start: {(root / 'uvicorn.log').read_text()[-2000:]}")
-        time.sleep(0.5)
-    yield base
-    process.terminate()
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-    log.close()
+    with served_app(url, root / "data", root / "uvicorn.log") as base:
+        yield base
 
 
 def _chromium(chromium_path: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:

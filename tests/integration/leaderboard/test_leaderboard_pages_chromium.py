@@ -4,15 +4,14 @@ imported baselines and a scored-then-published submission side by side; a screen
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
+
+from tests.conftest import served_app
 
 pytestmark = pytest.mark.chromium
 
@@ -41,35 +40,8 @@ def server(world):
         on_submission_scored(session, world.alpha_id)
         session.commit()
     engine.dispose()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "TOUCHSTONE_DATABASE_URL": world.url, "TOUCHSTONE_DATA_DIR": str(world.root / "data")}
-    log = open(world.root / "uvicorn.log", "wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "services.api.app:create_app", "--factory", "--host", "127.0.0.1",
-         "--port", str(port), "--log-level", "warning"],
-        cwd=Path(__file__).resolve().parents[3], env=env, stdout=log, stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            if httpx.get(f"{base}/api/v1/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"uvicorn did not start: {(world.root / 'uvicorn.log').read_text()[-2000:]}")
-        time.sleep(0.5)
-    yield base
-    process.terminate()
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-    log.close()
+    with served_app(world.url, world.root / "data", world.root / "uvicorn.log") as base:
+        yield base
 
 
 def _chromium(chromium_path: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:

@@ -12,15 +12,13 @@ import html
 import io
 import json
 import os
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
+
+from tests.conftest import served_app
 import sqlalchemy as sa
 from PIL import Image
 from sqlalchemy.orm import Session
@@ -372,32 +370,8 @@ class DevTools:
 def viewer_server(settings, vworld):
     """The app in a real uvicorn process on the test's database and storage (up to 180 s to start:
     the machine may be busy)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "TOUCHSTONE_DATA_DIR": str(settings.data_dir), "TOUCHSTONE_DATABASE_URL": str(settings.database_url),
-           "TOUCHSTONE_LOG_LEVEL": "WARNING"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "services.api.app:create_app", "--factory", "--host", "127.0.0.1",
-         "--port", str(port), "--log-level", "warning"], cwd=Path(__file__).resolve().parents[3], env=env)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            if httpx.get(f"{base}/api/v1/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail("uvicorn did not start within 180 s")
-        time.sleep(0.5)
-    yield base
-    process.terminate()
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
+    with served_app(settings.database_url, settings.data_dir) as base:
+        yield base
 
 
 @pytest.mark.chromium
