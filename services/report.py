@@ -140,7 +140,7 @@ def build_report(session: Session, testset: TestSet, *, scope: str = "published"
     # each section once, in the canonical order: a query string repeating organ=liver a thousand
     # times must not make the server render a thousand sections (check_params refuses unknown names)
     organs = list(dict.fromkeys(organs or compute.ORGANS_AND_AVERAGE))
-    metrics = list(dict.fromkeys(metrics or compute.METRICS))
+    metrics = list(dict.fromkeys(metrics or compute.BOARD_METRICS))
     for organ in organs:
         queries.check_params(organ=organ)
     for metric in metrics:

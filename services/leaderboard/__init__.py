@@ -4,7 +4,7 @@ it on publish and unpublish. See docs/leaderboard.md."""
 
 from services.leaderboard.compute import (
     DEFAULT_OPTIONS,
-    METRICS,
+    BOARD_METRICS,
     RANKING_METHODS,
     STABILITY_METHODS,
     STATS_PRESETS,
@@ -19,7 +19,7 @@ from services.leaderboard.compute import (
 )
 
 __all__ = [
-    "DEFAULT_OPTIONS", "METRICS", "RANKING_METHODS", "RecomputeReport", "STABILITY_METHODS", "StatsOptions",
+    "DEFAULT_OPTIONS", "BOARD_METRICS", "RANKING_METHODS", "RecomputeReport", "STABILITY_METHODS", "StatsOptions",
     "on_submission_scored", "recompute_testset", "recompute_all", "options_for_testset", "STATS_PRESETS",
     "normalize_stats_options", "breakdown_variables",
 ]

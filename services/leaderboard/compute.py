@@ -84,10 +84,11 @@ from services.leaderboard.suppression import withheld_groups
 
 log = logging.getLogger("touchstone.leaderboard")
 
-#: the metrics the leaderboard ranks by under an organ protocol (both higher-is-better, in [0, 1])
-METRICS: tuple[str, ...] = ("dsc", "nsd")
+#: the metrics the leaderboard ranks by under an organ protocol (both higher-is-better, in [0, 1]);
+#: every metric a protocol can compute is evaluation.metric_registry.METRICS
+BOARD_METRICS: tuple[str, ...] = ("dsc", "nsd")
 #: ... and under a ``kind: lesion`` protocol: also the lesion metrics (directions from the registry)
-LESION_BOARD_METRICS: tuple[str, ...] = METRICS + LESION_METRICS
+LESION_BOARD_METRICS: tuple[str, ...] = BOARD_METRICS + LESION_METRICS
 #: ranking methods stored (names as the CLI's --method): aggregate-then-rank by mean or median,
 #: rank-then-aggregate, test-then-rank
 RANKING_METHODS: tuple[str, ...] = ("mean", "median", "rank-mean", "test")
@@ -191,7 +192,7 @@ class StatsOptions:
     preset: str | None = None
     #: the metrics ranked (:func:`board_metrics`) and the protocol's lesion classes (left out of
     #: the DSC/NSD organ average; the lesion metrics' average is over them)
-    metrics: tuple[str, ...] = METRICS
+    metrics: tuple[str, ...] = BOARD_METRICS
     lesion_classes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -265,9 +266,9 @@ def lesion_classes(testset: TestSet) -> tuple[str, ...]:
 
 
 def board_metrics(testset: TestSet | None) -> tuple[str, ...]:
-    """The metrics the leaderboard offers for ``testset``: :data:`METRICS` (DSC, NSD), and under a
+    """The metrics the leaderboard offers for ``testset``: :data:`BOARD_METRICS` (DSC, NSD), and under a
     ``kind: lesion`` protocol also the lesion metrics (:data:`LESION_BOARD_METRICS`)."""
-    return LESION_BOARD_METRICS if testset is not None and lesion_classes(testset) else METRICS
+    return LESION_BOARD_METRICS if testset is not None and lesion_classes(testset) else BOARD_METRICS
 
 
 def protocol_settings(testset: TestSet) -> tuple[str, dict[str, float]]:
@@ -387,13 +388,13 @@ def load_expected(session: Session, testset: TestSet) -> set[tuple[int, str]]:
 
 
 #: fields of a score-record array (:func:`score_records`): one row per stored score
-def record_dtype(metrics: Sequence[str] = METRICS) -> np.dtype:
+def record_dtype(metrics: Sequence[str] = BOARD_METRICS) -> np.dtype:
     """The score-record dtype of these metrics."""
     return np.dtype([("submission", "<i8"), ("case", "<i8"), ("organ", "<i2"),
                      *((m, "<f8") for m in metrics), ("failed", "?")])
 
 
-RECORD_DTYPE = record_dtype(METRICS)
+RECORD_DTYPE = record_dtype(BOARD_METRICS)
 
 
 def _record_metrics(records: np.ndarray) -> tuple[str, ...]:
@@ -402,7 +403,7 @@ def _record_metrics(records: np.ndarray) -> tuple[str, ...]:
 
 
 def load_scores(session: Session, submission_ids: Sequence[int], protocol_key: str,
-                metrics: Sequence[str] = METRICS) -> pd.DataFrame:
+                metrics: Sequence[str] = BOARD_METRICS) -> pd.DataFrame:
     """Long score table of the submissions under ``protocol_key`` on hidden cases (as
     :func:`load_cases`): algorithm (submission id as str), case_pk, organ, dsc, nsd, failed."""
     columns = ["algorithm", "case_pk", "organ", *metrics, "failed"]
@@ -419,7 +420,7 @@ def load_scores(session: Session, submission_ids: Sequence[int], protocol_key: s
 
 
 def score_records(session: Session, submission_ids: Sequence[int], protocol_key: str,
-                  metrics: Sequence[str] = METRICS) -> tuple[np.ndarray, list[str]]:
+                  metrics: Sequence[str] = BOARD_METRICS) -> tuple[np.ndarray, list[str]]:
     """(records, organs): the stored scores of the submissions under ``protocol_key`` on hidden
     cases as a :data:`RECORD_DTYPE` array (organ = index into ``organs``; a NULL metric is NaN;
     ``failed`` = :func:`is_failure` of the status). On PostgreSQL one binary ``COPY`` parsed by a
@@ -454,7 +455,7 @@ def score_records(session: Session, submission_ids: Sequence[int], protocol_key:
 
 
 def _score_records_copy(session: Session, submission_ids: Sequence[int], protocol_key: str,
-                        metrics: Sequence[str] = METRICS) -> np.ndarray | None:
+                        metrics: Sequence[str] = BOARD_METRICS) -> np.ndarray | None:
     """:func:`score_records` by ``COPY (SELECT ...) TO STDOUT (FORMAT BINARY)``: fixed-width rows
     (organ as its 1-based position in :data:`ORGANS`, NULL metrics as NaN, the failure flag of
     :func:`is_failure` from the statuses that are none) read by one numpy dtype. None when some
@@ -511,7 +512,7 @@ def expected_from_records(records: np.ndarray, organs: Sequence[str]) -> set[tup
     return {(int(c // width), str(organs[c % width])) for c in cells.tolist()}
 
 
-def _records_from_frame(scores: pd.DataFrame, metrics: Sequence[str] = METRICS) -> tuple[np.ndarray, list[str]]:
+def _records_from_frame(scores: pd.DataFrame, metrics: Sequence[str] = BOARD_METRICS) -> tuple[np.ndarray, list[str]]:
     records = np.zeros(len(scores), dtype=record_dtype(metrics))
     organ_codes, organ_names = pd.factorize(scores["organ"].astype(str))
     organs = [o for o in ORGANS if o in set(organ_names)] + sorted(set(organ_names) - set(ORGANS))
@@ -567,7 +568,7 @@ def matrices_from_records(records: np.ndarray, organs: Sequence[str], rows: np.n
 
 
 def _frame_matrices(scores: pd.DataFrame, cases: pd.DataFrame, algorithms: Sequence[str],
-                    metrics: Sequence[str] = METRICS) -> dict[tuple[str, str], ScoreMatrix]:
+                    metrics: Sequence[str] = BOARD_METRICS) -> dict[tuple[str, str], ScoreMatrix]:
     records, organs = _records_from_frame(scores, metrics)
     row_of = {str(a): i for i, a in enumerate(algorithms)}
     rows = scores["algorithm"].astype(str).map(row_of).fillna(-1).to_numpy(dtype=np.int64)
@@ -575,16 +576,16 @@ def _frame_matrices(scores: pd.DataFrame, cases: pd.DataFrame, algorithms: Seque
 
 
 #: one packed score (:class:`~services.db.models.PackedScores`): case pk, organ index, metrics, failed
-def packed_dtype(metrics: Sequence[str] = METRICS) -> np.dtype:
+def packed_dtype(metrics: Sequence[str] = BOARD_METRICS) -> np.dtype:
     """The packed-score dtype of these metrics (a protocol key always has the same metrics)."""
     return np.dtype([("case", "<i4"), ("organ", "<i2"), *((m, "<f8") for m in metrics), ("failed", "u1")])
 
 
-PACKED_DTYPE = packed_dtype(METRICS)
+PACKED_DTYPE = packed_dtype(BOARD_METRICS)
 
 
 def packed_records(session: Session, submission_ids: Sequence[int], protocol_key: str,
-                   refresh: Iterable[int] = (), metrics: Sequence[str] = METRICS) -> tuple[np.ndarray, list[str]]:
+                   refresh: Iterable[int] = (), metrics: Sequence[str] = BOARD_METRICS) -> tuple[np.ndarray, list[str]]:
     """:func:`score_records` of the submissions, read from their packed scores (one blob per
     submission) where stored; the submissions in ``refresh`` (their scores may have changed) and
     those without packed scores are read from ``scores`` and (re)packed."""

@@ -57,7 +57,7 @@ from services.db.accounts import lookup_token
 from services.db.enums import Role, SubmissionState
 from services.db.models import Case, CaseRun, Score, Submission, TestSet, User
 from services.db.session import request_session
-from services.leaderboard.compute import AVERAGE_ORGAN, METRICS
+from services.leaderboard.compute import AVERAGE_ORGAN, BOARD_METRICS
 from services.storage import Storage, StorageError
 from services.web import slices
 
@@ -454,15 +454,15 @@ def sign_out() -> Response:
 @router.get("/viewer/submissions/{submission_id}", response_class=HTMLResponse)
 def worst_cases_page(request: Request, submission_id: int, organ: str = Query(AVERAGE_ORGAN),
                      metric: str = Query("dsc"), db: Session = Depends(get_db)) -> HTMLResponse:
-    if organ != AVERAGE_ORGAN and organ not in ORGANS or metric not in METRICS:
-        return _page_error(request, 422, f"organ must be one of {[AVERAGE_ORGAN, *ORGANS]} and metric one of {list(METRICS)}")
+    if organ != AVERAGE_ORGAN and organ not in ORGANS or metric not in BOARD_METRICS:
+        return _page_error(request, 422, f"organ must be one of {[AVERAGE_ORGAN, *ORGANS]} and metric one of {list(BOARD_METRICS)}")
     user = viewer_user(request, db)
     submission = db.get(Submission, submission_id)
     if submission is None or not sees_any_case(user, submission):
         return _page_error(request, 404, _hidden(f"case of submission {submission_id}").detail)
     return _templates().TemplateResponse(request, "viewer.html", {
         "index": True, "submission": submission, "ts": submission.testset, "organ": organ, "metric": metric,
-        "organs": [AVERAGE_ORGAN, *ORGANS], "metrics": METRICS,
+        "organs": [AVERAGE_ORGAN, *ORGANS], "metrics": BOARD_METRICS,
         "worst": worst_cases(db, user, submission, organ, metric), "organizer": user.role is Role.organizer})
 
 
