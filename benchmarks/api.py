@@ -316,7 +316,7 @@ def main() -> None:
         engine = sa.create_engine(url)
         with engine.connect() as conn:
             counts = {t: conn.scalar(sa.text(f"select count(*) from {t}"))
-                      for t in ("scores", "case_runs", "aggregates", "ranking_entries", "pairwise_tests",
+                      for t in ("scores", "case_runs", "aggregates", "ranking_entries", "pairwise_families",
                                 "rank_stability")}
         engine.dispose()
         print(f"fill: {t1 - t0:.1f} s ({counts['scores']} scores, {counts['case_runs']} case runs)")

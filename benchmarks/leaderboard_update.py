@@ -52,7 +52,7 @@ sys.path.insert(0, str(REPO))
 from evaluation.labels import ORGANS  # noqa: E402
 from services.db import migrate  # noqa: E402
 from services.db.enums import SubmissionState  # noqa: E402
-from services.db.leaderboard_models import PairwiseTest, RankingEntry, RankStability, StatsRun  # noqa: E402
+from services.db.leaderboard_models import PairwiseFamily, RankingEntry, RankStability, StatsRun  # noqa: E402
 from services.db.models import Algorithm, Case, PackedScores, PairwiseCache, Submission, Team, TestSet  # noqa: E402
 from services.leaderboard import DEFAULT_OPTIONS, on_submission_scored  # noqa: E402
 
@@ -137,7 +137,7 @@ def fill(url: str, n_submissions: int, n_cases: int) -> list[int]:
 def stored(session: Session, testset_id: int) -> dict[str, list[tuple]]:
     """Every comparative row of the test set (without ids and timestamps), sorted: what must be equal."""
     out = {}
-    for model in (StatsRun, RankingEntry, PairwiseTest, RankStability):
+    for model in (StatsRun, RankingEntry, PairwiseFamily, RankStability):
         columns = [c for c in model.__table__.columns if c.name not in ("id", "computed_at")]
         rows = session.execute(sa.select(*columns).where(model.testset_id == testset_id)).all()
         out[model.__tablename__] = sorted((tuple(_plain(v) for v in r) for r in rows), key=repr)

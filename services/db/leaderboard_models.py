@@ -69,35 +69,33 @@ class RankingEntry(Base):
     rank: Mapped[int]
 
 
-class PairwiseTest(Base):
-    """One-sided paired Wilcoxon signed-rank test "A better than B" on their common cases."""
+class PairwiseFamily(Base):
+    """Every one-sided paired Wilcoxon signed-rank test "A better than B" of one (test set,
+    protocol, scope, organ, metric) on their common cases, as one packed family (0011_pairwise_families).
 
-    __tablename__ = "pairwise_tests"
-    __table_args__ = (
-        sa.UniqueConstraint(
-            "testset_id", "protocol_key", "scope", "organ", "metric", "submission_a_id", "submission_b_id"
-        ),
-        sa.Index("ix_pairwise_tests_a", "submission_a_id"),
-        sa.Index("ix_pairwise_tests_b", "submission_b_id"),
-    )
+    One blob per family instead of one row per ordered pair: Holm's adjusted p-values depend on the
+    whole family, so every new, republished or unpublished submission changes all K(K-1) of them,
+    and rewriting 200,000 rows was most of a leaderboard update at 100 submissions. ``data``:
+    little-endian records of :data:`services.leaderboard.pairwise.PAIRWISE_FAMILY_DTYPE`
+    (submission a, submission b, n_common, statistic, p_value, p_adjusted, significant,
+    mean_difference; NaN = none), one per ordered pair, in ranking-input order;
+    :func:`services.leaderboard.pairwise.unpack_family` reads it.
+    """
 
-    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    __tablename__ = "pairwise_families"
+    __table_args__ = (sa.UniqueConstraint("testset_id", "protocol_key", "scope", "organ", "metric"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
     testset_id: Mapped[int] = mapped_column(sa.ForeignKey("testsets.id", ondelete="CASCADE"))
     protocol_key: Mapped[str] = mapped_column(sa.String(160))
     scope: Mapped[str] = mapped_column(sa.String(20))
     organ: Mapped[str] = mapped_column(sa.String(50))
     metric: Mapped[str] = mapped_column(sa.String(20))
-    submission_a_id: Mapped[int] = mapped_column(sa.ForeignKey("submissions.id", ondelete="CASCADE"))
-    submission_b_id: Mapped[int] = mapped_column(sa.ForeignKey("submissions.id", ondelete="CASCADE"))
-    n_common: Mapped[int]
-    statistic: Mapped[float | None]
-    p_value: Mapped[float | None]
-    p_adjusted: Mapped[float | None]
-    significant: Mapped[bool]
-    #: mean of x_A - x_B over the common cases (metric units)
-    mean_difference: Mapped[float | None]
-    #: e.g. "wilcoxon-signed-rank, one-sided, normal approx. with continuity correction; holm"
+    #: e.g. "wilcoxon signed-rank, paired, one-sided (...); holm over all ordered pairs with a test"
     method: Mapped[str] = mapped_column(sa.String(200))
+    n_pairs: Mapped[int]
+    data: Mapped[bytes] = mapped_column(sa.LargeBinary)
+    computed_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
 
 class RankStability(Base):
@@ -129,4 +127,4 @@ class RankStability(Base):
     n_resamples: Mapped[int]
 
 
-__all__ = ["PairwiseTest", "RankStability", "RankingEntry", "SCOPES", "StatsRun"]
+__all__ = ["PairwiseFamily", "RankStability", "RankingEntry", "SCOPES", "StatsRun"]

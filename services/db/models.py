@@ -521,4 +521,4 @@ class AuditLog(Base):
 
 
 # the leaderboard statistics tables (services/leaderboard owns them) share this metadata
-from services.db.leaderboard_models import PairwiseTest, RankingEntry, RankStability, StatsRun  # noqa: E402, F401
+from services.db.leaderboard_models import PairwiseFamily, RankingEntry, RankStability, StatsRun  # noqa: E402, F401

@@ -76,9 +76,9 @@ from evaluation.stats.wilcoxon import pairwise_table
 from evaluation.stats.summary import summarize
 from services.db.base import finite_or_none, utcnow
 from services.db.enums import SubmissionState
-from services.db.leaderboard_models import SCOPES, PairwiseTest, RankingEntry, RankStability, StatsRun
+from services.db.leaderboard_models import SCOPES, PairwiseFamily, RankingEntry, RankStability, StatsRun
 from services.db.models import Aggregate, Case, PackedScores, Score, Submission, TestSet
-from services.leaderboard.pairwise import FreshPairs, PairCache, bulk_insert
+from services.leaderboard.pairwise import FreshPairs, PairCache, bulk_insert, pack_family
 from services.leaderboard import versions
 from services.leaderboard.suppression import withheld_groups
 
@@ -853,8 +853,9 @@ def comparative_rows(
     matrices: dict[tuple[str, str], ScoreMatrix], options: StatsOptions = DEFAULT_OPTIONS,
     pairs: PairCache | FreshPairs | None = None, counts: dict[int, np.ndarray] | None = None,
 ) -> tuple[list[dict], list[dict], list[dict], list[dict]]:
-    """(runs, rankings, pairwise, stability) rows -- dicts keyed by the table columns minus
-    (testset_id, protocol_key, scope) -- for every (organ, metric) matrix (as
+    """(runs, rankings, pairwise families, stability) rows -- dicts keyed by the table columns minus
+    (testset_id, protocol_key, scope; one pairwise family per matrix: every ordered pair packed,
+    :func:`~services.leaderboard.pairwise.pack_family`) -- for every (organ, metric) matrix (as
     :func:`build_matrices` gives them under ``options.missing_policy``).
 
     ``pairs`` supplies the raw pair tests (:class:`~services.leaderboard.pairwise.PairCache`:
@@ -887,19 +888,7 @@ def _comparative_rows(
         # worst: every test on the filled matrix; common: each pair on the cases both have
         pairwise = pairwise_table(matrix, pairs.pair_tests(matrix), correction=options.correction,
                                   alpha=options.alpha, family=options.family)
-        for row in pairwise.itertuples(index=False):
-            pairwise_rows.append({
-                **key,
-                "submission_a_id": int(row.algorithm),
-                "submission_b_id": int(row.opponent),
-                "n_common": int(row.n_common),
-                "statistic": finite_or_none(row.statistic),
-                "p_value": finite_or_none(row.p_value),
-                "p_adjusted": finite_or_none(row.p_adjusted),
-                "significant": bool(row.significant),
-                "mean_difference": finite_or_none(row.mean_difference),
-                "method": method_name,
-            })
+        pairwise_rows.append({**key, "method": method_name, "n_pairs": len(pairwise), "data": pack_family(pairwise)})
         # test-then-rank: under common, the tests on the cases every algorithm has
         ranked_pairs = pairwise if options.missing_policy == "worst" else pairwise_table(
             ranked, pairs.pair_tests(ranked), correction=options.test_correction, alpha=options.alpha,
@@ -958,8 +947,8 @@ def store_comparative(
     scores: tuple[np.ndarray, list[str]] | None = None,
     pairs: PairCache | FreshPairs | None = None,
 ) -> tuple[int, int, int, int]:
-    """Replace the (test set, protocol, scope) rows of the comparative tables; returns row counts
-    (runs, rankings, pairwise, stability). ``cache`` (a dict kept across scopes) reuses the rows
+    """Replace the (test set, protocol, scope) rows of the comparative tables; returns counts
+    (runs, rankings, ordered pairs tested, stability). ``cache`` (a dict kept across scopes) reuses the rows
     when two scopes hold the same submissions (the common case: everything scored is published)
     and the bootstrap's resample counts; ``scores`` are the :func:`score_records` of (at least)
     the scope's submissions (default: read); ``pairs`` the pair tests (default: all computed)."""
@@ -988,7 +977,8 @@ def store_comparative(
     inputs = _scope_inputs(ids, fingerprint, options)
     runs = [{**r, "details": {**r["details"], "fingerprint": fingerprint, "inputs": inputs}} for r in runs]
     now = utcnow()
-    for model, rows in ((StatsRun, runs), (RankingEntry, rankings), (PairwiseTest, pairwise), (RankStability, stability)):
+    for model, rows in ((StatsRun, runs), (RankingEntry, rankings), (PairwiseFamily, pairwise),
+                        (RankStability, stability)):
         session.execute(
             sa.delete(model).where(
                 model.testset_id == testset.id, model.protocol_key == protocol_key, model.scope == scope
@@ -996,10 +986,10 @@ def store_comparative(
         )
         if rows:
             extra = {"testset_id": testset.id, "protocol_key": protocol_key, "scope": scope}
-            if model is StatsRun:
+            if model in (StatsRun, PairwiseFamily):
                 extra["computed_at"] = now
             bulk_insert(session, model, [{**r, **extra} for r in rows])
-    return len(runs), len(rankings), len(pairwise), len(stability)
+    return len(runs), len(rankings), sum(f["n_pairs"] for f in pairwise), len(stability)
 
 
 # --------------------------------------------------------------------------------------------

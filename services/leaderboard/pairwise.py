@@ -217,6 +217,37 @@ class PairCache:
             self._delete(PairwiseCache.cases_hash.not_in(axes))
 
 
+#: one ordered pair of a stored family (:class:`~services.db.leaderboard_models.PairwiseFamily`):
+#: submission ids a ("better than") b, the cases both have, V, the one-sided p, the adjusted p,
+#: whether it is below alpha, and the mean of x_a - x_b (NaN where there is none)
+PAIRWISE_FAMILY_DTYPE = np.dtype([("a", "<i8"), ("b", "<i8"), ("n_common", "<i8"), ("statistic", "<f8"),
+                                  ("p_value", "<f8"), ("p_adjusted", "<f8"), ("significant", "u1"),
+                                  ("mean_difference", "<f8")])
+
+
+def pack_family(table) -> bytes:
+    """The :func:`evaluation.stats.wilcoxon.pairwise_table` of a matrix whose algorithms are
+    submission ids, as the ``data`` of a :class:`~services.db.leaderboard_models.PairwiseFamily`."""
+    packed = np.zeros(len(table), dtype=PAIRWISE_FAMILY_DTYPE)
+    packed["a"] = table["algorithm"].to_numpy().astype(np.int64)
+    packed["b"] = table["opponent"].to_numpy().astype(np.int64)
+    for name in ("n_common", "statistic", "p_value", "p_adjusted", "significant", "mean_difference"):
+        packed[name] = table[name].to_numpy()
+    return packed.tobytes()
+
+
+def unpack_family(data: bytes) -> list[dict]:
+    """The ordered pairs of a stored family as dicts: a, b, n_common, statistic, p_value,
+    p_adjusted, significant (bool), mean_difference (None where not finite)."""
+    packed = np.frombuffer(data, dtype=PAIRWISE_FAMILY_DTYPE)
+    columns = {name: packed[name].tolist() for name in PAIRWISE_FAMILY_DTYPE.names}
+    floats = ("statistic", "p_value", "p_adjusted", "mean_difference")
+    for name in floats:
+        columns[name] = [v if v == v and abs(v) != float("inf") else None for v in columns[name]]
+    columns["significant"] = [bool(v) for v in columns["significant"]]
+    return [dict(zip(columns, values)) for values in zip(*columns.values())]
+
+
 def bulk_insert(session: Session, model, rows: list[dict]) -> int:
     """Insert ``rows`` (dicts of the model's columns, all with the same keys) in the session's
     transaction: PostgreSQL ``COPY ... FROM STDIN`` (hundreds of thousands of rows per scoring),
@@ -251,6 +282,8 @@ def _copy_text(value) -> str:
         return "t" if value else "f"
     if isinstance(value, float):
         return repr(float(value))  # shortest exact text (np.float64's repr names its type)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return "\\\\x" + bytes(value).hex()  # bytea's hex input, its backslash escaped for COPY
     if isinstance(value, (dict, list)):
         value = json.dumps(value)
     if hasattr(value, "isoformat"):

@@ -22,9 +22,10 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from evaluation.labels import ORGANS
-from services.db.leaderboard_models import SCOPES, PairwiseTest, RankingEntry, RankStability, StatsRun
+from services.db.leaderboard_models import SCOPES, PairwiseFamily, RankingEntry, RankStability, StatsRun
 from services.db.models import Aggregate, Algorithm, Case, CaseRun, Shard, Submission, Team, TestSet
 from services.leaderboard import compute, suppression, versions
+from services.leaderboard.pairwise import unpack_family
 from services.leaderboard.compute import (
     BREAKDOWNS,
     ORGANS_AND_AVERAGE,
@@ -386,26 +387,25 @@ def significance(session: Session, testset: TestSet, *, organ: str = "average", 
     small = suppression.is_small(n_hidden_cases(session, testset, board["run"]), k)
     order = [e["submission_id"] for e in board["entries"]]
     labels = {e["submission_id"]: e["label"] for e in board["entries"]}
-    tests = [
-        t for t in session.scalars(
-            sa.select(PairwiseTest).where(
-                PairwiseTest.testset_id == testset.id, PairwiseTest.protocol_key == testset.protocol_key,
-                PairwiseTest.scope == scope, PairwiseTest.organ == organ, PairwiseTest.metric == metric,
-            )
+    family = session.execute(
+        sa.select(PairwiseFamily.method, PairwiseFamily.data).where(
+            PairwiseFamily.testset_id == testset.id, PairwiseFamily.protocol_key == testset.protocol_key,
+            PairwiseFamily.scope == scope, PairwiseFamily.organ == organ, PairwiseFamily.metric == metric,
         )
-        if t.submission_a_id in labels and t.submission_b_id in labels
-    ]
+    ).first()
+    tests = [t for t in (unpack_family(family.data) if family is not None else [])
+             if t["a"] in labels and t["b"] in labels]
     index = {sid: i for i, sid in enumerate(order)}
     p = [[None] * len(order) for _ in order]
     sig = [[False] * len(order) for _ in order]
     pairs = []
-    for t in sorted(tests, key=lambda t: (index[t.submission_a_id], index[t.submission_b_id])):
-        i, j = index[t.submission_a_id], index[t.submission_b_id]
-        p[i][j], sig[i][j] = t.p_adjusted, t.significant
-        pairs.append({"a": t.submission_a_id, "a_label": labels[t.submission_a_id], "b": t.submission_b_id,
-                      "b_label": labels[t.submission_b_id], "n_common": t.n_common, "statistic": t.statistic,
-                      "p_value": t.p_value, "p_adjusted": t.p_adjusted, "significant": t.significant,
-                      "mean_difference": t.mean_difference, "method": t.method})
+    for t in sorted(tests, key=lambda t: (index[t["a"]], index[t["b"]])):
+        i, j = index[t["a"]], index[t["b"]]
+        p[i][j], sig[i][j] = t["p_adjusted"], t["significant"]
+        pairs.append({"a": t["a"], "a_label": labels[t["a"]], "b": t["b"], "b_label": labels[t["b"]],
+                      "n_common": t["n_common"], "statistic": t["statistic"], "p_value": t["p_value"],
+                      "p_adjusted": t["p_adjusted"], "significant": t["significant"],
+                      "mean_difference": t["mean_difference"], "method": family.method})
     run = board["run"] or {}
     if small and not suppression.reveals(scope):
         # fewer hidden cases than k: no test, no difference, not even the order by mean

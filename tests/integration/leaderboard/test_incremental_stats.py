@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from services.db.enums import SubmissionState
-from services.db.leaderboard_models import PairwiseTest, RankingEntry, RankStability, StatsRun
+from services.db.leaderboard_models import PairwiseFamily, RankingEntry, RankStability, StatsRun
 from services.db.models import Aggregate, Algorithm, Case, PairwiseCache, Score, Submission, Team, TestSet
 from services.leaderboard import StatsOptions, on_submission_scored, recompute_all
 from tests.integration.leaderboard.conftest import use_database
@@ -72,7 +72,7 @@ def build(session: Session, missing_policy: str) -> tuple[int, list[int]]:
 
 def snapshot(session: Session, testset_id: int, submission_ids: list[int]) -> dict[str, list[tuple]]:
     out = {}
-    for model in (StatsRun, RankingEntry, PairwiseTest, RankStability, Aggregate):
+    for model in (StatsRun, RankingEntry, PairwiseFamily, RankStability, Aggregate):
         columns = [c for c in model.__table__.columns if c.name not in ("id", "computed_at")]
         where = (model.submission_id.in_(submission_ids) if model is Aggregate else model.testset_id == testset_id)
         rows = session.execute(sa.select(*columns).where(where)).all()
@@ -91,7 +91,7 @@ def set_state(session: Session, submission_id: int, state: SubmissionState):
 
 def assert_equal_to_full(session: Session, testset_id: int, ids: list[int], worst: bool) -> None:
     incremental = snapshot(session, testset_id, ids)
-    assert incremental["pairwise_tests"] and incremental["rank_stability"] and incremental["aggregates"]
+    assert incremental["pairwise_families"] and incremental["rank_stability"] and incremental["aggregates"]
     report = recompute_all(session, session.get(TestSet, testset_id), OPTIONS, full=True)
     session.commit()
     # every pair of the members tested once (the published scope then reuses them within the run;

@@ -153,7 +153,7 @@ def test_errors_are_json(world, client):
 
 
 def test_publish_and_unpublish_recompute_the_published_scope(world, client, session):
-    from services.db.leaderboard_models import PairwiseTest, RankingEntry
+    from services.db.leaderboard_models import PairwiseFamily, RankingEntry
 
     def published_ids():
         return {e["submission_id"] for e in client.get(BASE).json()["entries"]}
@@ -164,8 +164,8 @@ def test_publish_and_unpublish_recompute_the_published_scope(world, client, sess
     board = client.get(BASE, params={"organ": "kidney_right"}).json()
     assert board["entries"][0]["label"] == "AlphaSeg"  # ~0.88 beats every baseline
     assert {e["submission_id"] for e in board["entries"]} == set(world.baseline_ids) | {world.alpha_id}
-    n_pairs = session.scalar(sa.select(sa.func.count(PairwiseTest.id)).where(
-        PairwiseTest.scope == "published", PairwiseTest.organ == "liver", PairwiseTest.metric == "dsc"))
+    n_pairs = session.scalar(sa.select(PairwiseFamily.n_pairs).where(
+        PairwiseFamily.scope == "published", PairwiseFamily.organ == "liver", PairwiseFamily.metric == "dsc"))
     assert n_pairs == 12  # 4 x 3 ordered pairs
     # the inventor now sees the published results of their own submission
     assert client.get(f"{BASE}/submissions/{world.alpha_id}", headers=world.headers("alice")).status_code == 200
