@@ -23,6 +23,7 @@ BCa is NaN when every resampled statistic lies on one side of the estimate (infi
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -59,11 +60,50 @@ SUMMARY_COLUMNS = (
 )
 
 
+@dataclass(frozen=True, eq=False)
+class Resamples:
+    """``B`` bootstrap resamples of ``n`` cases: the drawn ``indices`` (B, n) and ``counts``
+    (B, n; ``counts[b, i]`` = times case ``i`` is drawn in resample ``b``; uint8 unless a count
+    needs more). What one generator's ``integers(0, n, (B, n))`` gives; see :func:`draw_resamples`."""
+
+    indices: np.ndarray
+    counts: np.ndarray
+
+
+def draw_resamples(rng: np.random.Generator, n: int, n_resamples: int) -> Resamples:
+    """``rng.integers(0, max(n, 1), (B, n))`` and its counts (one ``bincount``, row ``b``'s cases
+    offset by ``b n``)."""
+    indices = rng.integers(0, max(n, 1), (n_resamples, n))
+    flat = (indices + (np.arange(n_resamples, dtype=indices.dtype) * n)[:, None]).ravel()
+    counts = np.bincount(flat, minlength=n_resamples * n).reshape(n_resamples, n)
+    return Resamples(indices, counts.astype(np.uint8 if counts.size == 0 or counts.max() <= 255 else np.uint16))
+
+
+def _median_from_counts(x: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """``median(x[indices[b]])`` for every resample ``b`` from its counts, without a selection
+    per resample: with ``y = sort(x)`` and ``c`` the counts in that order, the resample's k-th
+    smallest value (0-based) is ``y[#{p : cumsum(c)[p] <= k}]``; the median is the middle one
+    (odd n) or the mean ``(a + b) / 2`` of the two middle ones (even n), the arithmetic of
+    ``np.median`` -- the same floats bit for bit (tested)."""
+    n = x.size
+    order = np.argsort(x, kind="stable")
+    y = x[order]
+    cumulative = np.cumsum(np.take(counts, order, axis=1), axis=1, dtype=np.int16 if n < 2**15 else np.int32)
+    lo, hi = (n - 1) // 2, n // 2
+    at_lo = y[np.count_nonzero(cumulative <= lo, axis=1)]
+    if lo == hi:
+        return at_lo
+    return (at_lo + y[np.count_nonzero(cumulative <= hi, axis=1)]) / 2
+
+
 def bootstrap_distribution(
-    x: np.ndarray, statistic: Statistic, indices: np.ndarray, chunk: int = 200
+    x: np.ndarray, statistic: Statistic, indices: np.ndarray, chunk: int = 200, counts: np.ndarray | None = None
 ) -> np.ndarray:
-    """``theta*_b = statistic(x[indices[b]])`` for each row ``b`` of ``indices`` (shape (B, n))."""
+    """``theta*_b = statistic(x[indices[b]])`` for each row ``b`` of ``indices`` (shape (B, n));
+    the median from ``counts`` (:class:`Resamples`) when given, the same values faster."""
     x = np.asarray(x, dtype=np.float64)
+    if statistic == "median" and counts is not None and x.size:
+        return _median_from_counts(x, counts)
     out = np.empty(indices.shape[0])
     for start in range(0, indices.shape[0], chunk):
         sample = x[indices[start : start + chunk]]
@@ -135,15 +175,17 @@ def bootstrap_intervals(
     indices: np.ndarray,
     confidence: float = 0.95,
     bca: bool = True,
+    counts: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Percentile and BCa intervals of ``statistic`` of ``x`` on the given resample indices
-    (``bca=False``: the BCa bounds are NaN, and the jackknife is skipped)."""
+    (``counts``: theirs, :class:`Resamples`; ``bca=False``: the BCa bounds are NaN, and the
+    jackknife is skipped)."""
     x = np.asarray(x, dtype=np.float64)
     nan = float("nan")
     if x.size == 0:
         return {"low_percentile": nan, "high_percentile": nan, "low_bca": nan, "high_bca": nan}
     theta_hat = float(x.mean() if statistic == "mean" else np.median(x))
-    theta_b = bootstrap_distribution(x, statistic, indices)
+    theta_b = bootstrap_distribution(x, statistic, indices, counts=counts)
     lo_p, hi_p = percentile_interval(theta_b, confidence)
     if not bca:
         lo_b = hi_b = nan
@@ -166,8 +208,25 @@ def summarize(
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
     bca: bool = True,
+    resamples: dict | None = None,
 ) -> pd.DataFrame:
-    """One row per algorithm with counts, mean/median/SD and their bootstrap intervals
+    """:func:`summary_records` as a table (columns :data:`SUMMARY_COLUMNS`)."""
+    return pd.DataFrame(summary_records(scores, confidence=confidence, n_resamples=n_resamples, seed=seed,
+                                        progress=progress, bca=bca, resamples=resamples),
+                        columns=list(SUMMARY_COLUMNS))
+
+
+def summary_records(
+    scores: ScoreMatrix,
+    *,
+    confidence: float = 0.95,
+    n_resamples: int = 1000,
+    seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+    bca: bool = True,
+    resamples: dict | None = None,
+) -> list[dict]:
+    """One record (dict keyed by :data:`SUMMARY_COLUMNS`) per algorithm with counts, mean/median/SD and their bootstrap intervals
     (``bca=False``: percentile intervals only, the BCa columns NaN -- the jackknife was ~15 % of a
     leaderboard recomputation, which stores percentile intervals unless asked for BCa).
 
@@ -175,6 +234,10 @@ def summarize(
     ``seed`` (``SeedSequence(seed).spawn(K)``), the same resample indices for mean and median.
     Columns: :data:`SUMMARY_COLUMNS`; ``n_cases`` is the test set size ``N``, ``n_scored`` the
     non-NaN scores, ``n_missing = N - n_scored``, ``n_failed`` scored-but-failed cases.
+
+    ``resamples``: a dict kept across calls that holds the drawn :class:`Resamples` per (seed,
+    K, algorithm, n, B) -- the draw depends on nothing else, so the leaderboard's hundreds of
+    one-algorithm summaries over the same cases draw once per group size.
     """
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
@@ -186,7 +249,12 @@ def summarize(
         row = scores.values[k]
         x = row[~np.isnan(row)]
         n = x.size
-        indices = rngs[k].integers(0, max(n, 1), (n_resamples, n))
+        key = (seed, scores.n_algorithms, k, n, n_resamples)
+        drawn = resamples.get(key) if resamples is not None else None
+        if drawn is None:
+            drawn = draw_resamples(rngs[k], n, n_resamples)
+            if resamples is not None:
+                resamples[key] = drawn
         record = {
             "organ": scores.organ,
             "metric": scores.metric,
@@ -203,11 +271,12 @@ def summarize(
             "seed": seed,
         }
         for stat in ("mean", "median"):
-            ci = bootstrap_intervals(x, stat, indices=indices, confidence=confidence, bca=bca)
+            ci = bootstrap_intervals(x, stat, indices=drawn.indices, counts=drawn.counts, confidence=confidence,
+                                     bca=bca)
             for key, value in ci.items():
                 bound, method = key.split("_")
                 record[f"{stat}_ci_{bound}_{method}"] = value
         rows.append(record)
         if progress is not None:
             progress(k + 1, scores.n_algorithms)
-    return pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
+    return rows

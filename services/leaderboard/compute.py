@@ -39,8 +39,10 @@ from __future__ import annotations
 import gc
 import io
 import logging
+import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -73,7 +75,7 @@ from evaluation.stats import (
 from evaluation.stats.ranking import resample_counts
 from evaluation.stats.subgroups import UNKNOWN_GROUP, group_labels
 from evaluation.stats.wilcoxon import pairwise_table
-from evaluation.stats.summary import summarize
+from evaluation.stats.summary import summary_records
 from services.db.base import finite_or_none, utcnow
 from services.db.enums import SubmissionState
 from services.db.leaderboard_models import SCOPES, PairwiseFamily, RankingEntry, RankStability, StatsRun
@@ -83,6 +85,10 @@ from services.leaderboard import versions
 from services.leaderboard.suppression import withheld_groups
 
 log = logging.getLogger("touchstone.leaderboard")
+
+#: threads computing a submission's aggregates and a scope's comparative statistics (one organ x
+#: metric each): the machine's cores, at most 4
+STATS_THREADS = max(1, min(4, os.cpu_count() or 1))
 
 #: the metrics the leaderboard ranks by under an organ protocol (both higher-is-better, in [0, 1]);
 #: every metric a protocol can compute is evaluation.metric_registry.METRICS
@@ -508,7 +514,8 @@ def expected_from_records(records: np.ndarray, organs: Sequence[str]) -> set[tup
     for metric in _record_metrics(records):
         has_value |= ~np.isnan(records[metric])
     width = max(len(organs), 1)
-    cells = np.unique(records["case"][has_value] * width + records["organ"][has_value])
+    # a hash of millions (pd.unique) rather than their sort; the set is unordered anyway
+    cells = pd.unique(records["case"][has_value].astype(np.int64) * width + records["organ"][has_value])
     return {(int(c // width), str(organs[c % width])) for c in cells.tolist()}
 
 
@@ -525,6 +532,22 @@ def _records_from_frame(scores: pd.DataFrame, metrics: Sequence[str] = BOARD_MET
     return records, organs
 
 
+def _case_columns(case_pks: np.ndarray, scored: np.ndarray) -> np.ndarray:
+    """The position in ``case_pks`` of each scored case pk; -1 where it is none of them. A lookup
+    table indexed by pk when the pks are small (they are row ids), else a search."""
+    out = np.full(scored.size, -1, dtype=np.int64)
+    if not case_pks.size or not scored.size:
+        return out
+    if 0 <= min(case_pks.min(), scored.min()) and max(case_pks.max(), scored.max()) < 1 << 26:
+        table = np.full(int(max(case_pks.max(), scored.max())) + 1, -1, dtype=np.int64)
+        table[case_pks] = np.arange(case_pks.size)
+        return table[scored]
+    order = np.argsort(case_pks, kind="stable")
+    pk_sorted = case_pks[order]
+    at = np.minimum(np.searchsorted(pk_sorted, scored), pk_sorted.size - 1)
+    return np.where(pk_sorted[at] == scored, order[at], -1)
+
+
 def matrices_from_records(records: np.ndarray, organs: Sequence[str], rows: np.ndarray, cases: pd.DataFrame,
                           algorithms: Sequence[str]) -> dict[tuple[str, str], ScoreMatrix]:
     """What :func:`evaluation.stats.score_matrices_from_long` makes of these scores over the test
@@ -534,31 +557,35 @@ def matrices_from_records(records: np.ndarray, organs: Sequence[str], rows: np.n
     case_pks = cases["case_pk"].to_numpy(dtype=np.int64)
     case_ids = tuple(str(c) for c in cases["case_id"])
     keep = rows >= 0
-    records, rows = records[keep], rows[keep]
-    order = np.argsort(case_pks, kind="stable")
-    pk_sorted = case_pks[order]
-    at = np.minimum(np.searchsorted(pk_sorted, records["case"]), max(pk_sorted.size - 1, 0))
-    known = (pk_sorted[at] == records["case"]) if pk_sorted.size else np.zeros(records.size, dtype=bool)
-    if not known.all():
-        unknown = sorted(set(records["case"][~known].tolist()))
+    if not keep.all():  # (a copy of millions of records otherwise)
+        records, rows = records[keep], rows[keep]
+    column = _case_columns(case_pks, records["case"])
+    if (column < 0).any():
+        unknown = sorted(set(records["case"][column < 0].tolist()))
         raise ValueError(f"{len(unknown)} scored case(s) are not cases of the test set, e.g. {unknown[:5]}")
-    column = order[at] if records.size else np.zeros(0, dtype=np.int64)
     cell = (rows * len(case_ids) + column) * max(len(organs), 1) + records["organ"]
-    if np.unique(cell).size != cell.size:
+    # one count per cell of the dense matrices this builds anyway (a sort of millions is slower)
+    if cell.size and np.bincount(cell).max() > 1:
         raise ValueError("score table has duplicate (algorithm, case, organ) rows")
     shape = (len(algorithms), len(case_ids))
     present = set(np.unique(records["organ"]).tolist())
     names = [organs[o] for o in present]
     ordered = [o for o in ORGANS if o in names] + sorted(set(names) - set(ORGANS))
     out: dict[tuple[str, str], ScoreMatrix] = {}
+    # grouped by organ once (a stable counting sort of small ints), then each organ is a slice
+    by_organ = np.argsort(records["organ"], kind="stable")
+    flat_cell = (rows * len(case_ids) + column)[by_organ]
+    grouped = {name: records[name][by_organ] for name in ("organ", "failed", *_record_metrics(records))}
+    bounds = np.searchsorted(grouped["organ"], np.arange(len(organs) + 1))
     for organ in ordered:
-        sel = records["organ"] == organs.index(organ)
-        r, c = rows[sel], column[sel]
+        index = organs.index(organ)
+        sel = slice(bounds[index], bounds[index + 1])
+        cells = flat_cell[sel]
         failed = np.zeros(shape, dtype=bool)
-        failed[r, c] = records["failed"][sel]
+        failed.ravel()[cells] = grouped["failed"][sel]
         for metric in _record_metrics(records):
             values = np.full(shape, np.nan)
-            values[r, c] = records[metric][sel]
+            values.ravel()[cells] = grouped[metric][sel]
             if metric in LESION_METRICS and np.isnan(values).all():
                 continue  # an organ of a lesion protocol: no lesion metric (never computed)
             out[(organ, metric)] = ScoreMatrix(organ=organ, metric=metric, algorithms=tuple(algorithms),
@@ -721,16 +748,17 @@ def scope_submission_ids(session: Session, testset_id: int, scope: str) -> list[
 
 
 def summary_row(values: np.ndarray, failed: np.ndarray, *, n_resamples: int, seed: int,
-                confidence: float, ci_method: str = "percentile", missing: np.ndarray | None = None) -> dict:
-    """:func:`evaluation.stats.summarize` of one algorithm's scores over a set of cases (``NaN`` =
+                confidence: float, ci_method: str = "percentile", missing: np.ndarray | None = None,
+                resamples: dict | None = None) -> dict:
+    """The :func:`evaluation.stats.summary.summary_records` (the rows of ``summarize``) of one algorithm's scores over a set of cases (``NaN`` =
     not scored), as an Aggregate row stores it: n (scored), mean, median, std (ddof 1), the
     bootstrap intervals of mean and median by ``ci_method`` (percentile, or BCa: the jackknife
     only then), n_failed, n_missing (``missing.sum()`` when given, else the NaN); None for what
-    is not finite."""
+    is not finite. ``resamples``: summarize's draw cache, kept across the calls of one submission."""
     matrix = ScoreMatrix("", "", ("",), tuple(map(str, range(values.size))), values[None, :],
                          failed=np.asarray(failed, dtype=bool)[None, :])
-    row = summarize(matrix, confidence=confidence, n_resamples=n_resamples, seed=seed,
-                    bca=ci_method == "bca").iloc[0]
+    row = summary_records(matrix, confidence=confidence, n_resamples=n_resamples, seed=seed,
+                          bca=ci_method == "bca", resamples=resamples)[0]
     method = "bca" if ci_method == "bca" else "percentile"
     n = int(row["n_scored"])
     return {
@@ -774,16 +802,20 @@ def submission_aggregate_rows(
         if UNKNOWN_GROUP in labels:
             groups[variable].append((UNKNOWN_GROUP, labels == UNKNOWN_GROUP))
     k = options.min_group_size
-    for (organ, metric), matrix in matrices.items():
+    resamples: dict = {}  # the draws depend only on (seed, n, B): shared by every organ and metric
+    for matrix in matrices.values():
         if matrix.n_algorithms != 1 or matrix.case_ids != case_ids:
             raise ValueError("submission_aggregate_rows needs one-algorithm matrices over the same cases")
+
+    def matrix_rows(organ: str, metric: str, matrix: ScoreMatrix) -> list[dict]:
         values, failed = matrix.values[0], matrix.failed[0]
         miss = missing.get((organ, metric))
         miss = miss[0] if miss is not None else None
         row = summary_row(values, failed, n_resamples=options.n_resamples, seed=options.seed,
-                          confidence=options.confidence, ci_method=options.ci_method, missing=miss)
-        rows.append({"organ": organ, "metric": metric, "scope": "overall", "group_value": "",
-                     **row, "too_small": row["n"] < k})
+                          confidence=options.confidence, ci_method=options.ci_method, missing=miss,
+                          resamples=resamples)
+        out = [{"organ": organ, "metric": metric, "scope": "overall", "group_value": "",
+                **row, "too_small": row["n"] < k}]
         # the small-cell rule across every breakdown (services/leaderboard/suppression.py): the
         # counted cases are those summary_row's n counts (a value after the missing-case policy)
         withheld = withheld_groups(~np.isnan(values), {(v, g): m for v, masks in groups.items() for g, m in masks}, k)
@@ -791,9 +823,19 @@ def submission_aggregate_rows(
             for group, mask in masks:
                 row = summary_row(values[mask], failed[mask], n_resamples=options.group_resamples,
                                   seed=options.seed, confidence=options.confidence, ci_method=options.ci_method,
-                                  missing=miss[mask] if miss is not None else None)
-                rows.append({"organ": organ, "metric": metric, "scope": variable, "group_value": group,
-                             **row, "too_small": row["n"] < k, "withheld": (variable, group) in withheld})
+                                  missing=miss[mask] if miss is not None else None, resamples=resamples)
+                out.append({"organ": organ, "metric": metric, "scope": variable, "group_value": group,
+                            **row, "too_small": row["n"] < k, "withheld": (variable, group) in withheld})
+        return out
+
+    items = list(matrices.items())
+    # the first matrix draws every resample the others reuse (same case sets unless a metric has
+    # gaps); the rest run on STATS_THREADS threads: numpy's gathers, sums and selections
+    # release the GIL, and each matrix's rows depend only on its own values (same rows, same order)
+    rows += matrix_rows(*items[0][0], items[0][1])
+    with ThreadPoolExecutor(max_workers=STATS_THREADS) as pool:
+        for part in pool.map(lambda item: matrix_rows(*item[0], item[1]), items[1:]):
+            rows += part
     return rows
 
 
@@ -880,15 +922,17 @@ def _comparative_rows(
     matrices: dict[tuple[str, str], ScoreMatrix], options: StatsOptions, pairs: PairCache | FreshPairs,
     counts: dict[int, np.ndarray],
 ) -> tuple[list[dict], list[dict], list[dict], list[dict]]:
-    runs, rankings, pairwise_rows, stability_rows = [], [], [], []
     method_name = options.method_name()
-    for (organ, metric), matrix in matrices.items():
+
+    def matrix_rows(organ: str, metric: str, matrix: ScoreMatrix) -> tuple[dict, list[dict], dict, list[dict]]:
         key = {"organ": organ, "metric": metric}
+        rankings: list[dict] = []
+        stability_rows: list[dict] = []
         ranked = ranking_matrix(matrix, options)
         # worst: every test on the filled matrix; common: each pair on the cases both have
         pairwise = pairwise_table(matrix, pairs.pair_tests(matrix), correction=options.correction,
                                   alpha=options.alpha, family=options.family)
-        pairwise_rows.append({**key, "method": method_name, "n_pairs": len(pairwise), "data": pack_family(pairwise)})
+        family = {**key, "method": method_name, "n_pairs": len(pairwise), "data": pack_family(pairwise)}
         # test-then-rank: under common, the tests on the cases every algorithm has
         ranked_pairs = pairwise if options.missing_policy == "worst" else pairwise_table(
             ranked, pairs.pair_tests(ranked), correction=options.test_correction, alpha=options.alpha,
@@ -932,8 +976,23 @@ def _comparative_rows(
             "n_ranked": ranked.n_cases,
             "n_scored": {a: int(n) for a, n in zip(matrix.algorithms, (~np.isnan(matrix.values)).sum(axis=1))},
         }
-        runs.append({**key, "n_submissions": matrix.n_algorithms, "n_cases": matrix.n_cases, "details": details})
-    return runs, rankings, pairwise_rows, stability_rows
+        run = {**key, "n_submissions": matrix.n_algorithms, "n_cases": matrix.n_cases, "details": details}
+        return run, rankings, family, stability_rows
+
+    runs, rankings, families, stability = [], [], [], []
+    items = list(matrices.items())
+    # the first matrix draws the bootstrap counts the others reuse; the rest run on STATS_THREADS
+    # threads (the pair tests, rankings and bootstraps of one matrix depend on it alone and
+    # release the GIL in numpy; the pair cache locks its own state): rows in matrix order
+    first = [matrix_rows(*items[0][0], items[0][1])] if items else []
+    with ThreadPoolExecutor(max_workers=STATS_THREADS) as pool:
+        for run, ranking_rows, family, stability_rows in first + list(
+                pool.map(lambda item: matrix_rows(*item[0], item[1]), items[1:])):
+            runs.append(run)
+            rankings += ranking_rows
+            families.append(family)
+            stability += stability_rows
+    return runs, rankings, families, stability
 
 
 def store_comparative(
@@ -961,7 +1020,7 @@ def store_comparative(
     if tuple(ids) not in cache:
         records, organs = score_records(session, ids, protocol_key, options.metrics) if scores is None else scores
         # submissions without a single score under this protocol are not ranked
-        present = set(np.unique(records["submission"]).tolist())
+        present = set(pd.unique(records["submission"]).tolist())
         ranked_ids = [i for i in ids if i in present]
         row_of = np.full(max([*present, *ranked_ids, 0]) + 1, -1, dtype=np.int64)
         row_of[ranked_ids] = np.arange(len(ranked_ids))

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import threading
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -89,10 +90,12 @@ class FreshPairs:
         self.options, self.chunk_pairs = options, chunk_pairs
         self.reused = 0
         self.computed = 0
+        self._lock = threading.Lock()  # comparative_rows tests several matrices at once
 
     def pair_tests(self, matrix: ScoreMatrix) -> PairTests:
         ii, jj = np.triu_indices(matrix.n_algorithms, 1)
-        self.computed += int(ii.size)
+        with self._lock:
+            self.computed += int(ii.size)
         return pair_tests(matrix, ii, jj, self.options, self.chunk_pairs)
 
 
@@ -120,6 +123,7 @@ class PairCache:
         self._used: set[int] = set()  # ids of the stored rows some matrix asked for
         self._loaded: set[int] = set()
         self._new: list[dict] = []
+        self._lock = threading.Lock()
         if not reuse:
             self._delete(sa.true())
 
@@ -147,36 +151,41 @@ class PairCache:
 
     def pair_tests(self, matrix: ScoreMatrix) -> PairTests:
         """The raw tests of all K(K-1)/2 pairs of ``matrix`` (``numpy.triu_indices`` order; its
-        algorithms are submission ids, ascending)."""
+        algorithms are submission ids, ascending). Safe from several threads: the cache's state
+        (and the session, which only :meth:`_load` touches) is used under a lock, the tests of
+        the missing pairs run outside it."""
         k = matrix.n_algorithms
         ii, jj = np.triu_indices(k, 1)
         ids = [int(a) for a in matrix.algorithms]
         if any(x >= y for x, y in zip(ids, ids[1:])):
             raise ValueError("the pairwise cache needs the algorithms in ascending submission id order")
         axis = cases_hash(matrix.case_ids)
-        known = self._load(matrix.organ, matrix.metric, axis)
         hashes = row_hashes(matrix)
         keys = [(ids[i], ids[j], hashes[i] + hashes[j]) for i, j in zip(ii, jj)]
         out = {name: np.empty(ii.size, dtype=np.int64 if name in _INT_FIELDS else np.float64)
                for name in PAIR_TEST_FIELDS}
         hit = np.zeros(ii.size, dtype=bool)
         cached_rows = []
-        for p, key in enumerate(keys):
-            entry = known.get(key)
-            if entry is not None:
-                hit[p] = True
-                cached_rows.append(entry[1])
-                if entry[0] is not None:
-                    self._used.add(entry[0])
+        with self._lock:
+            known = self._load(matrix.organ, matrix.metric, axis)
+            for p, key in enumerate(keys):
+                entry = known.get(key)
+                if entry is not None:
+                    hit[p] = True
+                    cached_rows.append(entry[1])
+                    if entry[0] is not None:
+                        self._used.add(entry[0])
         if cached_rows:
             _gather(_tests_from_rows(cached_rows), hit, out)
         miss = np.flatnonzero(~hit)
         if miss.size:
             fresh = pair_tests(matrix, ii[miss], jj[miss], self.options, self.chunk_pairs)
             _gather(fresh, miss, out)
-            self._record(matrix, axis, [keys[p] for p in miss], fresh, known)
-        self.reused += int(hit.sum())
-        self.computed += int(miss.size)
+            with self._lock:
+                self._record(matrix, axis, [keys[p] for p in miss], fresh, known)
+        with self._lock:
+            self.reused += int(hit.sum())
+            self.computed += int(miss.size)
         return PairTests(**out)
 
     def _record(self, matrix: ScoreMatrix, axis: str, keys: list[tuple[int, int, str]], fresh: PairTests,

@@ -73,3 +73,26 @@ def test_one_case_and_all_equal(make_matrix):
 def test_bad_confidence_is_a_clear_error(random_matrix):
     with pytest.raises(ValueError, match="confidence must be in"):
         summarize(random_matrix, confidence=95)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 10, 11, 256, 1001])
+def test_median_from_counts_is_np_median_bit_for_bit(n):
+    """The counts path of the bootstrap median gives exactly np.median of each resample, with
+    ties (values rounded to two digits), odd and even n."""
+    from evaluation.stats.summary import bootstrap_distribution, draw_resamples
+
+    x = np.round(np.random.default_rng(n).beta(5, 2, n), 2)
+    drawn = draw_resamples(np.random.default_rng(3), n, 400)
+    assert drawn.counts.sum(axis=1).tolist() == [n] * 400
+    by_selection = np.array([np.median(x[row]) for row in drawn.indices])
+    assert np.array_equal(bootstrap_distribution(x, "median", drawn.indices, counts=drawn.counts), by_selection)
+    assert np.array_equal(bootstrap_distribution(x, "median", drawn.indices), by_selection)
+
+
+def test_shared_draws_change_nothing(random_matrix):
+    """A draw cache kept across calls gives the same table as drawing every time."""
+    cache: dict = {}
+    first = summarize(random_matrix, n_resamples=200, seed=4, resamples=cache)
+    again = summarize(random_matrix, n_resamples=200, seed=4, resamples=cache)
+    fresh = summarize(random_matrix, n_resamples=200, seed=4)
+    assert cache and first.equals(fresh) and again.equals(fresh)
