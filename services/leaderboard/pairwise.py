@@ -67,14 +67,14 @@ def row_hashes(matrix: ScoreMatrix) -> list[str]:
 
 
 def _tests_from_rows(rows: Sequence[tuple]) -> PairTests:
-    columns = list(zip(*rows)) if rows else [()] * len(PAIR_TEST_FIELDS)
-    arrays = {}
-    for name, column in zip(PAIR_TEST_FIELDS, columns):
-        if name in _INT_FIELDS:
-            arrays[name] = np.asarray(column, dtype=np.int64)
-        else:
-            arrays[name] = np.array([np.nan if v is None else v for v in column], dtype=np.float64)
-    return PairTests(**arrays)
+    if not rows:
+        return PairTests(**{name: np.zeros(0, dtype=np.int64 if name in _INT_FIELDS else np.float64)
+                            for name in PAIR_TEST_FIELDS})
+    table = np.array(rows, dtype=object)
+    table[table == None] = np.nan  # noqa: E711 (elementwise: a NULL column is no test)
+    table = table.astype(np.float64)
+    return PairTests(**{name: table[:, i].astype(np.int64) if name in _INT_FIELDS else table[:, i]
+                        for i, name in enumerate(PAIR_TEST_FIELDS)})
 
 
 def _gather(parts: PairTests, where: np.ndarray, into: dict[str, np.ndarray]) -> None:
@@ -122,6 +122,65 @@ class PairCache:
         self._known: dict[tuple[str, str, str], dict[tuple[int, int, str], tuple[int | None, tuple]]] = {}
         self._used: set[int] = set()  # ids of the stored rows some matrix asked for
         self._loaded: set[int] = set()
+        self._read_all = False
+        self._new: list[dict] = []
+        self._lock = threading.Lock()
+        if not reuse:
+            self._delete(sa.true())
+
+    def _delete(self, condition) -> None:
+        self.session.execute(sa.delete(PairwiseCache).where(
+            PairwiseCache.testset_id == self.testset_id, PairwiseCache.protocol_key == self.protocol_key, condition))
+
+    def _load(self, organ: str, metric: str, axis: str) -> dict[tuple[int, int, str], tuple[int | None, tuple]]:
+        """The stored rows of one matrix's case axis. The first call reads every row of the test
+        set, protocol and options in one query (a recomputation asks for every organ and
+        metric), so the threads of ``comparative_rows`` never wait on the database."""
+        if self.reuse and not self._read_all:
+            c = PairwiseCache
+            rows = self.session.execute(
+                sa.select(c.id, c.organ, c.metric, c.cases_hash, c.submission_a_id, c.submission_b_id, c.values_hash,
+                          *(getattr(c, f) for f in PAIR_TEST_FIELDS))
+                .where(c.testset_id == self.testset_id, c.protocol_key == self.protocol_key,
+                       c.options_key == self.options_key)
+            ).all()
+            for row in rows:
+                self._known.setdefault((row[1], row[2], row[3]), {})[(row[4], row[5], row[6])] = (row[0], tuple(row[7:]))
+                self._loaded.add(row[0])
+        self._read_all = True
+        return self._known.setdefault((organ, metric, axis), {})
+
+    def pair_tests(self, matrix: ScoreMatrix) -> PairTests:
+        ii, jj = np.triu_indices(matrix.n_algorithms, 1)
+        with self._lock:
+            self.computed += int(ii.size)
+        return pair_tests(matrix, ii, jj, self.options, self.chunk_pairs)
+
+
+class PairCache:
+    """Raw pair tests of one (test set, protocol, Wilcoxon options), from the cache or computed.
+
+    ``reuse=False`` (a full recomputation) ignores and replaces every stored row of the test set
+    and protocol. :meth:`pair_tests` answers; :meth:`flush` writes what was computed and
+    :meth:`prune` drops what no scope used. ``reused`` and ``computed`` count pairs.
+
+    A pair may have several rows, one per values hash: the organ ``average`` of the
+    ``all-organs`` rule depends on which organs the other submissions scored, so the two scopes
+    can ask for different values of the same pair; each keeps its own row.
+    """
+
+    def __init__(self, session: Session, testset_id: int, protocol_key: str, options: WilcoxonOptions, *,
+                 reuse: bool = True, chunk_pairs: int = 64) -> None:
+        self.session, self.testset_id, self.protocol_key = session, testset_id, protocol_key
+        self.options, self.reuse, self.chunk_pairs = options, reuse, chunk_pairs
+        self.options_key = options_key(options)
+        self.reused = 0
+        self.computed = 0
+        # (organ, metric, cases_hash) -> {(a, b, values_hash): (row id or None, row tuple of PAIR_TEST_FIELDS)}
+        self._known: dict[tuple[str, str, str], dict[tuple[int, int, str], tuple[int | None, tuple]]] = {}
+        self._used: set[int] = set()  # ids of the stored rows some matrix asked for
+        self._loaded: set[int] = set()
+        self._read_all = False
         self._new: list[dict] = []
         self._lock = threading.Lock()
         if not reuse:
