@@ -76,6 +76,7 @@ def draw_resamples(rng: np.random.Generator, n: int, n_resamples: int) -> Resamp
     indices = rng.integers(0, max(n, 1), (n_resamples, n))
     flat = (indices + (np.arange(n_resamples, dtype=indices.dtype) * n)[:, None]).ravel()
     counts = np.bincount(flat, minlength=n_resamples * n).reshape(n_resamples, n)
+    del flat
     return Resamples(indices, counts.astype(np.uint8 if counts.size == 0 or counts.max() <= 255 else np.uint16))
 
 

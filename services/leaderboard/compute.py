@@ -40,6 +40,7 @@ import gc
 import io
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -663,9 +664,10 @@ def _merge_records(parts: Sequence[tuple[np.ndarray, list[str]]], dtype: np.dtyp
     merged = []
     for records, own in parts:
         if records.size:
-            remap = np.array([index[o] for o in own], dtype=np.int16)
-            records = records.copy()
-            records["organ"] = remap[records["organ"]]
+            if list(own) != organs[:len(own)]:  # (the usual case, the same organ list, needs no copy)
+                remap = np.array([index[o] for o in own], dtype=np.int16)
+                records = records.copy()
+                records["organ"] = remap[records["organ"]]
             merged.append(records)
     return (np.concatenate(merged) if merged else np.zeros(0, dtype=dtype)), organs
 
@@ -956,9 +958,10 @@ def _comparative_rows(
         tau: dict[str, dict] = {}
         if ranked.n_cases and ranked.n_algorithms:
             for method in STABILITY_METHODS:
-                if ranked.n_cases not in counts:
-                    counts[ranked.n_cases] = resample_counts(np.random.default_rng(options.seed), ranked.n_cases,
-                                                             options.n_resamples)
+                with counts_lock:  # drawn once per number of cases, by the first thread to need it
+                    if ranked.n_cases not in counts:
+                        counts[ranked.n_cases] = resample_counts(np.random.default_rng(options.seed),
+                                                                 ranked.n_cases, options.n_resamples)
                 stab = bootstrap_rank_stability(ranked, method, n_resamples=options.n_resamples, seed=options.seed,
                                                 confidence=options.confidence, counts=counts[ranked.n_cases])
                 tau[method] = {k: finite_or_none(v) for k, v in stab.tau_summary().items()}
@@ -990,14 +993,13 @@ def _comparative_rows(
         return run, rankings, family, stability_rows
 
     runs, rankings, families, stability = [], [], [], []
-    items = list(matrices.items())
-    # the first matrix draws the bootstrap counts the others reuse; the rest run on STATS_THREADS
-    # threads (the pair tests, rankings and bootstraps of one matrix depend on it alone and
-    # release the GIL in numpy; the pair cache locks its own state): rows in matrix order
+    counts_lock = threading.Lock()
+    # the matrices run on STATS_THREADS threads (the pair tests, rankings and bootstraps of one
+    # matrix depend on it alone and release the GIL in numpy; the pair cache locks its own
+    # state, the bootstrap counts are drawn under counts_lock): rows in matrix order
     with _stats_threads() as pool:
-        first = [matrix_rows(*items[0][0], items[0][1])] if items else []
-        for run, ranking_rows, family, stability_rows in first + list(
-                pool.map(lambda item: matrix_rows(*item[0], item[1]), items[1:])):
+        for run, ranking_rows, family, stability_rows in pool.map(lambda item: matrix_rows(*item[0], item[1]),
+                                                                  matrices.items()):
             runs.append(run)
             rankings += ranking_rows
             families.append(family)
