@@ -37,6 +37,7 @@ from sqlalchemy.orm import Session
 
 from evaluation.stats.ranking import compare_rankings
 from services.db.models import TestSet
+from services.formatting import format_value
 from services.leaderboard import compute, queries, suppression
 from services.web import figures
 
@@ -61,19 +62,11 @@ def _raw(value: Any) -> str:
     return json.dumps(value)
 
 
-def _fmt(value: Any, digits: int = 4) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
 def _gib(value: Any) -> str:
     return "–" if value is None else f"{value / 1024**3:.2f} GiB"
 
 
-_env.filters.update(raw=_raw, fmt=_fmt, gib=_gib)
+_env.filters.update(raw=_raw, fmt=format_value, gib=_gib)
 
 
 class ReportError(RuntimeError):

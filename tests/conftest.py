@@ -50,22 +50,38 @@ def base_image(docker_client) -> str:
     return name
 
 
+def _server_url(component: str, variable: str, probe: Callable[[str], object]) -> str:
+    """The URL in environment variable ``variable`` of a server that ``probe(url)`` reaches; else
+    :func:`require` fails or skips, naming ``component``."""
+    url = os.environ.get(variable)
+    if not url:
+        require(component, f"{variable} is not set")
+    try:
+        probe(url)
+    except Exception as exc:  # noqa: BLE001
+        require(component, str(exc))
+    return url
+
+
+def _ping_postgres(url: str) -> None:
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        conn.execute(sa.text("select 1"))
+    engine.dispose()
+
+
+def _ping_redis(url: str) -> None:
+    import redis
+
+    redis.Redis.from_url(url, socket_timeout=2).ping()
+
+
 @pytest.fixture(scope="session")
 def postgres_url() -> str:
     """SQLAlchemy URL of a real PostgreSQL database reserved for tests."""
-    url = os.environ.get("TOUCHSTONE_TEST_POSTGRES_URL")
-    if not url:
-        require("PostgreSQL", "TOUCHSTONE_TEST_POSTGRES_URL is not set")
-    try:
-        import sqlalchemy as sa
-
-        engine = sa.create_engine(url)
-        with engine.connect() as conn:
-            conn.execute(sa.text("select 1"))
-        engine.dispose()
-    except Exception as exc:  # noqa: BLE001
-        require("PostgreSQL", str(exc))
-    return url
+    return _server_url("PostgreSQL", "TOUCHSTONE_TEST_POSTGRES_URL", _ping_postgres)
 
 
 @pytest.fixture(scope="session")
@@ -97,16 +113,7 @@ def new_postgres_database(postgres_url) -> Callable[[str], contextlib.AbstractCo
 @pytest.fixture(scope="session")
 def redis_url() -> str:
     """URL of a real Redis server reserved for tests."""
-    url = os.environ.get("TOUCHSTONE_TEST_REDIS_URL")
-    if not url:
-        require("Redis", "TOUCHSTONE_TEST_REDIS_URL is not set")
-    try:
-        import redis
-
-        redis.Redis.from_url(url, socket_timeout=2).ping()
-    except Exception as exc:  # noqa: BLE001
-        require("Redis", str(exc))
-    return url
+    return _server_url("Redis", "TOUCHSTONE_TEST_REDIS_URL", _ping_redis)
 
 
 @pytest.fixture(scope="session")
@@ -119,6 +126,32 @@ def chromium_path() -> str:
         subprocess.run([path, "--version"], check=True, capture_output=True, timeout=60)
     except Exception as exc:  # noqa: BLE001
         require("chromium", str(exc))
+    return path
+
+
+#: headless chromium without a sandbox, GPU, network chatter or first-run pages
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def run_chromium(chromium_path: str, tmp_path, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    """Headless chromium with ``args`` (``--dump-dom URL``, ``--screenshot=...``) and a profile of
+    its own under ``tmp_path``; its output captured."""
+    from pathlib import Path
+
+    profile = Path(tmp_path) / "profile"
+    profile.mkdir(exist_ok=True)
+    return subprocess.run([chromium_path, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
+                          capture_output=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def migrated_sqlite(tmp_path_factory):
+    """A SQLite file migrated to head once per session; each test starts from a copy of it."""
+    from services.db import migrate
+
+    path = tmp_path_factory.mktemp("migrated") / "touchstone.db"
+    migrate.upgrade("head", f"sqlite:///{path}")
     return path
 
 

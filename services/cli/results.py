@@ -21,6 +21,8 @@ from rich.console import Console
 from rich.table import Table
 from typer.core import TyperGroup
 
+from services.formatting import format_value
+
 console = Console()
 err = Console(stderr=True)
 results_app = typer.Typer(help="Imported and stored results.", no_args_is_help=True)
@@ -29,14 +31,6 @@ results_app = typer.Typer(help="Imported and stored results.", no_args_is_help=T
 def _fail(message: str) -> None:
     err.print(f"[red]error:[/red] {message}")
     raise typer.Exit(1)
-
-
-def _fmt(value: Any, digits: int = 4) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
 
 
 def _emit(rows: list[dict[str, Any]], columns: list[str], fmt: str, title: str, payload: Any) -> None:
@@ -53,7 +47,7 @@ def _emit(rows: list[dict[str, Any]], columns: list[str], fmt: str, title: str, 
         for column in columns:
             table.add_column(column, justify="left" if column in ("algorithm", "label", "team", "a", "b") else "right")
         for row in rows:
-            table.add_row(*(_fmt(row.get(c)) for c in columns))
+            table.add_row(*(format_value(row.get(c)) for c in columns))
         console.print(table)
     else:
         _fail(f"unknown format {fmt!r}; choose one of table, csv, json")
@@ -140,7 +134,7 @@ def stats_command(
     tau = payload["stability"]["kendall_tau"] or {}
     _emit(payload["stability"]["entries"], stab_columns, format,
           f"rank stability over {payload['stability']['n_resamples']} bootstrap samples; Kendall's tau median "
-          f"{_fmt(tau.get('tau_median'), 3)} [{_fmt(tau.get('tau_ci_low'), 3)}, {_fmt(tau.get('tau_ci_high'), 3)}]",
+          f"{format_value(tau.get('tau_median'), 3)} [{format_value(tau.get('tau_ci_low'), 3)}, {format_value(tau.get('tau_ci_high'), 3)}]",
           payload)
 
 

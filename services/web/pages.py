@@ -34,6 +34,7 @@ from sqlalchemy.orm import Session
 from evaluation.labels import ORGANS
 from evaluation.metric_registry import METRIC_INFO
 from services.db.session import request_session
+from services.formatting import format_value
 from services.db.enums import SubmissionState
 from services.db.models import Case, Score, Submission, TestSet
 from services.leaderboard import queries
@@ -54,11 +55,7 @@ def get_db(request: Request) -> Iterator[Session]:
 
 
 def _fmt(value, digits: int = 3) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
+    return format_value(value, digits)
 
 
 def _bytes(value) -> str:
@@ -75,12 +72,19 @@ def _error(request: Request, status: int, message: str) -> HTMLResponse:
     return templates.TemplateResponse(request, "error.html", {"message": message}, status_code=status)
 
 
-def _check(organ: str, metric: str, method: str = "mean", testset: TestSet | None = None) -> str | None:
+def _page_testset(request: Request, db: Session, testset: str, protocol: str | None, organ: str, metric: str,
+                  method: str = "mean") -> tuple[TestSet | None, HTMLResponse | None]:
+    """The test set a leaderboard page shows, and ``None``; or ``None`` and the error page to answer
+    (404: no such test set or protocol version, 422: an organ, metric or method it does not have)."""
     try:
-        queries.check_params(organ=organ, metric=metric, method=method, testset=testset)
+        ts = queries.get_testset(db, testset, protocol)
+    except queries.LeaderboardNotFound as exc:
+        return None, _error(request, 404, str(exc))
+    try:
+        queries.check_params(organ=organ, metric=metric, method=method, testset=ts)
     except queries.LeaderboardQueryError as exc:
-        return str(exc)
-    return None
+        return None, _error(request, 422, str(exc))
+    return ts, None
 
 
 def _metric_context(ts: TestSet) -> dict[str, Any]:
@@ -111,13 +115,9 @@ def leaderboard_page(
     protocol: str | None = Query(None, max_length=200, description="a protocol version NAME@VERSION"),
     db: Session = Depends(get_db),
 ) -> HTMLResponse:
-    try:
-        ts = queries.get_testset(db, testset, protocol)
-    except queries.LeaderboardNotFound as exc:
-        return _error(request, 404, str(exc))
-    problem = _check(organ, metric, method, ts)
-    if problem:
-        return _error(request, 422, problem)
+    ts, error = _page_testset(request, db, testset, protocol, organ, metric, method)
+    if error is not None:
+        return error
     variable = variable or figures.default_variable(ts)
     try:
         figures.check("subgroups", testset=ts, variable=variable)
@@ -151,13 +151,9 @@ def submission_page(
     protocol: str | None = Query(None, max_length=200, description="a protocol version NAME@VERSION"),
     db: Session = Depends(get_db),
 ) -> HTMLResponse:
-    try:
-        ts = queries.get_testset(db, testset, protocol)
-    except queries.LeaderboardNotFound as exc:
-        return _error(request, 404, str(exc))
-    problem = _check(organ, metric, testset=ts)
-    if problem:
-        return _error(request, 422, problem)
+    ts, error = _page_testset(request, db, testset, protocol, organ, metric)
+    if error is not None:
+        return error
     submission = db.get(Submission, submission_id)
     if submission is None or submission.testset_id != ts.id or submission.state is not SubmissionState.published:
         return _error(request, 404, f"no published submission {submission_id} on {ts.name}")

@@ -6,14 +6,13 @@ figure loaded (not blank), the expected number of figures, screenshots."""
 from __future__ import annotations
 
 import os
-import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import served_app
+from tests.conftest import run_chromium, served_app
 
 pytestmark = [pytest.mark.chromium, pytest.mark.slow]
 
@@ -22,8 +21,6 @@ TOUCHSTONE_MODELS = ("STU-Net", "nnU-Net U-Net", "nnU-Net ResEncL", "MedNeXt", "
                      "U-Net & CLIP", "NexToU", "SegResNet", "SwinUNETR & CLIP", "SegVol", "UCTransNet", "UNEST",
                      "SwinUNETR", "UNETR", "SAM-Adapter", "CleanNet", "Swin $UNETR")  # a name with "$": plain text
 N_CASES = 12
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TOUCHSTONE_FIGURES = ("boxes", "significance", "subgroups")
 
 
@@ -64,13 +61,6 @@ def server(touchstone19):
     url, root = touchstone19
     with served_app(url, root / "data", root / "uvicorn.log") as base:
         yield base
-
-
-def _chromium(chromium_path: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    profile = tmp_path / "profile"
-    profile.mkdir(exist_ok=True)
-    return subprocess.run([chromium_path, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
-                          capture_output=True, timeout=240)
 
 
 class _Figures(HTMLParser):
@@ -131,15 +121,15 @@ def test_every_organ_page_shows_the_three_touchstone_figures(server):
 
 def test_leaderboard_page_screenshot_with_19_algorithms(server, chromium_path, tmp_path):
     url = f"{server}/leaderboards/touchstone-19?organ=liver&metric=dsc&variable=manufacturer"
-    dom = _chromium(chromium_path, tmp_path, "--dump-dom", url).stdout.decode()
+    dom = run_chromium(chromium_path, tmp_path, "--dump-dom", url, timeout=240).stdout.decode()
     parser = _Figures()
     parser.feed(dom)
     assert parser.kinds == ["boxes", "significance", "blobs", "hospitals", "subgroups"]
     assert len(parser.images) == 5
     assert dom.count("<tr") >= 19 + 1  # every algorithm in the table
     shot = tmp_path / "leaderboard.png"
-    result = _chromium(chromium_path, tmp_path, f"--screenshot={shot}", "--window-size=1280,6000",
-                       "--virtual-time-budget=20000", url)
+    result = run_chromium(chromium_path, tmp_path, f"--screenshot={shot}", "--window-size=1280,6000",
+                          "--virtual-time-budget=20000", url, timeout=240)
     assert shot.exists(), result.stderr.decode()[-2000:]
     _non_blank(shot, (6000, 1280))
     # the figures were loaded and drawn: the lower part of the page (figures only) is not blank either
@@ -171,10 +161,11 @@ def test_report_screenshot_and_figures(touchstone19, chromium_path, tmp_path):
     breakdowns = len(["hospital", "age_decade", "sex", "manufacturer"])
     assert len(parser.kinds) == sections + breakdowns
     assert parser.svgs == sections + breakdowns - parser.empty
-    dom = _chromium(chromium_path, tmp_path, "--dump-dom", path.as_uri()).stdout.decode()
+    dom = run_chromium(chromium_path, tmp_path, "--dump-dom", path.as_uri(), timeout=240).stdout.decode()
     assert dom.count("<svg") == parser.svgs  # Chromium parsed every inline figure
     shot = tmp_path / "report.png"
-    result = _chromium(chromium_path, tmp_path, f"--screenshot={shot}", "--window-size=1200,4000", path.as_uri())
+    result = run_chromium(chromium_path, tmp_path, f"--screenshot={shot}", "--window-size=1200,4000", path.as_uri(),
+                          timeout=240)
     assert shot.exists(), result.stderr.decode()[-2000:]
     _non_blank(shot, (4000, 1200))
     _keep(shot, "report-19-algorithms.png")

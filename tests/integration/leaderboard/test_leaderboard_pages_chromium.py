@@ -4,19 +4,16 @@ imported baselines and a scored-then-published submission side by side; a screen
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import served_app
+from tests.conftest import run_chromium, served_app
 
 pytestmark = pytest.mark.chromium
 
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 @pytest.fixture(scope="module")
@@ -44,15 +41,8 @@ def server(world):
         yield base
 
 
-def _chromium(chromium_path: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    profile = tmp_path / "profile"
-    profile.mkdir(exist_ok=True)
-    return subprocess.run([chromium_path, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
-                          capture_output=True, timeout=180)
-
-
 def test_leaderboard_page_dom(server, chromium_path, tmp_path):
-    result = _chromium(chromium_path, tmp_path, "--dump-dom", f"{server}/leaderboards/abdomen-ct?organ=liver")
+    result = run_chromium(chromium_path, tmp_path, "--dump-dom", f"{server}/leaderboards/abdomen-ct?organ=liver")
     dom = result.stdout.decode()
     assert "<table" in dom and 'id="leaderboard"' in dom, result.stderr.decode()[-2000:]
     for name in ("AlphaSeg", "nnU-Net", "MedNeXt", "SwinUNETR"):  # scored and imported, together
@@ -65,12 +55,12 @@ def test_leaderboard_page_dom(server, chromium_path, tmp_path):
 
 def test_submission_page_plots_and_screenshot(server, chromium_path, tmp_path, world):
     url = f"{server}/leaderboards/abdomen-ct/submissions/{world.alpha_id}?organ=liver&metric=dsc"
-    dom = _chromium(chromium_path, tmp_path, "--dump-dom", url).stdout.decode()
+    dom = run_chromium(chromium_path, tmp_path, "--dump-dom", url).stdout.decode()
     for figure in ("box-plots", "significance", "rank-blobs", "hospital-bars"):
         assert f'id="{figure}"' in dom
     assert dom.count("<svg") >= 4
     shot = tmp_path / "submission.png"
-    result = _chromium(chromium_path, tmp_path, f"--screenshot={shot}", "--window-size=1280,2000", url)
+    result = run_chromium(chromium_path, tmp_path, f"--screenshot={shot}", "--window-size=1280,2000", url)
     assert shot.exists(), result.stderr.decode()[-2000:]
     assert shot.stat().st_size > 20_000
     from matplotlib import image

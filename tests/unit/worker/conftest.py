@@ -18,16 +18,6 @@ def installed_runtime():
     return _installed[-1]
 
 
-@pytest.fixture(scope="session")
-def migrated_sqlite(tmp_path_factory):
-    """A SQLite file migrated to head once per session; each test starts from a copy of it."""
-    from services.db import migrate
-
-    path = tmp_path_factory.mktemp("migrated") / "touchstone.db"
-    migrate.upgrade("head", f"sqlite:///{path}")
-    return path
-
-
 @pytest.fixture
 def tasks_env(tmp_path, monkeypatch, migrated_sqlite):
     """A data folder with a migrated SQLite database that the tasks' settings point at, the tasks'

@@ -10,20 +10,11 @@ from fastapi.testclient import TestClient
 
 from services.api.app import create_app
 from services.config import Settings
-from services.db import migrate
 from services.db.accounts import create_user
 
 
-@pytest.fixture(scope="module")
-def migrated(tmp_path_factory):
-    """A database file migrated to head once per module; each test gets a copy."""
-    path = tmp_path_factory.mktemp("migrated") / "touchstone.db"
-    migrate.upgrade("head", f"sqlite:///{path}")
-    return path
-
-
 @pytest.fixture
-def client(tmp_path, monkeypatch, migrated):
+def client(tmp_path, monkeypatch, migrated_sqlite):
     import shutil
 
     from services import queue
@@ -34,7 +25,7 @@ def client(tmp_path, monkeypatch, migrated):
     imports.mkdir()
     settings = Settings(data_dir=tmp_path / "data", import_roots=[imports])
     settings.ensure_dirs()
-    shutil.copyfile(migrated, tmp_path / "data" / "touchstone.db")
+    shutil.copyfile(migrated_sqlite, tmp_path / "data" / "touchstone.db")
     sent: list[tuple[str, list]] = []
     monkeypatch.setattr(queue, "send_task", lambda name, args, queue: sent.append((name, args)))
     app = create_app(settings)
