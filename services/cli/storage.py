@@ -15,8 +15,10 @@ They read the database of the settings (``TOUCHSTONE_DATABASE_URL``) directly, l
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from collections.abc import Iterator
 from typing import Any, Optional
 
 import typer
@@ -38,6 +40,32 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
+@contextlib.contextmanager
+def _rescoring_session() -> Iterator[Any]:
+    """A database session (committed on success); a :class:`services.rescoring.RescoringError`
+    raised in it ends the command with its message."""
+    from services import rescoring
+    from services.db.session import session_scope
+
+    try:
+        with session_scope() as session:
+            yield session
+    except rescoring.RescoringError as exc:
+        _fail(str(exc))
+
+
+def _testset(session: Any, name: str) -> Any:
+    """The test set of that name; else the command ends."""
+    import sqlalchemy as sa
+
+    from services.db.models import TestSet
+
+    ts = session.scalar(sa.select(TestSet).where(TestSet.name == name))
+    if ts is None:
+        _fail(f"no test set named {name!r}")
+    return ts
+
+
 def _print_json(payload: Any) -> None:
     console.print_json(json.dumps(payload, default=str))
 
@@ -49,13 +77,9 @@ def storage_report(
 ) -> None:
     """What the predictions of every scored submission take, and what the retention lets go."""
     from services import rescoring
-    from services.db.session import session_scope
 
-    try:
-        with session_scope() as session:
-            report = rescoring.storage_report(session, testset_name=testset)
-    except rescoring.RescoringError as exc:
-        _fail(str(exc))
+    with _rescoring_session() as session:
+        report = rescoring.storage_report(session, testset_name=testset)
     if as_json:
         _print_json(report)
         return
@@ -144,27 +168,19 @@ def rescore_command(
 ) -> None:
     """Score the kept predictions of a test set's submissions under another protocol version, on
     the cpu workers, without running any container; the scores of the current version stay."""
-    import sqlalchemy as sa
-
     from services import rescoring
-    from services.db.models import RescoreJob, TestSet
+    from services.db.models import RescoreJob
     from services.db.session import session_scope
 
     try:
         ids = [int(s) for s in submissions.split(",") if s.strip()] if submissions else None
     except ValueError:
         _fail(f"--submissions takes comma-separated ids, got {submissions!r}")
-    try:
-        with session_scope() as session:
-            ts = session.scalar(sa.select(TestSet).where(TestSet.name == testset))
-            if ts is None:
-                _fail(f"no test set named {testset!r}")
-            job = rescoring.start_rescore(session, ts, protocol, submission_ids=ids)
-            session.commit()
-            status = rescoring.job_status(job)
-            rescoring.enqueue_rescore(job)
-    except rescoring.RescoringError as exc:
-        _fail(str(exc))
+    with _rescoring_session() as session:
+        job = rescoring.start_rescore(session, _testset(session, testset), protocol, submission_ids=ids)
+        session.commit()
+        status = rescoring.job_status(job)
+        rescoring.enqueue_rescore(job)
     if not wait:
         _print_json(status) if as_json else _print_job(status)
         return
@@ -191,21 +207,12 @@ def rescore_jobs_command(
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
     """The re-scoring jobs of a test set and their progress."""
-    import sqlalchemy as sa
-
     from services import rescoring
-    from services.db.models import TestSet
-    from services.db.session import session_scope
 
-    try:
-        with session_scope() as session:
-            ts = session.scalar(sa.select(TestSet).where(TestSet.name == testset))
-            if ts is None:
-                _fail(f"no test set named {testset!r}")
-            jobs = [rescoring.get_job(session, ts, job)] if job is not None else rescoring.list_jobs(session, ts)
-            statuses = [rescoring.job_status(j) for j in jobs]
-    except rescoring.RescoringError as exc:
-        _fail(str(exc))
+    with _rescoring_session() as session:
+        ts = _testset(session, testset)
+        jobs = [rescoring.get_job(session, ts, job)] if job is not None else rescoring.list_jobs(session, ts)
+        statuses = [rescoring.job_status(j) for j in jobs]
     if as_json:
         _print_json(statuses)
         return

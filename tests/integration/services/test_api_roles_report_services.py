@@ -10,9 +10,9 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from services.db.enums import SubmissionState
-from services.db.models import Algorithm, Case, Score, Submission, TestSet
+from services.db.models import Algorithm, Case, Submission, TestSet
 from services.db.session import create_db_engine
-from services.leaderboard import on_submission_scored
+from tests.integration.services.conftest import score_two_organs
 
 ROLES = ("anon", "inv_a", "inv_b", "ana", "org")
 #: one section (organ average, DSC) keeps each report small
@@ -35,12 +35,7 @@ def scene(world, settings):
                              image_sha256=sha * 64)
             s.add(sub)
             s.flush()
-            for case in cases:
-                for organ in ("liver", "spleen"):
-                    s.add(Score(submission_id=sub.id, case_id=case.id, organ=organ, protocol_key="touchstone@1",
-                                dsc=base - case.id * 0.01, nsd=base, status="ok"))
-            s.flush()
-            on_submission_scored(s, sub.id)
+            score_two_organs(s, sub.id, cases, base)
             ids[state.value] = sub.id
         s.commit()
     engine.dispose()

@@ -13,6 +13,7 @@ from services.db.enums import SubmissionState
 from services.db.models import Algorithm, Case, Score, Submission, TestSet
 from services.db.session import create_db_engine
 from services.leaderboard import on_submission_scored
+from tests.integration.services.conftest import score_two_organs
 
 ROLES = ("anon", "inv_a", "inv_b", "ana", "org")
 
@@ -41,12 +42,7 @@ def scene(world, settings):
         unpublished = submission("algo-a", SubmissionState.scored, "b")
         other = submission("algo-b", SubmissionState.received, "c")
         for sub, base in ((published, 0.9), (unpublished, 0.5)):
-            for case in cases:
-                for organ in ("liver", "spleen"):
-                    s.add(Score(submission_id=sub.id, case_id=case.id, organ=organ, protocol_key="touchstone@1",
-                                dsc=base - case.id * 0.01, nsd=base, status="ok"))
-            s.flush()
-            on_submission_scored(s, sub.id)
+            score_two_organs(s, sub.id, cases, base)
         s.commit()
         ids = {"published": published.id, "unpublished": unpublished.id, "other": other.id,
                "algo_a": algos["algo-a"].id, "algo_b": algos["algo-b"].id,
@@ -70,6 +66,8 @@ def test_role_matrix(client, world, scene, manifest_csv):
     public = {r: 200 for r in ROLES}
     authed = {**public, "anon": 401}
 
+    # one row per (endpoint, role matrix), spelled out deliberately: the matrix is the specification, and
+    # rows alike in shape read (and fail) one by one.
     table = [
         ("GET", "/users/me", None, me),
         ("GET", "/users", None, org_only),
