@@ -51,6 +51,7 @@ def _timed(fn):
     return time.process_time() - c, time.perf_counter() - t, out
 
 
+# the arguments deliberately like benchmarks/evaluation_io.py's: each benchmark is a script run alone.
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "touchstone-bench-viewer")

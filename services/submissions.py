@@ -56,6 +56,8 @@ class SubmissionError(Exception):
             self.status = status
 
 
+# One small class per HTTP status, alike by design: callers catch the kind of error they mean.
+
 class NotFound(SubmissionError):
     status = 404
 
@@ -253,6 +255,7 @@ def record(
         check_quota(db, algorithm.team_id, testset, now)
         check_duplicate(db, algorithm, testset, image_sha256, image_ref)
         check_team_storage(db, algorithm.team_id, image_size or 0, settings.max_team_storage_bytes)
+        # keyword arguments one a line, like other constructors (evaluation/stats): alike in shape only
         submission = Submission(
             algorithm_id=algorithm.id,
             testset_id=testset.id,

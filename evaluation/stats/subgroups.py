@@ -119,6 +119,7 @@ class SubgroupAnalysis:
     kruskal: pd.DataFrame
     mannwhitney: pd.DataFrame
 
+    # a field a line, like RankStability.to_frame in ranking.py: alike in shape, other fields
     def to_dict(self) -> dict:
         return json_ready(
             {
@@ -233,6 +234,7 @@ def subgroup_analysis(
         "organ", "metric", "variable", "algorithm", "group_a", "group_b", "n_a", "n_b",
         "statistic", "p_value", "p_adjusted", "significant",
     ]
+    # keyword arguments one a line, like OrganAnalysis in analysis.py: alike in shape, other fields
     return SubgroupAnalysis(
         organ=scores.organ,
         metric=scores.metric,

@@ -76,6 +76,10 @@ LEADERBOARD_COLUMNS = ["rank", "label", "team", "value", "mean", "mean_ci_low", 
                        "gpu_memory_peak_bytes"]
 
 
+# leaderboard_command and stats_command spell out their shared options (testset, organ, metric, format,
+# scope, protocol) deliberately: typer reads each command's options from its own signature, and their
+# help texts differ.
+
 def leaderboard_command(
     testset: str = typer.Argument(..., help="test set name"),
     organ: str = typer.Option("average", help="an organ name or 'average'"),

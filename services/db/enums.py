@@ -26,6 +26,9 @@ class SubmissionState(str, enum.Enum):
     cancelled = "cancelled"
 
 
+# The state enums share member names (running, failed, cancelled) deliberately: each is its own machine
+# with its own transitions (services/db/states.py), stored in its own column.
+
 class ShardState(str, enum.Enum):
     pending = "pending"
     running = "running"

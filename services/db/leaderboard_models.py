@@ -47,6 +47,10 @@ class StatsRun(Base):
     computed_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
 
+# The key columns (test set, protocol, scope, organ, metric[, method, submission]) repeat in every table
+# here and in services.db.models.PairwiseCache deliberately: each table spells out its own columns as
+# its migration created them (no mixin whose column order or constraints could drift from the schema).
+
 class RankingEntry(Base):
     """Rank of one submission by one method (mean, median, rank-mean, test) within a scope."""
 

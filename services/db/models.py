@@ -394,6 +394,9 @@ class Aggregate(Base):
     withheld: Mapped[bool | None]
 
 
+# deliberately like Aggregate above and the tables of services/db/leaderboard_models.py: the same key and
+# statistic columns, each table spelled out as its migration (0007_pairwise_cache) created it.
+
 class PairwiseCache(Base):
     """The raw result of one paired Wilcoxon signed-rank test of two submissions on one organ and
     metric (0007_pairwise_cache), kept so that a recomputation re-tests only the pairs whose inputs

@@ -105,6 +105,9 @@ class RenderedFigure:
             return self._png
 
 
+# deliberately like services.leaderboard.queries._BoardCache, without its time-to-live: a figure's key
+# names every input, so it never goes stale (sharing one LRU class would need a change to queries.py).
+
 class _FigureCache:
     """In-process LRU of rendered figures and of the score matrices behind them (see the module
     docstring for the key)."""

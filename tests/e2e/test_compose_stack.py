@@ -107,6 +107,8 @@ def compose_stack(stack_images, tmp_path):
         shutil.rmtree(testsets, ignore_errors=True)
 
 
+# deliberately like the wait in services/cli/demo.py (wait_for_api): the test waits on the compose stack
+# itself, reports the compose logs and does not depend on the demo's process supervision.
 def _wait_for_api(url: str, compose: Compose, timeout: float = 180) -> None:
     import httpx
 

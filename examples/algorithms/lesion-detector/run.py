@@ -36,6 +36,8 @@ LIVER, LIVER_LESION = 5, 10
 MIN_LESION_MM3 = 500.0
 
 
+# world_axes and largest_component deliberately repeat examples/algorithms/classical/run.py: each example
+# is copied alone into its own image (its folder is the whole build context), so it cannot import another.
 def world_axes(affine: np.ndarray, shape: tuple[int, int, int]) -> list[np.ndarray]:
     """x, y, z world coordinates (mm, float32), broadcast from 1-D index axes through the affine."""
     i, j, k = (np.arange(n, dtype=np.float32) for n in shape)

@@ -153,6 +153,7 @@ def read_logs(submission_id: IdPath, db: Session = Depends(get_db), user: User =
     submission = get_visible(db, user, submission_id)
     if user.role is Role.analyst:
         raise ApiError("validation logs are for the submitting team and organizers", 403)
+    # keyword arguments one a line (alike in shape only to other constructors, e.g. worker/monitoring.py)
     return SubmissionLogs(
         id=submission.id,
         state=submission.state,
@@ -171,6 +172,8 @@ def read_shards(submission_id: IdPath, db: Session = Depends(get_db), _: User = 
     return list(submission.shards)
 
 
+# cancel and rerun share their parameters deliberately: FastAPI reads each route's body, path and
+# dependencies from its own signature.
 @router.post("/{submission_id}/cancel", response_model=SubmissionOut)
 def cancel(
     submission_id: IdPath,

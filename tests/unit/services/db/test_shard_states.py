@@ -35,6 +35,8 @@ def test_a_lost_attempt_goes_back_to_pending_and_a_failure_keeps_its_reason():
     assert shard.failure_code == "out_of_memory" and shard.finished_at is not None
 
 
+# deliberately like test_illegal_moves_raise_and_change_nothing in test_states.py: the same check on
+# the shard machine, spelled out so that each file reads alone.
 @pytest.mark.parametrize("current", list(Sh))
 def test_illegal_moves_raise_the_same_error_as_submissions(current):
     for new in Sh:
