@@ -18,6 +18,7 @@ import pytest
 import sqlalchemy as sa
 
 from evaluation.metric_registry import HIGHER_IS_BETTER, LESION_METRICS
+from tests.factories import add_algorithm, add_submission
 
 pytestmark = pytest.mark.slow  # ~40 s: scores 2 x 5 tumour phantoms, statistics on SQLite and PostgreSQL
 
@@ -62,7 +63,7 @@ def lesion_world(request, scored_tumours, tmp_path_factory) -> Iterator[dict]:
     from services.db import migrate
     from services.db.accounts import create_user
     from services.db.enums import Role, SubmissionState
-    from services.db.models import Algorithm, Case, Submission, Team
+    from services.db.models import Case, Team
     from services.db.session import create_db_engine
     from services.db.testsets import import_testset
     from services.importers import import_touchstone
@@ -96,13 +97,8 @@ def lesion_world(request, scored_tumours, tmp_path_factory) -> Iterator[dict]:
             team = session.scalar(sa.select(Team).where(Team.name == "Alpha"))
             cases = session.scalars(sa.select(Case).where(Case.testset_id == testset.id).order_by(Case.case_id)).all()
             for name in DETECTORS:
-                algorithm = Algorithm(team_id=team.id, name=name)
-                session.add(algorithm)
-                session.flush()
-                submission = Submission(algorithm_id=algorithm.id, testset_id=testset.id, team_id=team.id,
-                                        state=SubmissionState.published)
-                session.add(submission)
-                session.flush()
+                submission = add_submission(session, add_algorithm(session, name, team=team), testset,
+                                            SubmissionState.published)
                 ids[name] = submission.id
                 for case in cases:
                     pipeline.insert_scores_ignore(session, submission.id, case.id, proto.key,

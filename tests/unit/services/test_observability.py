@@ -63,6 +63,8 @@ def _populate(sessionmaker, with_codes: bool = True) -> None:
 
     now = utcnow()
     with sessionmaker() as s:
+        # spelled out here deliberately (like _setup in tests/unit/worker/test_pipeline.py): the metrics
+        # asserted below count exactly these rows, so the test shows every one of them
         team = Team(name="t")
         s.add(team)
         s.flush()

@@ -12,6 +12,7 @@ import yaml
 
 from services import rescoring
 from services.config import Settings
+from tests.factories import add_algorithm
 
 UTC = dt.timezone.utc
 NOW = dt.datetime(2026, 12, 2, 12, 0, tzinfo=UTC)
@@ -50,7 +51,7 @@ def world(sqlite_session, tmp_path):
     """A test set of 2 hidden + 1 public case under touchstone@1, three scored submissions with
     their prediction folders in storage (the third also a tarball), and one imported baseline."""
     from services.db.enums import SubmissionState
-    from services.db.models import Algorithm, Case, CaseRun, Submission, Team, TestSet
+    from services.db.models import Case, CaseRun, Submission, TestSet
     from services.db.testsets import resolve_protocol
 
     settings = Settings(data_dir=tmp_path / "data", import_roots=[tmp_path / "imports"])
@@ -67,16 +68,11 @@ def world(sqlite_session, tmp_path):
     cases = [Case(testset_id=testset.id, case_id=c, image_path="x", labels_path="y", public_sample=c == "p")
              for c in ("h0", "h1", "p")]
     session.add_all(cases)
-    team = Team(name="t")
-    session.add(team)
-    session.flush()
-    algorithm = Algorithm(team_id=team.id, name="a")
-    session.add(algorithm)
-    session.flush()
+    algorithm = add_algorithm(session)
     storage = Path(settings.storage_dir)
     subs = []
     for k, scored_at in enumerate((NOW - dt.timedelta(days=10), NOW - dt.timedelta(days=1), NOW)):
-        sub = Submission(algorithm_id=algorithm.id, testset_id=testset.id, team_id=team.id,
+        sub = Submission(algorithm_id=algorithm.id, testset_id=testset.id, team_id=algorithm.team_id,
                          state=SubmissionState.scored, scored_at=scored_at, storage_bytes=3000 + k)
         session.add(sub)
         session.flush()
@@ -90,7 +86,7 @@ def world(sqlite_session, tmp_path):
     (storage / "uploads").mkdir()
     (storage / "uploads" / "s.tar").write_bytes(b"t" * 1000)
     subs[2].image_path = "uploads/s.tar"
-    baseline = Submission(algorithm_id=algorithm.id, testset_id=testset.id, team_id=team.id, is_baseline=True,
+    baseline = Submission(algorithm_id=algorithm.id, testset_id=testset.id, team_id=algorithm.team_id, is_baseline=True,
                           state=SubmissionState.published, scored_at=NOW - dt.timedelta(days=100))
     session.add(baseline)
     session.flush()

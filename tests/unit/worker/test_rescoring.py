@@ -15,6 +15,8 @@ import pytest
 import sqlalchemy as sa
 import yaml
 
+from tests.factories import add_algorithm
+
 #: the module builds one scored world (phantoms, scoring, statistics: ~20 s on 2 cores) for its tests
 pytestmark = pytest.mark.slow
 
@@ -93,7 +95,7 @@ def make_scored_world(tmp_path: Path, data: Path, n_submissions: int = 2) -> dic
     from evaluation.phantoms import generate_cases, write_phantom_set
     from evaluation.protocols import PRESETS
     from services.db.enums import SubmissionState
-    from services.db.models import Algorithm, Case, CaseRun, Submission, Team
+    from services.db.models import Case, CaseRun, Submission
     from services.db.session import session_scope
     from services.db.testsets import import_testset
     from services.leaderboard import StatsOptions, recompute_all
@@ -105,17 +107,12 @@ def make_scored_world(tmp_path: Path, data: Path, n_submissions: int = 2) -> dic
     ids = []
     with session_scope() as session:
         testset = import_testset(session, "phantoms", manifest, protocol="touchstone")
-        team = Team(name="t")
-        session.add(team)
-        session.flush()
-        algorithm = Algorithm(team_id=team.id, name="shifted")
-        session.add(algorithm)
-        session.flush()
+        algorithm = add_algorithm(session, "shifted")
         hidden = list(session.scalars(sa.select(Case).where(Case.testset_id == testset.id,
                                                             Case.public_sample.is_(False)).order_by(Case.id)))
         now = dt.datetime.now(dt.timezone.utc)
         for k in range(n_submissions):
-            sub = Submission(algorithm_id=algorithm.id, testset_id=testset.id, team_id=team.id,
+            sub = Submission(algorithm_id=algorithm.id, testset_id=testset.id, team_id=algorithm.team_id,
                              state=SubmissionState.scored, scored_at=now, image_sha256=f"{k:064d}")
             session.add(sub)
             session.flush()

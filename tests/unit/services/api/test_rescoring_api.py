@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 from services.api.app import create_app
 from services.config import Settings
 from services.db.accounts import create_user
+from tests.factories import add_algorithm, add_submission
 
 
 @pytest.fixture
@@ -81,7 +82,7 @@ def test_rescore_is_for_organizers(client):
 
 def test_a_queued_job_goes_to_the_cpu_queue(client):
     from services.db.enums import SubmissionState
-    from services.db.models import Algorithm, Case, CaseRun, Submission, Team, TestSet
+    from services.db.models import Case, CaseRun, Team, TestSet
 
     with client.app_.state.sessionmaker() as session:
         testset = session.scalar(sa.select(TestSet))
@@ -89,13 +90,7 @@ def test_a_queued_job_goes_to_the_cpu_queue(client):
         team = session.scalar(sa.select(Team))
         session.add(case)
         session.flush()
-        algorithm = Algorithm(team_id=team.id, name="a")
-        session.add(algorithm)
-        session.flush()
-        sub = Submission(algorithm_id=algorithm.id, testset_id=testset.id, team_id=team.id,
-                         state=SubmissionState.scored)
-        session.add(sub)
-        session.flush()
+        sub = add_submission(session, add_algorithm(session, team=team), testset, SubmissionState.scored)
         session.add(CaseRun(submission_id=sub.id, case_id=case.id, status="missing_output", detail="wrote nothing"))
         session.commit()
         sub_id = sub.id

@@ -10,9 +10,10 @@ import sqlalchemy as sa
 from evaluation.stats import ScoreMatrix, WilcoxonOptions, score_matrices_from_long
 from evaluation.stats.wilcoxon import PAIR_TEST_FIELDS, pair_tests
 from services.db.enums import SubmissionState
-from services.db.models import Algorithm, Case, PairwiseCache, Score, Submission, Team, TestSet
+from services.db.models import Case, PairwiseCache, Score, Submission, TestSet
 from services.leaderboard import compute
 from services.leaderboard.pairwise import PairCache, _copy_text
+from tests.factories import add_algorithm
 
 
 def make_testset(session, n_submissions: int, n_cases: int = 0) -> tuple[TestSet, list[int]]:
@@ -24,13 +25,8 @@ def make_testset(session, n_submissions: int, n_cases: int = 0) -> tuple[TestSet
     session.flush()
     session.add_all([Case(testset_id=testset.id, case_id=f"c{i}", image_path="/x", labels_path="/y",
                           public_sample=i == 0, extra={}) for i in range(n_cases)])
-    team = Team(name="team")
-    session.add(team)
-    session.flush()
-    algorithm = Algorithm(team_id=team.id, name="a")
-    session.add(algorithm)
-    session.flush()
-    subs = [Submission(algorithm_id=algorithm.id, testset_id=testset.id, team_id=team.id,
+    algorithm = add_algorithm(session, team_name="team")
+    subs = [Submission(algorithm_id=algorithm.id, testset_id=testset.id, team_id=algorithm.team_id,
                        state=SubmissionState.scored, image_sha256=f"{k:064x}") for k in range(n_submissions)]
     session.add_all(subs)
     session.flush()
