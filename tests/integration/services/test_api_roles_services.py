@@ -66,7 +66,7 @@ def test_role_matrix(client, world, scene, manifest_csv):
     public = {r: 200 for r in ROLES}
     authed = {**public, "anon": 401}
 
-    # one row per (endpoint, role matrix), spelled out deliberately: the matrix is the specification, and
+    # one row per endpoint with its answer per role, spelled out deliberately: the matrix is the specification, and
     # rows alike in shape read (and fail) one by one.
     table = [
         ("GET", "/users/me", None, me),
