@@ -997,6 +997,7 @@ def _comparative_rows(
     # the matrices run on STATS_THREADS threads (the pair tests, rankings and bootstraps of one
     # matrix depend on it alone and release the GIL in numpy; the pair cache locks its own
     # state, the bootstrap counts are drawn under counts_lock): rows in matrix order
+    pairs.prepare()  # the pair cache's one query, in this thread
     with _stats_threads() as pool:
         for run, ranking_rows, family, stability_rows in pool.map(lambda item: matrix_rows(*item[0], item[1]),
                                                                   matrices.items()):

@@ -92,6 +92,9 @@ class FreshPairs:
         self.computed = 0
         self._lock = threading.Lock()  # comparative_rows tests several matrices at once
 
+    def prepare(self) -> None:
+        """Nothing to read (the interface of :meth:`PairCache.prepare`)."""
+
     def pair_tests(self, matrix: ScoreMatrix) -> PairTests:
         ii, jj = np.triu_indices(matrix.n_algorithms, 1)
         with self._lock:
@@ -132,10 +135,21 @@ class PairCache:
         self.session.execute(sa.delete(PairwiseCache).where(
             PairwiseCache.testset_id == self.testset_id, PairwiseCache.protocol_key == self.protocol_key, condition))
 
+    def prepare(self) -> None:
+        """Read the stored rows now, in the calling thread: ``comparative_rows`` calls it before
+        its threads start, so the session (a SQLite connection is bound to its thread unless told
+        otherwise) is only ever used from the thread that owns it."""
+        with self._lock:
+            self._read_all_rows()
+
     def _load(self, organ: str, metric: str, axis: str) -> dict[tuple[int, int, str], tuple[int | None, tuple]]:
         """The stored rows of one matrix's case axis. The first call reads every row of the test
         set, protocol and options in one query (a recomputation asks for every organ and
         metric), so the threads of ``comparative_rows`` never wait on the database."""
+        self._read_all_rows()
+        return self._known.setdefault((organ, metric, axis), {})
+
+    def _read_all_rows(self) -> None:
         if self.reuse and not self._read_all:
             c = PairwiseCache
             rows = self.session.execute(
@@ -148,65 +162,6 @@ class PairCache:
                 self._known.setdefault((row[1], row[2], row[3]), {})[(row[4], row[5], row[6])] = (row[0], tuple(row[7:]))
                 self._loaded.add(row[0])
         self._read_all = True
-        return self._known.setdefault((organ, metric, axis), {})
-
-    def pair_tests(self, matrix: ScoreMatrix) -> PairTests:
-        ii, jj = np.triu_indices(matrix.n_algorithms, 1)
-        with self._lock:
-            self.computed += int(ii.size)
-        return pair_tests(matrix, ii, jj, self.options, self.chunk_pairs)
-
-
-class PairCache:
-    """Raw pair tests of one (test set, protocol, Wilcoxon options), from the cache or computed.
-
-    ``reuse=False`` (a full recomputation) ignores and replaces every stored row of the test set
-    and protocol. :meth:`pair_tests` answers; :meth:`flush` writes what was computed and
-    :meth:`prune` drops what no scope used. ``reused`` and ``computed`` count pairs.
-
-    A pair may have several rows, one per values hash: the organ ``average`` of the
-    ``all-organs`` rule depends on which organs the other submissions scored, so the two scopes
-    can ask for different values of the same pair; each keeps its own row.
-    """
-
-    def __init__(self, session: Session, testset_id: int, protocol_key: str, options: WilcoxonOptions, *,
-                 reuse: bool = True, chunk_pairs: int = 64) -> None:
-        self.session, self.testset_id, self.protocol_key = session, testset_id, protocol_key
-        self.options, self.reuse, self.chunk_pairs = options, reuse, chunk_pairs
-        self.options_key = options_key(options)
-        self.reused = 0
-        self.computed = 0
-        # (organ, metric, cases_hash) -> {(a, b, values_hash): (row id or None, row tuple of PAIR_TEST_FIELDS)}
-        self._known: dict[tuple[str, str, str], dict[tuple[int, int, str], tuple[int | None, tuple]]] = {}
-        self._used: set[int] = set()  # ids of the stored rows some matrix asked for
-        self._loaded: set[int] = set()
-        self._read_all = False
-        self._new: list[dict] = []
-        self._lock = threading.Lock()
-        if not reuse:
-            self._delete(sa.true())
-
-    def _delete(self, condition) -> None:
-        self.session.execute(sa.delete(PairwiseCache).where(
-            PairwiseCache.testset_id == self.testset_id, PairwiseCache.protocol_key == self.protocol_key, condition))
-
-    def _load(self, organ: str, metric: str, axis: str) -> dict[tuple[int, int, str], tuple[int | None, tuple]]:
-        key = (organ, metric, axis)
-        if key not in self._known:
-            known: dict[tuple[int, int, str], tuple[int | None, tuple]] = {}
-            if self.reuse:
-                c = PairwiseCache
-                rows = self.session.execute(
-                    sa.select(c.id, c.submission_a_id, c.submission_b_id, c.values_hash,
-                              *(getattr(c, f) for f in PAIR_TEST_FIELDS))
-                    .where(c.testset_id == self.testset_id, c.protocol_key == self.protocol_key, c.organ == organ,
-                           c.metric == metric, c.options_key == self.options_key, c.cases_hash == axis)
-                ).all()
-                for row in rows:
-                    known[(row[1], row[2], row[3])] = (row[0], tuple(row[4:]))
-                    self._loaded.add(row[0])
-            self._known[key] = known
-        return self._known[key]
 
     def pair_tests(self, matrix: ScoreMatrix) -> PairTests:
         """The raw tests of all K(K-1)/2 pairs of ``matrix`` (``numpy.triu_indices`` order; its
