@@ -44,7 +44,6 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import httpx
@@ -56,11 +55,12 @@ from sqlalchemy.orm import Session
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.bench_db import add_bench_submissions, add_bench_testset, fresh_postgres_database  # noqa: E402
 from evaluation.labels import ORGANS  # noqa: E402
 from services.db import migrate  # noqa: E402
 from services.db.accounts import create_user  # noqa: E402
 from services.db.enums import ShardState, SubmissionState  # noqa: E402
-from services.db.models import Algorithm, Case, Shard, Submission, Team, TestSet  # noqa: E402
+from services.db.models import Shard, Submission, TestSet  # noqa: E402
 from services.leaderboard import DEFAULT_OPTIONS, StatsOptions, on_submission_scored  # noqa: E402
 from services.leaderboard.compute import load_cases, store_submission_aggregates  # noqa: E402
 
@@ -143,36 +143,8 @@ def fill(url: str, n_submissions: int, n_cases: int) -> tuple[dict[str, str], li
     with Session(engine) as s:
         tokens = {role: create_user(s, f"bench-{role}", role, "bench-team" if role == "inventor" else None)[1]
                   for role in ("organizer", "analyst", "inventor")}
-        testset = TestSet(
-            name=TESTSET, protocol_name="touchstone", protocol_version="1", protocol_key=PROTOCOL_KEY,
-            protocol_json={}, manifest_sha256="0" * 64, root_path="/data/bench", time_per_case_s=600,
-            memory_bytes=2**35, gpus=1, shm_bytes=2**31, pids_limit=512, shard_size=50, quota_submissions=3,
-            quota_period_days=7,
-        )
-        s.add(testset)
-        s.flush()
-        s.execute(sa.insert(Case), [
-            {"testset_id": testset.id, "case_id": f"BDMAP_{i:08d}", "hospital": f"hospital-{i % N_HOSPITALS:02d}",
-             "age": 20 + (i * 7) % 70, "sex": "MF"[i % 2], "image_path": f"/data/bench/{i}/ct.nii.gz",
-             "labels_path": f"/data/bench/{i}", "public_sample": i < 5, "extra": {}}
-            for i in range(n_cases)
-        ])
-        case_pks = np.asarray(list(s.scalars(
-            sa.select(Case.id).where(Case.testset_id == testset.id).order_by(Case.id))), dtype=np.int64)
-        teams = [Team(name=f"team-{k:03d}") for k in range(n_submissions)]
-        s.add_all(teams)
-        s.flush()
-        algorithms = [Algorithm(team_id=t.id, name=f"algo-{k:03d}") for k, t in enumerate(teams)]
-        s.add_all(algorithms)
-        s.flush()
-        submissions = [
-            Submission(algorithm_id=a.id, testset_id=testset.id, team_id=t.id, state=SubmissionState.published,
-                       image_sha256=f"{k:064x}", image_digest=f"sha256:{k:064x}")
-            for k, (a, t) in enumerate(zip(algorithms, teams))
-        ]
-        s.add_all(submissions)
-        s.flush()
-        submission_ids = [sub.id for sub in submissions]
+        testset, case_pks = add_bench_testset(s, TESTSET, PROTOCOL_KEY, n_cases, n_hospitals=N_HOSPITALS, n_public=5)
+        submission_ids = add_bench_submissions(s, testset, [SubmissionState.published] * n_submissions)
         shard_size = 50
         s.execute(sa.insert(Shard), [
             {"submission_id": sid, "index": j, "case_ids": [], "state": ShardState.succeeded, "attempts": 1,
@@ -295,15 +267,8 @@ def main() -> None:
                         help="bootstrap resamples of the aggregates of all but the last submission")
     parser.add_argument("--keep", action="store_true", help="keep the database (its URL is printed)")
     args = parser.parse_args()
-    base_url = os.environ.get("TOUCHSTONE_BENCH_POSTGRES_URL") or os.environ.get("TOUCHSTONE_TEST_POSTGRES_URL")
-    if not base_url:
-        sys.exit("set TOUCHSTONE_BENCH_POSTGRES_URL (or TOUCHSTONE_TEST_POSTGRES_URL); scripts/setup.sh exports the latter")
-    name = f"ts_bench_{uuid.uuid4().hex[:8]}"
-    admin = sa.create_engine(base_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-        conn.execute(sa.text(f'ALTER DATABASE "{name}" SET synchronous_commit = off'))
-    url = sa.engine.make_url(base_url).set(database=name).render_as_string(hide_password=False)
+    url, drop_database = fresh_postgres_database("ts_bench", keep=args.keep, synchronous_commit=False)
+    name = sa.engine.make_url(url).database
     server = None
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     try:
@@ -348,17 +313,12 @@ def main() -> None:
         for label, (p50, p99) in results.items():
             print(f"{label:<36} p50={p50:8.2f} ms  p99={p99:8.2f} ms")
         print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-        if args.keep:
-            print(f"kept database: {url}")
         print(f"leaderboard_p99_ms={results['leaderboard (anonymous)'][1]:.2f}")
     finally:
         if server is not None:
             server.terminate()
             server.wait(timeout=30)
-        if not args.keep:
-            with admin.connect() as conn:
-                conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+        drop_database()
 
 
 if __name__ == "__main__":

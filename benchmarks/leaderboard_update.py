@@ -11,7 +11,9 @@
    cost before (this also fills the pairwise cache and the packed scores).
 3. **Back to the state before the (K+1)-th was scored**: its rows of the pairwise cache and its
    packed scores are deleted (the K published submissions' statistics, pairs and packed scores
-   stay, as the updates before it would have left them).
+   stay, as the updates before it would have left them), then ``VACUUM ANALYZE`` and a
+   ``CHECKPOINT`` (the database as it stands between two scorings, not autovacuum of the full
+   recomputation's writes running during the timed update).
 4. **Incremental update** (timed, ``update_seconds``): ``on_submission_scored`` as ``finalize``
    runs it -- its aggregates, its packed scores, the K new pairs per organ x metric tested, every
    other pair from the cache, Holm, rankings, P(best) and the bootstrap recomputed; the published
@@ -33,12 +35,10 @@ time and the load average; the last line is
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import importlib.util
+import gc
 import os
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -53,12 +53,11 @@ from evaluation.labels import ORGANS  # noqa: E402
 from services.db import migrate  # noqa: E402
 from services.db.enums import SubmissionState  # noqa: E402
 from services.db.leaderboard_models import PairwiseFamily, RankingEntry, RankStability, StatsRun  # noqa: E402
-from services.db.models import Algorithm, Case, PackedScores, PairwiseCache, Submission, Team, TestSet  # noqa: E402
+from services.db.models import PackedScores, PairwiseCache, Submission, TestSet  # noqa: E402
 from services.leaderboard import DEFAULT_OPTIONS, on_submission_scored  # noqa: E402
 
-_spec = importlib.util.spec_from_file_location("benchmark_api", REPO / "benchmarks" / "api.py")
-_api = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_api)  # the binary-COPY helpers (one copy of them)
+from benchmarks import api as _api  # noqa: E402  (the binary-COPY helpers, one copy of them)
+from benchmarks import bench_db as _bench  # noqa: E402
 
 PROTOCOL_KEY = "touchstone@1"
 TESTSET = "bench-update"
@@ -69,37 +68,10 @@ def fill(url: str, n_submissions: int, n_cases: int) -> list[int]:
     COPY. Returns the K + 1 submission ids (the last is the new one)."""
     engine = sa.create_engine(url)
     with Session(engine) as s:
-        testset = TestSet(
-            name=TESTSET, protocol_name="touchstone", protocol_version="1", protocol_key=PROTOCOL_KEY,
-            protocol_json={}, manifest_sha256="0" * 64, root_path="/data/bench", time_per_case_s=600,
-            memory_bytes=2**35, gpus=1, shm_bytes=2**31, pids_limit=512, shard_size=50, quota_submissions=3,
-            quota_period_days=7,
-        )
-        s.add(testset)
-        s.flush()
-        s.execute(sa.insert(Case), [
-            {"testset_id": testset.id, "case_id": f"BDMAP_{i:08d}", "hospital": f"hospital-{i % 17:02d}",
-             "age": 20 + (i * 7) % 70, "sex": "MF"[i % 2], "image_path": f"/data/bench/{i}/ct.nii.gz",
-             "labels_path": f"/data/bench/{i}", "public_sample": False, "extra": {}}
-            for i in range(n_cases)
-        ])
-        case_pks = np.asarray(list(s.scalars(
-            sa.select(Case.id).where(Case.testset_id == testset.id).order_by(Case.id))), dtype=np.int64)
-        teams = [Team(name=f"team-{k:03d}") for k in range(n_submissions + 1)]
-        s.add_all(teams)
-        s.flush()
-        algorithms = [Algorithm(team_id=t.id, name=f"algo-{k:03d}") for k, t in enumerate(teams)]
-        s.add_all(algorithms)
-        s.flush()
-        submissions = [
-            Submission(algorithm_id=a.id, testset_id=testset.id, team_id=t.id,
-                       state=SubmissionState.published if k < n_submissions else SubmissionState.evaluating,
-                       image_sha256=f"{k:064x}", image_digest=f"sha256:{k:064x}")
-            for k, (a, t) in enumerate(zip(algorithms, teams))
-        ]
-        s.add_all(submissions)
+        testset, case_pks = _bench.add_bench_testset(s, TESTSET, PROTOCOL_KEY, n_cases, n_hospitals=17)
+        submission_ids = _bench.add_bench_submissions(
+            s, testset, [SubmissionState.published] * n_submissions + [SubmissionState.evaluating])
         s.commit()
-        submission_ids = [sub.id for sub in submissions]
     engine.dispose()
 
     raw_url = sa.engine.make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
@@ -152,6 +124,17 @@ def _plain(value):
     return value
 
 
+def settle(url: str) -> None:
+    """Let the database settle after the full recomputation's 100,000s of row writes and deletes,
+    as it has between two real scorings: ``VACUUM ANALYZE`` and a ``CHECKPOINT`` now, rather than
+    autovacuum and the checkpointer competing with the timed update for the two cores."""
+    raw_url = sa.engine.make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(raw_url, autocommit=True) as conn:
+        conn.execute("VACUUM ANALYZE")
+        conn.execute("CHECKPOINT")
+    gc.collect()
+
+
 def timed(label: str, fn):
     print(f"{label} ...", flush=True)
     started = time.perf_counter()
@@ -167,16 +150,8 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=5903)
     parser.add_argument("--keep", action="store_true", help="keep the database (its URL is printed)")
     args = parser.parse_args()
-    base_url = os.environ.get("TOUCHSTONE_BENCH_POSTGRES_URL") or os.environ.get("TOUCHSTONE_TEST_POSTGRES_URL")
-    if not base_url:
-        sys.exit("set TOUCHSTONE_BENCH_POSTGRES_URL (or TOUCHSTONE_TEST_POSTGRES_URL); `source scripts/setup.sh` "
-                 "exports the latter")
-    name = f"ts_update_{uuid.uuid4().hex[:8]}"
-    admin = sa.create_engine(base_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-        conn.execute(sa.text(f'ALTER DATABASE "{name}" SET synchronous_commit = off'))
-    url = sa.engine.make_url(base_url).set(database=name).render_as_string(hide_password=False)
+    url, drop_database = _bench.fresh_postgres_database("ts_update", keep=args.keep, synchronous_commit=False)
+    name = sa.engine.make_url(url).database
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())} ({os.cpu_count()} CPUs)")
     k, n = args.submissions, args.cases
     try:
@@ -211,6 +186,7 @@ def main() -> None:
                                                             PairwiseCache.submission_b_id == new)))
             s.execute(sa.delete(PackedScores).where(PackedScores.submission_id == new))
             s.commit()
+        settle(url)
         update_s = timed(f"incremental update: submission {k + 1} scored", update(False))
         with Session(engine) as s:
             incremental = stored(s, testset_id)
@@ -222,14 +198,9 @@ def main() -> None:
         engine.dispose()
         print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         print(f"speed-up: {full_s / update_s:.1f}x (full / incremental, same run, same machine)")
-        if args.keep:
-            print(f"kept database: {url}")
         print(f"update_seconds={update_s:.2f} full_seconds={full_s:.2f} submissions={k} cases={n}")
     finally:
-        if not args.keep:
-            with admin.connect() as conn:
-                conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+        drop_database()
 
 
 if __name__ == "__main__":

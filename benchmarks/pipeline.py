@@ -62,12 +62,12 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.bench_db import fresh_postgres_database  # noqa: E402
 from benchmarks.process_memory import MemorySampler, mib  # noqa: E402
 
 IMAGE = "touchstone/example-trivial:latest"
@@ -78,30 +78,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def fresh_postgres_database(keep: bool) -> tuple[str, Callable[[], None]]:
-    """A new database on the benchmark/test PostgreSQL server; returns (url, drop)."""
-    import sqlalchemy as sa
-
-    base_url = os.environ.get("TOUCHSTONE_BENCH_POSTGRES_URL") or os.environ.get("TOUCHSTONE_TEST_POSTGRES_URL")
-    if not base_url:
-        sys.exit("--stack postgres: set TOUCHSTONE_BENCH_POSTGRES_URL (or TOUCHSTONE_TEST_POSTGRES_URL; "
-                 "`source scripts/setup.sh` exports it)")
-    name = f"ts_bench_pipeline_{uuid.uuid4().hex[:8]}"
-    admin = sa.create_engine(base_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    url = sa.engine.make_url(base_url).set(database=name).render_as_string(hide_password=False)
-
-    def drop() -> None:
-        if keep:
-            print(f"kept database: {url}")
-            return
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-
-    return url, drop
 
 
 def test_set_manifest(work: Path, cases: int, distinct: int) -> Path:
@@ -209,7 +185,7 @@ def main() -> None:
     drop_database = None
     redis_process = None
     if args.stack == "postgres":
-        database, drop_database = fresh_postgres_database(args.keep_db)
+        database, drop_database = fresh_postgres_database("ts_bench_pipeline", keep=args.keep_db)
         redis_process, broker = start_redis(run_dir / "redis")
         services_started.append(redis_process)
     else:

@@ -211,7 +211,9 @@ def summarize(
     bca: bool = True,
     resamples: dict | None = None,
 ) -> pd.DataFrame:
-    """:func:`summary_records` as a table (columns :data:`SUMMARY_COLUMNS`)."""
+    """:func:`summary_records` as a table (columns :data:`SUMMARY_COLUMNS`). (Its keywords are
+    written out again rather than passed as ``**kwargs``: this is the public entry point, and
+    help() and the type checker should show them.)"""
     return pd.DataFrame(summary_records(scores, confidence=confidence, n_resamples=n_resamples, seed=seed,
                                         progress=progress, bca=bca, resamples=resamples),
                         columns=list(SUMMARY_COLUMNS))

@@ -1008,6 +1008,8 @@ def _comparative_rows(
     return runs, rankings, families, stability
 
 
+# (its parameters repeat store_submission_aggregates': both take the inputs that one
+# recomputation reads once and hands to each step)
 def store_comparative(
     session: Session,
     testset: TestSet,
