@@ -149,6 +149,9 @@ def main() -> None:
     parser.add_argument("--submissions", type=int, default=100, help="published submissions before the new one")
     parser.add_argument("--cases", type=int, default=5903)
     parser.add_argument("--keep", action="store_true", help="keep the database (its URL is printed)")
+    parser.add_argument("--repeat", type=int, default=0,
+                        help="time the incremental update this many more times (state restored before each); "
+                             "update_seconds stays the first run's")
     args = parser.parse_args()
     url, drop_database = _bench.fresh_postgres_database("ts_update", keep=args.keep, synchronous_commit=False)
     name = sa.engine.make_url(url).database
@@ -179,15 +182,28 @@ def main() -> None:
         with Session(engine) as s:
             testset_id = s.scalar(sa.select(TestSet.id).where(TestSet.name == TESTSET))
             full = stored(s, testset_id)
+
+        def before_the_new_one() -> None:
             # back to the state before the (K+1)-th was scored: the statistics of the K published
             # submissions (the published scope, as the full recomputation wrote it) and their
             # pairs in the cache, none of the new submission's pairs and no packed scores of it
-            s.execute(sa.delete(PairwiseCache).where(sa.or_(PairwiseCache.submission_a_id == new,
-                                                            PairwiseCache.submission_b_id == new)))
-            s.execute(sa.delete(PackedScores).where(PackedScores.submission_id == new))
-            s.commit()
-        settle(url)
+            with Session(engine) as s:
+                s.execute(sa.delete(PairwiseCache).where(sa.or_(PairwiseCache.submission_a_id == new,
+                                                                PairwiseCache.submission_b_id == new)))
+                s.execute(sa.delete(PackedScores).where(PackedScores.submission_id == new))
+                s.commit()
+            settle(url)
+
+        before_the_new_one()
         update_s = timed(f"incremental update: submission {k + 1} scored", update(False))
+        repeats = []
+        for r in range(args.repeat):
+            before_the_new_one()
+            repeats.append(timed(f"incremental update, repeat {r + 1}/{args.repeat}", update(False)))
+        if repeats:
+            every = [update_s, *repeats]
+            print(f"incremental update over {len(every)} runs: min {min(every):.2f} s, median "
+                  f"{float(np.median(every)):.2f} s, max {max(every):.2f} s")
         with Session(engine) as s:
             incremental = stored(s, testset_id)
         for table in full:
