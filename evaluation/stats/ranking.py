@@ -131,6 +131,8 @@ def _kept(scores: ScoreMatrix, key: tuple, compute: Callable[[], np.ndarray]) ->
     per algorithm: once for the ranking, again for the full ranking of each bootstrap). A
     ScoreMatrix's values are read-only, so what is derived from them stays true; it is a frozen
     dataclass, so the cache lives in its ``__dict__``."""
+    if scores.values.flags.writeable:  # values someone could still change: nothing is kept
+        return compute()
     kept = scores.__dict__.setdefault("_derived", {})
     if key not in kept:
         value = compute()

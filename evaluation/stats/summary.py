@@ -23,6 +23,7 @@ BCa is NaN when every resampled statistic lies on one side of the estimate (infi
 from __future__ import annotations
 
 from collections.abc import Callable
+import threading
 from dataclasses import dataclass
 from typing import Literal
 
@@ -70,6 +71,31 @@ class Resamples:
     counts: np.ndarray
 
 
+class ResampleCache:
+    """The :class:`Resamples` of one run of summaries, kept by (seed, K, algorithm, n, B) up to
+    ``max_bytes``: past that a draw is used and not kept (organs with different scored counts
+    each have their own ``n``, and a (1,000 x 5,903) draw is ~53 MB). Safe from several threads:
+    two of them may draw the same key, and then keep identical arrays."""
+
+    def __init__(self, max_bytes: int = 256 * 2**20) -> None:
+        self.max_bytes, self.bytes = max_bytes, 0
+        self._kept: dict[tuple, Resamples] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple) -> Resamples | None:
+        return self._kept.get(key)
+
+    def put(self, key: tuple, drawn: Resamples) -> None:
+        size = drawn.indices.nbytes + drawn.counts.nbytes
+        with self._lock:
+            if key not in self._kept and self.bytes + size <= self.max_bytes:
+                self._kept[key] = drawn
+                self.bytes += size
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+
 def draw_resamples(rng: np.random.Generator, n: int, n_resamples: int) -> Resamples:
     """``rng.integers(0, max(n, 1), (B, n))`` and its counts (one ``bincount``, row ``b``'s cases
     offset by ``b n``)."""
@@ -85,7 +111,9 @@ def _median_from_counts(x: np.ndarray, counts: np.ndarray) -> np.ndarray:
     per resample: with ``y = sort(x)`` and ``c`` the counts in that order, the resample's k-th
     smallest value (0-based) is ``y[#{p : cumsum(c)[p] <= k}]``; the median is the middle one
     (odd n) or the mean ``(a + b) / 2`` of the two middle ones (even n), the arithmetic of
-    ``np.median`` -- the same floats bit for bit (tested)."""
+    ``np.median`` -- the same values (tested; only a zero's sign can differ where ``x`` holds both
+    0.0 and -0.0, since the two selections may pick different members of that tie). ``x`` has no
+    NaN (``bootstrap_distribution`` takes the selection path then)."""
     n = x.size
     order = np.argsort(x, kind="stable")
     y = x[order]
@@ -103,7 +131,9 @@ def bootstrap_distribution(
     """``theta*_b = statistic(x[indices[b]])`` for each row ``b`` of ``indices`` (shape (B, n));
     the median from ``counts`` (:class:`Resamples`) when given, the same values faster."""
     x = np.asarray(x, dtype=np.float64)
-    if statistic == "median" and counts is not None and x.size:
+    if statistic == "median" and counts is not None and x.size and not np.isnan(x).any():
+        if counts.shape != indices.shape:
+            raise ValueError(f"counts {counts.shape} are not those of the indices {indices.shape}")
         return _median_from_counts(x, counts)
     out = np.empty(indices.shape[0])
     for start in range(0, indices.shape[0], chunk):
@@ -209,7 +239,7 @@ def summarize(
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
     bca: bool = True,
-    resamples: dict | None = None,
+    resamples: ResampleCache | None = None,
 ) -> pd.DataFrame:
     """:func:`summary_records` as a table (columns :data:`SUMMARY_COLUMNS`). (Its keywords are
     written out again rather than passed as ``**kwargs``: this is the public entry point, and
@@ -227,7 +257,7 @@ def summary_records(
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
     bca: bool = True,
-    resamples: dict | None = None,
+    resamples: ResampleCache | None = None,
 ) -> list[dict]:
     """One record (dict keyed by :data:`SUMMARY_COLUMNS`) per algorithm with counts, mean/median/SD and their bootstrap intervals
     (``bca=False``: percentile intervals only, the BCa columns NaN -- the jackknife was ~15 % of a
@@ -238,8 +268,8 @@ def summary_records(
     Columns: :data:`SUMMARY_COLUMNS`; ``n_cases`` is the test set size ``N``, ``n_scored`` the
     non-NaN scores, ``n_missing = N - n_scored``, ``n_failed`` scored-but-failed cases.
 
-    ``resamples``: a dict kept across calls that holds the drawn :class:`Resamples` per (seed,
-    K, algorithm, n, B) -- the draw depends on nothing else, so the leaderboard's hundreds of
+    ``resamples``: a :class:`ResampleCache` kept across calls that holds the drawn
+    :class:`Resamples` per (seed, K, algorithm, n, B) -- the draw depends on nothing else, so the leaderboard's hundreds of
     one-algorithm summaries over the same cases draw once per group size.
     """
     if not 0 < confidence < 1:
@@ -257,7 +287,7 @@ def summary_records(
         if drawn is None:
             drawn = draw_resamples(rngs[k], n, n_resamples)
             if resamples is not None:
-                resamples[key] = drawn
+                resamples.put(key, drawn)
         record = {
             "organ": scores.organ,
             "metric": scores.metric,

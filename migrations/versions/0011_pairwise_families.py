@@ -10,6 +10,10 @@ unpublished submission changed every row of ``pairwise_tests``: 202,000 rows rew
 them. The rows there are packed into families (their insertion order is the order the statistics
 wrote them in), and the downgrade unpacks them again; nothing is recomputed.
 
+The families have no foreign key to the submissions in them (the old rows cascaded): the reader
+(``queries.significance``) keeps only the pairs of submissions it shows, and a recomputation
+rewrites each family.
+
 The record layout is written out here rather than imported: a migration must keep meaning what it
 meant when it was written (the live one is ``services.leaderboard.pairwise.PAIRWISE_FAMILY_DTYPE``).
 """
@@ -131,7 +135,7 @@ def downgrade() -> None:
         rows = [{**{k: getattr(family, k) for k in KEY}, "method": family.method,
                  "submission_a_id": int(r["a"]), "submission_b_id": int(r["b"]), "n_common": int(r["n_common"]),
                  "significant": bool(r["significant"]),
-                 **{name: (None if np.isnan(r[name]) else float(r[name])) for name in FLOATS}} for r in packed]
+                 **{name: (float(r[name]) if np.isfinite(r[name]) else None) for name in FLOATS}} for r in packed]
         if rows:
             bind.execute(sa.insert(tests), rows)
     op.drop_table("pairwise_families")

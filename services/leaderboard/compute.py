@@ -77,7 +77,7 @@ from evaluation.stats import (
 from evaluation.stats.ranking import resample_counts
 from evaluation.stats.subgroups import UNKNOWN_GROUP, group_labels
 from evaluation.stats.wilcoxon import pairwise_table
-from evaluation.stats.summary import summary_records
+from evaluation.stats.summary import ResampleCache, summary_records
 from services.db.base import finite_or_none, utcnow
 from services.db.enums import SubmissionState
 from services.db.leaderboard_models import SCOPES, PairwiseFamily, RankingEntry, RankStability, StatsRun
@@ -536,12 +536,16 @@ def _records_from_frame(scores: pd.DataFrame, metrics: Sequence[str] = BOARD_MET
 
 def _case_columns(case_pks: np.ndarray, scored: np.ndarray) -> np.ndarray:
     """The position in ``case_pks`` of each scored case pk; -1 where it is none of them. A lookup
-    table indexed by pk when the pks are small (they are row ids), else a search."""
+    table indexed by pk when the pks are dense enough (row ids: a table of at most a few times the
+    rows), else a search."""
     out = np.full(scored.size, -1, dtype=np.int64)
     if not case_pks.size or not scored.size:
         return out
-    if 0 <= min(case_pks.min(), scored.min()) and max(case_pks.max(), scored.max()) < 1 << 26:
-        table = np.full(int(max(case_pks.max(), scored.max())) + 1, -1, dtype=np.int64)
+    if np.unique(case_pks).size != case_pks.size:
+        raise ValueError("the test set's case pks are not unique")
+    largest = int(max(case_pks.max(), scored.max()))
+    if 0 <= min(case_pks.min(), scored.min()) and largest < 4 * (case_pks.size + scored.size) + 4096:
+        table = np.full(largest + 1, -1, dtype=np.int64)
         table[case_pks] = np.arange(case_pks.size)
         return table[scored]
     order = np.argsort(case_pks, kind="stable")
@@ -566,8 +570,10 @@ def matrices_from_records(records: np.ndarray, organs: Sequence[str], rows: np.n
         unknown = sorted(set(records["case"][column < 0].tolist()))
         raise ValueError(f"{len(unknown)} scored case(s) are not cases of the test set, e.g. {unknown[:5]}")
     cell = (rows * len(case_ids) + column) * max(len(organs), 1) + records["organ"]
-    # one count per cell of the dense matrices this builds anyway (a sort of millions is slower)
-    if cell.size and np.bincount(cell).max() > 1:
+    # one flag per cell of the dense matrices this builds anyway (a sort of millions is slower)
+    seen = np.zeros(len(algorithms) * len(case_ids) * max(len(organs), 1), dtype=bool)
+    seen[cell] = True
+    if np.count_nonzero(seen) != cell.size:
         raise ValueError("score table has duplicate (algorithm, case, organ) rows")
     shape = (len(algorithms), len(case_ids))
     present = set(np.unique(records["organ"]).tolist())
@@ -752,7 +758,7 @@ def scope_submission_ids(session: Session, testset_id: int, scope: str) -> list[
 
 def summary_row(values: np.ndarray, failed: np.ndarray, *, n_resamples: int, seed: int,
                 confidence: float, ci_method: str = "percentile", missing: np.ndarray | None = None,
-                resamples: dict | None = None) -> dict:
+                resamples: ResampleCache | None = None) -> dict:
     """The :func:`evaluation.stats.summary.summary_records` (the rows of ``summarize``) of one algorithm's scores over a set of cases (``NaN`` =
     not scored), as an Aggregate row stores it: n (scored), mean, median, std (ddof 1), the
     bootstrap intervals of mean and median by ``ci_method`` (percentile, or BCa: the jackknife
@@ -805,7 +811,7 @@ def submission_aggregate_rows(
         if UNKNOWN_GROUP in labels:
             groups[variable].append((UNKNOWN_GROUP, labels == UNKNOWN_GROUP))
     k = options.min_group_size
-    resamples: dict = {}  # the draws depend only on (seed, n, B): shared by every organ and metric
+    resamples = ResampleCache()  # the draws depend only on (seed, n, B): shared across organs and metrics
     for matrix in matrices.values():
         if matrix.n_algorithms != 1 or matrix.case_ids != case_ids:
             raise ValueError("submission_aggregate_rows needs one-algorithm matrices over the same cases")
@@ -887,8 +893,25 @@ def _stats_threads() -> Iterator[ThreadPoolExecutor]:
     """A pool of :data:`STATS_THREADS` threads, with BLAS held to one thread each meanwhile:
     OpenBLAS's own threads on top of ours oversubscribe the cores (a 100-submission update took
     9.6 s with them, 8.9 s without)."""
-    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(max_workers=STATS_THREADS) as pool:
-        yield pool
+    global _blas_users, _blas_limit
+    with _blas_lock:  # the limit is process-wide: the first run in sets it, the last one out restores it
+        if _blas_users == 0:
+            _blas_limit = threadpool_limits(limits=1, user_api="blas")
+        _blas_users += 1
+    try:
+        with ThreadPoolExecutor(max_workers=STATS_THREADS) as pool:
+            yield pool
+    finally:
+        with _blas_lock:
+            _blas_users -= 1
+            if _blas_users == 0 and _blas_limit is not None:
+                _blas_limit.restore_original_limits()
+                _blas_limit = None
+
+
+_blas_lock = threading.Lock()
+_blas_users = 0
+_blas_limit: threadpool_limits | None = None
 
 
 @contextmanager

@@ -78,7 +78,7 @@ def test_bad_confidence_is_a_clear_error(random_matrix):
 @pytest.mark.parametrize("n", [1, 2, 3, 10, 11, 256, 1001])
 def test_median_from_counts_is_np_median_bit_for_bit(n):
     """The counts path of the bootstrap median gives exactly np.median of each resample, with
-    ties (values rounded to two digits), odd and even n."""
+    ties (values rounded to two digits), odd and even n; with a NaN it takes the selection path."""
     from evaluation.stats.summary import bootstrap_distribution, draw_resamples
 
     x = np.round(np.random.default_rng(n).beta(5, 2, n), 2)
@@ -87,12 +87,20 @@ def test_median_from_counts_is_np_median_bit_for_bit(n):
     by_selection = np.array([np.median(x[row]) for row in drawn.indices])
     assert np.array_equal(bootstrap_distribution(x, "median", drawn.indices, counts=drawn.counts), by_selection)
     assert np.array_equal(bootstrap_distribution(x, "median", drawn.indices), by_selection)
+    x_nan = x.copy()
+    x_nan[0] = np.nan
+    assert np.array_equal(bootstrap_distribution(x_nan, "median", drawn.indices, counts=drawn.counts),
+                          np.array([np.median(x_nan[row]) for row in drawn.indices]), equal_nan=True)
 
 
 def test_shared_draws_change_nothing(random_matrix):
     """A draw cache kept across calls gives the same table as drawing every time."""
-    cache: dict = {}
+    from evaluation.stats.summary import ResampleCache
+
+    cache = ResampleCache()
     first = summarize(random_matrix, n_resamples=200, seed=4, resamples=cache)
     again = summarize(random_matrix, n_resamples=200, seed=4, resamples=cache)
     fresh = summarize(random_matrix, n_resamples=200, seed=4)
-    assert cache and first.equals(fresh) and again.equals(fresh)
+    assert len(cache) and first.equals(fresh) and again.equals(fresh)
+    tiny = ResampleCache(max_bytes=1)  # over its budget: draws are used, not kept
+    assert summarize(random_matrix, n_resamples=200, seed=4, resamples=tiny).equals(fresh) and not len(tiny)
