@@ -13,9 +13,7 @@ statistic, and neither does anything of a test set with fewer hidden cases than 
 
 from __future__ import annotations
 
-import threading
-import time
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 from typing import Any
 
 import sqlalchemy as sa
@@ -26,6 +24,7 @@ from services.db.leaderboard_models import SCOPES, PairwiseFamily, RankingEntry,
 from services.db.models import Aggregate, Algorithm, Case, CaseRun, Shard, Submission, Team, TestSet
 from services.leaderboard import compute, suppression, versions
 from services.leaderboard.pairwise import unpack_family
+from services.lru import LruCache
 from services.leaderboard.compute import (
     BREAKDOWNS,
     ORGANS_AND_AVERAGE,
@@ -194,44 +193,16 @@ def _agg_dict(a: Aggregate) -> dict[str, Any]:
             "too_small": a.too_small, "withheld": a.withheld, "ci_method": a.ci_method}
 
 
-class _BoardCache:
-    """In-process cache of built leaderboard tables (the API's and the pages' hot read).
-
-    A table is a pure function of the stored statistics, which every recomputation replaces (new
-    ``stats_runs`` rows: new ids and ``computed_at``), and of which submissions are in scope now.
-    The key holds both -- the newest run's (id, computed_at) of the (test set, protocol, scope)
-    and the in-scope submission ids -- so a recomputation, a publication or any state change is
-    seen by the next request, in every process. What no recomputation touches (algorithm and
-    team names, efficiency columns) is re-read after at most ``ttl_s``. Values are shared: callers
-    must not mutate them.
-    """
-
-    def __init__(self, max_entries: int = 256, ttl_s: float = 60.0) -> None:
-        self.max_entries, self.ttl_s = max_entries, ttl_s
-        self._entries: OrderedDict[tuple, tuple[float, dict[str, Any]]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple) -> dict[str, Any] | None:
-        with self._lock:
-            hit = self._entries.get(key)
-            if hit is None or hit[0] < time.monotonic():
-                return None
-            self._entries.move_to_end(key)
-            return hit[1]
-
-    def put(self, key: tuple, value: dict[str, Any]) -> None:
-        with self._lock:
-            self._entries[key] = (time.monotonic() + self.ttl_s, value)
-            self._entries.move_to_end(key)
-            while len(self._entries) > self.max_entries:
-                self._entries.popitem(last=False)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-
-
-BOARD_CACHE = _BoardCache()
+# In-process cache of built leaderboard tables (the API's and the pages' hot read).
+#
+# A table is a pure function of the stored statistics, which every recomputation replaces (new
+# ``stats_runs`` rows: new ids and ``computed_at``), and of which submissions are in scope now.
+# The key holds both -- the newest run's (id, computed_at) of the (test set, protocol, scope)
+# and the in-scope submission ids -- so a recomputation, a publication or any state change is
+# seen by the next request, in every process. What no recomputation touches (algorithm and
+# team names, efficiency columns) is re-read after at most 60 s (ttl_s). Values are shared: callers
+# must not mutate them.
+BOARD_CACHE = LruCache(max_entries=256, ttl_s=60.0)
 
 
 def _stats_version(session: Session, testset: TestSet, scope: str) -> tuple:
@@ -251,7 +222,7 @@ def leaderboard(
     scope: str = "published",
 ) -> dict[str, Any]:
     """The ranked table of one organ (or the average), metric and ranking method (cached, see
-    :class:`_BoardCache`; the result is shared and must not be mutated).
+    :data:`BOARD_CACHE`; the result is shared and must not be mutated).
 
     Each entry: rank, value (what the method ranks, see :data:`METHOD_VALUE`), the submission
     (label, algorithm, team, is_baseline, state), its summary of this organ/metric (n, mean,

@@ -36,7 +36,6 @@ No table is needed: the cache lives in the process, and a new process renders ag
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +47,7 @@ from evaluation.stats.ranking import case_ranks
 from evaluation.stats.subgroups import UNKNOWN_GROUP, group_labels
 from services.db.models import TestSet
 from services.leaderboard import compute, queries, suppression
+from services.lru import LruCache
 from services.web import plots
 
 #: every figure kind, in the order the page and the report show them
@@ -105,40 +105,11 @@ class RenderedFigure:
             return self._png
 
 
-# deliberately like services.leaderboard.queries._BoardCache, without its time-to-live: a figure's key
-# names every input, so it never goes stale (sharing one LRU class would need a change to queries.py).
-
-class _FigureCache:
-    """In-process LRU of rendered figures and of the score matrices behind them (see the module
-    docstring for the key)."""
-
-    def __init__(self, max_entries: int = 512) -> None:
-        self.max_entries = max_entries
-        self._entries: OrderedDict[tuple, Any] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple) -> Any:
-        with self._lock:
-            hit = self._entries.get(key)
-            if hit is not None:
-                self._entries.move_to_end(key)
-            return hit
-
-    def put(self, key: tuple, value: Any) -> None:
-        with self._lock:
-            self._entries[key] = value
-            self._entries.move_to_end(key)
-            while len(self._entries) > self.max_entries:
-                self._entries.popitem(last=False)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-
-
-FIGURE_CACHE = _FigureCache(max_entries=256)
+# in-process LRUs of rendered figures and of the score matrices behind them (see the module
+# docstring for the key); no time-to-live: a figure's key names every input
+FIGURE_CACHE = LruCache(max_entries=256)
 #: the score matrices behind the box plots (Touchstone scale: ~200 MB per scope), few kept
-MATRIX_CACHE = _FigureCache(max_entries=4)
+MATRIX_CACHE = LruCache(max_entries=4)
 
 
 def subgroup_variables(testset: TestSet) -> tuple[str, ...]:
