@@ -893,25 +893,14 @@ def _stats_threads() -> Iterator[ThreadPoolExecutor]:
     """A pool of :data:`STATS_THREADS` threads, with BLAS held to one thread each meanwhile:
     OpenBLAS's own threads on top of ours oversubscribe the cores (a 100-submission update took
     9.6 s with them, 8.9 s without)."""
-    global _blas_users, _blas_limit
-    with _blas_lock:  # the limit is process-wide: the first run in sets it, the last one out restores it
-        if _blas_users == 0:
-            _blas_limit = threadpool_limits(limits=1, user_api="blas")
-        _blas_users += 1
-    try:
-        with ThreadPoolExecutor(max_workers=STATS_THREADS) as pool:
-            yield pool
-    finally:
-        with _blas_lock:
-            _blas_users -= 1
-            if _blas_users == 0 and _blas_limit is not None:
-                _blas_limit.restore_original_limits()
-                _blas_limit = None
+    # the BLAS limit is process-wide: runs that overlap in one process (API requests publishing
+    # on two test sets) take turns, so none restores the setting while another still needs it
+    with _blas_lock, threadpool_limits(limits=1, user_api="blas"), \
+            ThreadPoolExecutor(max_workers=STATS_THREADS) as pool:
+        yield pool
 
 
 _blas_lock = threading.Lock()
-_blas_users = 0
-_blas_limit: threadpool_limits | None = None
 
 
 @contextmanager

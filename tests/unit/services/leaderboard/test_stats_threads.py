@@ -1,9 +1,10 @@
-"""The statistics' thread pool holds BLAS to one thread while any run is inside it and restores
-the process's setting when the last one leaves, also when runs overlap; the case-column lookup."""
+"""The statistics' thread pool holds BLAS to one thread while a run is inside it and restores the
+process's setting afterwards, also when runs overlap (they take turns); the case-column lookup."""
 
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -16,30 +17,26 @@ def _blas_threads() -> list[int]:
     return [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
 
 
-def test_overlapping_runs_restore_blas_threads():
+def test_overlapping_runs_take_turns_and_restore_blas_threads():
     before = _blas_threads()
-    first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
-    seen = {}
+    inside: list[tuple[str, str, list[int]]] = []
 
-    def first():
+    def run(name: str) -> None:
         with compute._stats_threads():
-            first_in.set()
-            second_in.wait(10)
-        first_out.set()
+            inside.append((name, "in", _blas_threads()))
+            time.sleep(0.2)
+            inside.append((name, "out", _blas_threads()))
 
-    def second():
-        first_in.wait(10)
-        with compute._stats_threads():
-            second_in.set()
-            first_out.wait(10)
-            seen["while the second still runs"] = _blas_threads()
-
-    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    threads = [threading.Thread(target=run, args=(name,)) for name in ("a", "b")]
     for t in threads:
         t.start()
     for t in threads:
         t.join(20)
-    assert all(n == 1 for n in seen["while the second still runs"])
+    assert [(n, step) for n, step, _ in inside] in (
+        [("a", "in"), ("a", "out"), ("b", "in"), ("b", "out")],
+        [("b", "in"), ("b", "out"), ("a", "in"), ("a", "out")],
+    )  # one run at a time
+    assert all(n == 1 for _, _, seen in inside for n in seen)
     assert _blas_threads() == before
 
 
