@@ -39,6 +39,7 @@ import pandas as pd
 from scipy import stats
 
 from evaluation.stats.scores import ScoreMatrix, json_ready
+from evaluation.stats.summary import count_draws
 from evaluation.stats.wilcoxon import WilcoxonOptions, adjust_pvalues, pairwise_wilcoxon
 
 RankingMethod = Literal["mean", "median", "rank-mean", "test"]
@@ -353,9 +354,7 @@ def resample_counts(
     counts = np.empty((n_resamples, n_cases))
     for start in range(0, n_resamples, chunk):
         rows = min(chunk, n_resamples - start)
-        idx = rng.integers(0, n_cases, (rows, n_cases))
-        idx += (np.arange(rows, dtype=idx.dtype) * n_cases)[:, None]
-        counts[start : start + rows] = np.bincount(idx.ravel(), minlength=rows * n_cases).reshape(rows, n_cases)
+        counts[start : start + rows] = count_draws(rng.integers(0, n_cases, (rows, n_cases)))
     return counts
 
 

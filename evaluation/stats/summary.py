@@ -22,8 +22,8 @@ BCa is NaN when every resampled statistic lies on one side of the estimate (infi
 
 from __future__ import annotations
 
-from collections.abc import Callable
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -75,34 +75,40 @@ class ResampleCache:
     """The :class:`Resamples` of one run of summaries, kept by (seed, K, algorithm, n, B) up to
     ``max_bytes``: past that a draw is used and not kept (organs with different scored counts
     each have their own ``n``, and a (1,000 x 5,903) draw is ~53 MB). Safe from several threads:
-    two of them may draw the same key, and then keep identical arrays."""
+    a key is drawn once, under the cache's lock."""
 
     def __init__(self, max_bytes: int = 256 * 2**20) -> None:
         self.max_bytes, self.bytes = max_bytes, 0
         self._kept: dict[tuple, Resamples] = {}
         self._lock = threading.Lock()
 
-    def get(self, key: tuple) -> Resamples | None:
-        return self._kept.get(key)
-
-    def put(self, key: tuple, drawn: Resamples) -> None:
-        size = drawn.indices.nbytes + drawn.counts.nbytes
+    def get_or_draw(self, key: tuple, draw: Callable[[], Resamples]) -> Resamples:
         with self._lock:
-            if key not in self._kept and self.bytes + size <= self.max_bytes:
-                self._kept[key] = drawn
-                self.bytes += size
+            drawn = self._kept.get(key)
+            if drawn is None:
+                drawn = draw()
+                size = drawn.indices.nbytes + drawn.counts.nbytes
+                if self.bytes + size <= self.max_bytes:
+                    self._kept[key] = drawn
+                    self.bytes += size
+            return drawn
 
     def __len__(self) -> int:
         return len(self._kept)
 
 
+def count_draws(indices: np.ndarray) -> np.ndarray:
+    """``(B, n)`` int64: how often each of the ``n`` cases stands in each row of the drawn
+    ``indices`` (one ``bincount``, row ``b``'s cases offset by ``b n``)."""
+    rows, n = indices.shape
+    flat = (indices + (np.arange(rows, dtype=indices.dtype) * n)[:, None]).ravel()
+    return np.bincount(flat, minlength=rows * n).reshape(rows, n)
+
+
 def draw_resamples(rng: np.random.Generator, n: int, n_resamples: int) -> Resamples:
-    """``rng.integers(0, max(n, 1), (B, n))`` and its counts (one ``bincount``, row ``b``'s cases
-    offset by ``b n``)."""
+    """``rng.integers(0, max(n, 1), (B, n))`` and its :func:`count_draws`."""
     indices = rng.integers(0, max(n, 1), (n_resamples, n))
-    flat = (indices + (np.arange(n_resamples, dtype=indices.dtype) * n)[:, None]).ravel()
-    counts = np.bincount(flat, minlength=n_resamples * n).reshape(n_resamples, n)
-    del flat
+    counts = count_draws(indices)
     return Resamples(indices, counts.astype(np.uint8 if counts.size == 0 or counts.max() <= 255 else np.uint16))
 
 
@@ -282,12 +288,11 @@ def summary_records(
         row = scores.values[k]
         x = row[~np.isnan(row)]
         n = x.size
-        key = (seed, scores.n_algorithms, k, n, n_resamples)
-        drawn = resamples.get(key) if resamples is not None else None
-        if drawn is None:
-            drawn = draw_resamples(rngs[k], n, n_resamples)
-            if resamples is not None:
-                resamples.put(key, drawn)
+        def draw(rng: np.random.Generator = rngs[k], n: int = n) -> Resamples:
+            return draw_resamples(rng, n, n_resamples)
+
+        drawn = (resamples.get_or_draw((seed, scores.n_algorithms, k, n, n_resamples), draw)
+                 if resamples is not None else draw())
         record = {
             "organ": scores.organ,
             "metric": scores.metric,

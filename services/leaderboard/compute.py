@@ -837,13 +837,11 @@ def submission_aggregate_rows(
                             **row, "too_small": row["n"] < k, "withheld": (variable, group) in withheld})
         return out
 
-    items = list(matrices.items())
-    # the first matrix draws every resample the others reuse (same case sets unless a metric has
-    # gaps); the rest run on STATS_THREADS threads: numpy's gathers, sums and selections
-    # release the GIL, and each matrix's rows depend only on its own values (same rows, same order)
+    # the matrices run on STATS_THREADS threads: numpy's gathers, sums and selections release the
+    # GIL, each matrix's rows depend only on its own values (same rows, same order), and each
+    # draw is made once, by the first thread to need it (ResampleCache)
     with _stats_threads() as pool:
-        rows += matrix_rows(*items[0][0], items[0][1])
-        for part in pool.map(lambda item: matrix_rows(*item[0], item[1]), items[1:]):
+        for part in pool.map(lambda item: matrix_rows(*item[0], item[1]), matrices.items()):
             rows += part
     return rows
 

@@ -264,9 +264,8 @@ def unpack_family(data: bytes) -> list[dict]:
     p_adjusted, significant (bool), mean_difference (None where not finite)."""
     packed = np.frombuffer(data, dtype=PAIRWISE_FAMILY_DTYPE)
     columns = {name: packed[name].tolist() for name in PAIRWISE_FAMILY_DTYPE.names}
-    floats = ("statistic", "p_value", "p_adjusted", "mean_difference")
-    for name in floats:
-        columns[name] = [v if v == v and abs(v) != float("inf") else None for v in columns[name]]
+    for name in ("statistic", "p_value", "p_adjusted", "mean_difference"):
+        columns[name] = [finite_or_none(v) for v in columns[name]]
     columns["significant"] = [bool(v) for v in columns["significant"]]
     return [dict(zip(columns, values)) for values in zip(*columns.values())]
 
